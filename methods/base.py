@@ -1,0 +1,52 @@
+"""The drafter interface every method implements (one context in, one DraftTree per row out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from mmspec.methods.tree import DraftTree
+
+if TYPE_CHECKING:
+    from mmspec.methods.target import Target
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may look at, for the rows of the batch still generating.
+
+    `tokens[i]` is the whole sequence of active row i without padding: prompt ids (image
+    placeholder tokens included), then every generated token, ending with the pending token
+    that the next verification will feed (the root of the draft tree).
+    """
+
+    rows: list[int]  # (active,) index of each active row in the batch it started in
+    tokens: list[list[int]]  # (active, len_i)
+    prompt_lens: list[int]  # (active,)
+    temperature: float = 0.0
+    extras: dict[str, Any] = field(default_factory=dict)  # target features a drafter asked for
+
+
+class Drafter:
+    """Base class: propose draft trees, optionally learn from what was accepted.
+
+    Life cycle: construct from method args -> `load(target)` once per worker -> per batch
+    `begin(ctx)`, then per step `propose(ctx)` and `update(ctx, accepted)`.
+    """
+
+    name: ClassVar[str] = ""
+    training_free: ClassVar[bool] = True
+    vision_aware: ClassVar[bool] = False
+
+    def load(self, target: Target) -> None:  # noqa: B027 - optional hook, default no-op
+        """Load weights or read what the drafter needs from the target (no-op if model-free)."""
+
+    def begin(self, ctx: DraftContext) -> None:  # noqa: B027
+        """A new batch starts; reset per-row state."""
+
+    def propose(self, ctx: DraftContext) -> list[DraftTree]:
+        """One draft tree per active row (an empty tree means a plain AR step for that row)."""
+        raise NotImplementedError
+
+    def update(self, ctx: DraftContext, accepted: list[list[int]]) -> None:  # noqa: B027
+        """Tokens emitted per active row by the last step (accepted drafts, then the bonus)."""

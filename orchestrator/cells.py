@@ -1,0 +1,44 @@
+"""Cells and shards: the units the scheduler hands to workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmspec.workloads.sample import Sample
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A target model as the grid names it."""
+
+    id: str  # registry name, hub id or local path
+    dtype: str = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: model x method x batch size x temperature x repeat (x workload)."""
+
+    cell_id: str  # stable, human-readable, unique in a run
+    model: ModelConfig
+    method: str  # registry name, e.g. "pld" or "viskip+eagle2"
+    method_args: dict[str, Any]
+    batch_size: int
+    temperature: float
+    repeat: int
+    seed: int
+    max_new_tokens: int
+    workload: str  # name of the workload the samples come from
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A cell and a chunk of its samples: the unit of scheduling, retry and resume."""
+
+    run_id: str
+    shard_id: str  # unique in a run; names the result file
+    cell: Cell
+    samples: tuple[Sample, ...] = field(repr=False)

@@ -1,0 +1,114 @@
+"""The one Arrow schema of result rows (one row per sample and turn), and its record type.
+
+Bump SCHEMA_VERSION on any change of fields or meaning; readers check it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+RESULT_SCHEMA = pa.schema(
+    [
+        # identity of the cell and the sample
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("cell_id", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("batch_size", pa.int32(), nullable=False),
+        pa.field("temperature", pa.float64(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("repeat", pa.int32(), nullable=False),
+        pa.field("workload", pa.string(), nullable=False),
+        pa.field("topic", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("turn", pa.int32(), nullable=False),
+        # outcome
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
+        pa.field("error", pa.string()),
+        pa.field("prompt_tokens", pa.int32(), nullable=False),
+        pa.field("new_tokens", pa.int32(), nullable=False),
+        pa.field("steps", pa.int32(), nullable=False),  # verification forwards after prefill
+        pa.field("skipped_steps", pa.int32(), nullable=False),  # steps a wrapper left undrafted
+        pa.field("drafted_tokens", pa.int32(), nullable=False),
+        pa.field("accepted_tokens", pa.int32(), nullable=False),  # bonus token excluded
+        pa.field("accept_lengths", pa.list_(pa.int16())),  # accepted drafts per step
+        # seconds; draft/verify/commit are the sums over the steps this row took part in
+        pa.field("prefill_s", pa.float64(), nullable=False),
+        pa.field("draft_s", pa.float64(), nullable=False),
+        pa.field("verify_s", pa.float64(), nullable=False),
+        pa.field("commit_s", pa.float64(), nullable=False),
+        pa.field("total_s", pa.float64(), nullable=False),  # batch start -> this row finished
+        pa.field("batch_index", pa.int32(), nullable=False),
+        pa.field("batch_s", pa.float64(), nullable=False),  # wall time of the whole batch
+        pa.field("output_tokens", pa.list_(pa.int32())),
+        pa.field("output_sha256", pa.string()),
+        pa.field("output_text", pa.string()),
+        # telemetry
+        pa.field("energy_j", pa.float64()),
+        pa.field("peak_mem_bytes", pa.int64()),
+        pa.field("device_name", pa.string()),
+        pa.field("device_uuid", pa.string()),
+        pa.field("host", pa.string()),
+    ],
+    metadata={"mmspec.schema_version": str(SCHEMA_VERSION)},
+)
+
+
+@dataclass
+class ResultRow:
+    """One row of RESULT_SCHEMA; field order and names match the schema exactly."""
+
+    run_id: str
+    cell_id: str
+    shard_id: str
+    model: str
+    method: str
+    batch_size: int
+    temperature: float
+    seed: int
+    repeat: int
+    workload: str
+    topic: str
+    category: str
+    sample_id: str
+    turn: int
+    status: str = "ok"
+    error: str | None = None
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0
+    skipped_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    accept_lengths: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    commit_s: float = 0.0
+    total_s: float = 0.0
+    batch_index: int = 0
+    batch_s: float = 0.0
+    output_tokens: list[int] = field(default_factory=list)
+    output_sha256: str | None = None
+    output_text: str | None = None
+    energy_j: float | None = None
+    peak_mem_bytes: int | None = None
+    device_name: str | None = None
+    device_uuid: str | None = None
+    host: str | None = None
+
+
+def rows_to_table(rows: list[ResultRow]) -> pa.Table:
+    """Build a table that conforms to RESULT_SCHEMA (raises if a row does not)."""
+    columns = {f.name: [getattr(r, f.name) for r in rows] for f in dataclasses.fields(ResultRow)}
+    return pa.Table.from_pydict(columns, schema=RESULT_SCHEMA)
+
+
+assert [f.name for f in dataclasses.fields(ResultRow)] == RESULT_SCHEMA.names
