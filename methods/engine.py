@@ -1,0 +1,277 @@
+"""The one speculative-decoding loop every method runs through.
+
+    prefill -> loop { drafter.propose -> target.verify (one forward over all trees)
+                      -> accept -> commit (cache keeps only accepted slots) -> drafter.update }
+
+Batches are ragged: each row accepts its own number of tokens and leaves the batch when it
+emits EOS or reaches max_new_tokens. The KV cache is append-only with a per-row validity
+mask of real slots; after each verification only the accepted path's slots are appended
+(left-aligned per row, masked padding where rows accepted fewer), so rejected drafts never
+take cache space, and slots masked as padding are squeezed out when they pile up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from mmspec.methods.accept import Acceptance, accept_greedy, accept_sampling
+from mmspec.methods.base import DraftContext, Drafter
+from mmspec.methods.target import Message, Target
+from mmspec.methods.tree import DraftTree
+
+
+@dataclass
+class RowResult:
+    """What one row of a batch produced, with its share of the batch's timings."""
+
+    tokens: list[int] = field(default_factory=list)  # generated ids (EOS included if emitted)
+    prompt_tokens: int = 0
+    steps: int = 0  # verification forwards this row took part in
+    drafted: int = 0
+    accepted: int = 0  # accepted draft tokens, bonus excluded
+    accept_lengths: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    commit_s: float = 0.0
+    total_s: float = 0.0  # batch start -> this row finished
+    stop: str = ""  # "eos" | "length"
+
+
+@dataclass
+class _Live:
+    """Decoding state of the rows still generating (indexed 0..active-1)."""
+
+    cache: DynamicCache
+    valid: torch.Tensor  # (active, cache_len) bool: slot holds a real token of this row
+    next_pos: torch.Tensor  # (active,) text position of the pending token
+    pending: torch.Tensor  # (active,) token to feed next: the root of the draft tree
+    rows: list[int]  # (active,) batch row of each live row
+    tokens: list[list[int]]  # (active,) prompt + generated ids, ending with the pending token
+    prompt_lens: list[int]
+
+
+class Engine:
+    """Runs generation for one target and one drafter.
+
+    Example:
+        engine = Engine(load_target("tiny-qwen2.5-vl"), get_drafter("pld")())
+        results = engine.generate(conversations, images, max_new_tokens=64)
+    """
+
+    def __init__(self, target: Target, drafter: Drafter, compact_slack: int = 64) -> None:
+        self.target = target
+        self.drafter = drafter
+        # masked slots tolerated before the cache is squeezed (gather costs a full copy)
+        self.compact_slack = compact_slack
+        self._sync: Callable[[], None] = (
+            torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
+        )
+        drafter.load(target)
+
+    def generate(
+        self,
+        conversations: list[list[Message]],
+        images: list[Image.Image | None],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seeds: list[int] | None = None,
+    ) -> list[RowResult]:
+        """Generate one answer per conversation (a batch); lossless w.r.t. the target."""
+        n = len(conversations)
+        results = [RowResult() for _ in range(n)]
+        gens = [torch.Generator().manual_seed(s) for s in (seeds or [0] * n)]
+        self._sync()
+        start = time.perf_counter()
+        prompt = self.target.encode(conversations, images)
+        cache = DynamicCache(config=self.target.model.config)
+        logits, next_pos = self.target.prefill(prompt, cache)
+        first = self._first_tokens(logits, temperature, gens)
+        self._sync()
+        prefill_s = time.perf_counter() - start
+        live = _Live(
+            cache=cache,
+            valid=prompt.attention_mask.bool(),
+            next_pos=next_pos,
+            pending=torch.tensor(first, device=self.target.device),
+            rows=list(range(n)),
+            tokens=[t + [f] for t, f in zip(prompt.tokens(), first)],
+            prompt_lens=prompt.prompt_lens,
+        )
+        for i, r in enumerate(results):
+            r.prompt_tokens, r.prefill_s, r.tokens = live.prompt_lens[i], prefill_s, [first[i]]
+        done = [self._finished(r, max_new_tokens) for r in results]
+        self._drop(live, done, results, start)
+        if live.rows:
+            self.drafter.begin(self._context(live, temperature))
+        while live.rows:
+            done = self._step(live, results, max_new_tokens, temperature, gens)
+            self._drop(live, done, results, start)
+        return results
+
+    # ---- one step ------------------------------------------------------------------------
+    def _step(
+        self,
+        live: _Live,
+        results: list[RowResult],
+        max_new_tokens: int,
+        temperature: float,
+        gens: list[torch.Generator],
+    ) -> list[bool]:
+        ctx = self._context(live, temperature)
+        t0 = time.perf_counter()
+        trees = self.drafter.propose(ctx)
+        self._sync()
+        t1 = time.perf_counter()
+        input_ids, positions, mask = self._tree_inputs(live, trees)
+        logits = self.target.verify(input_ids, positions, mask, live.cache)
+        self._sync()
+        t2 = time.perf_counter()
+        if temperature == 0.0:
+            argmax = logits.argmax(dim=-1).tolist()
+            accs = [accept_greedy(t, a) for t, a in zip(trees, argmax)]
+        else:
+            accs = [
+                accept_sampling(t, logits[i, : len(t) + 1], temperature, gens[live.rows[i]])
+                for i, t in enumerate(trees)
+            ]
+        self._commit(live, accs, cache_len=mask.shape[-1] - input_ids.shape[1])
+        emitted = [a.tokens for a in accs]
+        self.drafter.update(ctx, emitted)
+        self._sync()
+        t3 = time.perf_counter()
+        done = []
+        for i, (tree, acc) in enumerate(zip(trees, accs)):
+            r = results[live.rows[i]]
+            r.steps += 1
+            r.drafted += len(tree)
+            r.accepted += len(acc.path)
+            r.accept_lengths.append(len(acc.path))
+            r.draft_s += t1 - t0
+            r.verify_s += t2 - t1
+            r.commit_s += t3 - t2
+            r.tokens.extend(acc.tokens)
+            done.append(self._finished(r, max_new_tokens))
+        return done
+
+    def _tree_inputs(
+        self, live: _Live, trees: list[DraftTree]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input ids (b, q), text positions (b, q) and the additive mask (b, 1, q, kv + q)."""
+        b, dev = len(trees), self.target.device
+        q = 1 + max(len(t) for t in trees)
+        ids = live.pending[:, None].repeat(1, q)  # padding nodes repeat the root token
+        depth = torch.zeros(b, q, dtype=torch.long)
+        # padding nodes see only themselves (a row with no visible key would give NaNs)
+        tree_mask = torch.eye(q, dtype=torch.bool).repeat(b, 1, 1)
+        for i, t in enumerate(trees):
+            n = len(t)
+            if n == 0:
+                continue
+            ids[i, 1 : n + 1] = torch.tensor(t.tokens, device=dev)
+            depth[i, 1 : n + 1] = torch.tensor(t.depths)
+            tree_mask[i, 1 : n + 1, 0] = True  # every node sees the root
+            for j, p in enumerate(t.parents):
+                if p >= 0:  # ancestors of the parent are ancestors of the child
+                    tree_mask[i, j + 1] |= tree_mask[i, p + 1]
+        visible = torch.cat([live.valid[:, None, :].expand(-1, q, -1), tree_mask.to(dev)], dim=-1)
+        mask = torch.zeros(visible.shape, dtype=self.target.dtype, device=dev)
+        mask.masked_fill_(~visible, torch.finfo(self.target.dtype).min)
+        positions = live.next_pos[:, None] + depth.to(dev)
+        return ids, positions, mask[:, None]
+
+    def _commit(self, live: _Live, accs: list[Acceptance], cache_len: int) -> None:
+        """Keep the root and accepted nodes' slots; advance positions and pending tokens."""
+        dev = self.target.device
+        keep = max(len(a.path) for a in accs) + 1
+        index = torch.zeros(len(accs), keep, dtype=torch.long)
+        kept = torch.zeros(len(accs), keep, dtype=torch.bool)
+        for i, a in enumerate(accs):
+            slots = [0] + [n + 1 for n in a.path]  # q-indices: root, then accepted nodes
+            index[i, : len(slots)] = torch.tensor(slots)
+            kept[i, : len(slots)] = True
+        index, kept = index.to(dev), kept.to(dev)
+        for layer in live.cache.layers:
+            for name in ("keys", "values"):
+                full = getattr(layer, name)  # (b, heads, cache_len + q, head_dim)
+                gather = index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
+                new = torch.gather(full[:, :, cache_len:], 2, gather)
+                setattr(layer, name, torch.cat([full[:, :, :cache_len], new], dim=2))
+        live.valid = torch.cat([live.valid, kept], dim=1)
+        live.next_pos = live.next_pos + kept.sum(dim=1)
+        live.pending = torch.tensor([a.tokens[-1] for a in accs], device=dev)
+        for toks, a in zip(live.tokens, accs):
+            toks.extend(a.tokens)
+        self._maybe_compact(live)
+
+    def _maybe_compact(self, live: _Live) -> None:
+        """Squeeze masked slots out of the cache once they cost more than `compact_slack`."""
+        counts = live.valid.sum(dim=1)
+        longest = int(counts.max())
+        if live.valid.shape[1] - longest <= self.compact_slack:
+            return
+        # stable sort puts each row's valid slots last, in order: rows stay left padded
+        order = torch.sort(live.valid.to(torch.int8), dim=1, stable=True).indices[:, -longest:]
+        for layer in live.cache.layers:
+            for name in ("keys", "values"):
+                full = getattr(layer, name)
+                gather = order[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
+                setattr(layer, name, torch.gather(full, 2, gather))
+        live.valid = torch.gather(live.valid, 1, order)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _first_tokens(
+        self, logits: torch.Tensor, temperature: float, gens: list[torch.Generator]
+    ) -> list[int]:
+        if temperature == 0.0:
+            return logits.argmax(dim=-1).tolist()
+        probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+        return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, gens)]
+
+    def _finished(self, r: RowResult, max_new_tokens: int) -> bool:
+        """Truncate at the first EOS or at max_new_tokens; say whether the row is done."""
+        for i, tok in enumerate(r.tokens[:max_new_tokens]):
+            if tok in self.target.eos_token_ids:
+                del r.tokens[i + 1 :]
+                r.stop = "eos"
+                return True
+        if len(r.tokens) >= max_new_tokens:
+            del r.tokens[max_new_tokens:]
+            r.stop = "length"
+            return True
+        return False
+
+    def _drop(self, live: _Live, done: list[bool], results: list[RowResult], start: float) -> None:
+        """Remove finished rows from the batch so later steps cost nothing for them."""
+        if not any(done):
+            return
+        now = time.perf_counter()
+        for i, d in enumerate(done):
+            if d:
+                results[live.rows[i]].total_s = now - start
+        keep = [i for i, d in enumerate(done) if not d]
+        idx = torch.tensor(keep, dtype=torch.long, device=self.target.device)
+        if keep:
+            for layer in live.cache.layers:
+                layer.keys = layer.keys.index_select(0, idx)
+                layer.values = layer.values.index_select(0, idx)
+        live.valid = live.valid.index_select(0, idx)
+        live.next_pos = live.next_pos.index_select(0, idx)
+        live.pending = live.pending.index_select(0, idx)
+        live.rows = [live.rows[i] for i in keep]
+        live.tokens = [live.tokens[i] for i in keep]
+        live.prompt_lens = [live.prompt_lens[i] for i in keep]
+
+    def _context(self, live: _Live, temperature: float) -> DraftContext:
+        return DraftContext(
+            rows=live.rows,
+            tokens=live.tokens,
+            prompt_lens=live.prompt_lens,
+            temperature=temperature,
+        )

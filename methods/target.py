@@ -1,0 +1,209 @@
+"""Target adapters: one unmodified transformers VLM behind prefill / tree-verify calls.
+
+The engine never touches a model class directly. An adapter turns conversations into model
+inputs, gives prefill positions, maps per-token text positions to the model's position
+format (M-RoPE for Qwen2.5-VL, 1D for LLaVA) and runs forwards with an explicit 4D mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+Message = dict[str, Any]  # HF chat format: {"role": ..., "content": [{"type": "text", ...}]}
+
+
+@dataclass
+class PromptBatch:
+    """Encoded prompts of a batch, left padded."""
+
+    inputs: dict[str, torch.Tensor]  # every tensor the model's forward takes for the prompt
+    input_ids: torch.Tensor  # (batch, prompt_len)
+    attention_mask: torch.Tensor  # (batch, prompt_len) 1 = real token
+
+    @property
+    def prompt_lens(self) -> list[int]:
+        return self.attention_mask.sum(dim=1).tolist()
+
+    def tokens(self) -> list[list[int]]:
+        """Unpadded prompt ids per row."""
+        return [ids[m.bool()].tolist() for ids, m in zip(self.input_ids, self.attention_mask)]
+
+
+class Target:
+    """Base adapter. Subclasses set `family` and the two position hooks."""
+
+    family: ClassVar[str] = ""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, tokenizer: Any) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids: frozenset[int] = frozenset(eos if isinstance(eos, list) else [eos])
+        self.pad_token_id: int = tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = min(self.eos_token_ids)
+
+    # ---- prompts -------------------------------------------------------------------------
+    def encode(self, conversations: list[list[Message]], images: list[Image.Image | None]) -> (
+        PromptBatch
+    ):
+        """Chat-template and tokenise a batch; `images[i]` belongs to conversation i's first turn."""
+        texts = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+            for c in conversations
+        ]
+        present = [im for im in images if im is not None]
+        feats = self._process(texts, present)
+        inputs = {k: v.to(self.device) for k, v in feats.items() if isinstance(v, torch.Tensor)}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return PromptBatch(inputs, inputs["input_ids"], inputs["attention_mask"])
+
+    def _process(self, texts: list[str], images: list[Image.Image]) -> BatchFeature:
+        return self.processor(
+            text=texts, images=images or None, padding=True, return_tensors="pt"
+        )
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # ---- positions -----------------------------------------------------------------------
+    def prefill_positions(self, prompt: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids for the prompt, and each row's next text position (batch,)."""
+        raise NotImplementedError
+
+    def text_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Model position ids for text tokens at `positions` (batch, q)."""
+        raise NotImplementedError
+
+    # ---- forwards ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(
+        self, prompt: PromptBatch, cache: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the prompt; returns last-position logits (batch, vocab) and next positions."""
+        position_ids, next_pos = self.prefill_positions(prompt)
+        out = self.model(
+            **prompt.inputs,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :], next_pos
+
+    @torch.inference_mode()
+    def verify(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """One forward over tree tokens.
+
+        Args:
+            input_ids: (batch, q) root token then draft nodes (padded).
+            positions: (batch, q) text position of each node.
+            mask: (batch, 1, q, cache_len + q) additive float mask (0 = attend).
+        Returns:
+            logits (batch, q, vocab).
+        """
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=self.text_positions(positions),
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits
+
+
+class QwenVLTarget(Target):
+    """Qwen2.5-VL: multimodal RoPE with three axes; text tokens use one position on all three."""
+
+    family = "qwen2.5-vl"
+
+    def prefill_positions(self, prompt: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        mm_types = prompt.inputs.get("mm_token_type_ids")
+        if mm_types is None:
+            image_token = self.model.config.image_token_id
+            mm_types = (prompt.input_ids == image_token).int()
+        position_ids, _ = self.model.model.get_rope_index(
+            prompt.input_ids,
+            mm_types,
+            image_grid_thw=prompt.inputs.get("image_grid_thw"),
+            attention_mask=prompt.attention_mask,
+        )
+        next_pos = position_ids.amax(dim=(0, 2)) + 1
+        return position_ids, next_pos
+
+    def text_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.unsqueeze(0).expand(3, -1, -1)
+
+    def _process(self, texts: list[str], images: list[Image.Image]) -> BatchFeature:
+        if not isinstance(self.processor, QwenPromptProcessor):
+            return super()._process(texts, images)
+        return self.processor(texts, images)
+
+
+class LlavaTarget(Target):
+    """LLaVA: plain 1D positions; image features replace the expanded <image> tokens."""
+
+    family = "llava"
+
+    def prefill_positions(self, prompt: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = prompt.attention_mask.long()
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return position_ids, mask.sum(-1)
+
+    def text_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions
+
+
+class QwenPromptProcessor:
+    """Tokenizer + image processor doing what Qwen2_5_VLProcessor does for images.
+
+    Qwen2_5_VLProcessor cannot be constructed without torchvision (its video processor), so
+    the adapter composes the two parts every Qwen2.5-VL checkpoint ships: each
+    <|image_pad|> is expanded to one token per merged patch, and mm_token_type_ids marks them.
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any, image_token_id: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+
+    def __call__(self, texts: list[str], images: list[Image.Image]) -> BatchFeature:
+        data: dict[str, Any] = {}
+        if images:
+            feats = self.image_processor(images=images, return_tensors="pt")
+            data.update(feats)
+            merge = self.image_processor.merge_size**2
+            counts = iter((feats["image_grid_thw"].prod(-1) // merge).tolist())
+            texts = [self._expand(t, counts) for t in texts]
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        data.update(enc)
+        data["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).int()
+        return BatchFeature(data)
+
+    def _expand(self, text: str, counts: Any) -> str:
+        parts = text.split(self.image_token)
+        out = parts[0]
+        for part in parts[1:]:
+            out += self.image_token * next(counts) + part
+        return out
+
+
+TARGETS: dict[str, type[Target]] = {t.family: t for t in (QwenVLTarget, LlavaTarget)}
