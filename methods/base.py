@@ -38,15 +38,15 @@ class Drafter:
     training_free: ClassVar[bool] = True
     vision_aware: ClassVar[bool] = False
 
-    def load(self, target: Target) -> None:  # noqa: B027 - optional hook, default no-op
+    def load(self, target: Target) -> None:
         """Load weights or read what the drafter needs from the target (no-op if model-free)."""
 
-    def begin(self, ctx: DraftContext) -> None:  # noqa: B027
+    def begin(self, ctx: DraftContext) -> None:
         """A new batch starts; reset per-row state."""
 
     def propose(self, ctx: DraftContext) -> list[DraftTree]:
         """One draft tree per active row (an empty tree means a plain AR step for that row)."""
         raise NotImplementedError
 
-    def update(self, ctx: DraftContext, accepted: list[list[int]]) -> None:  # noqa: B027
+    def update(self, ctx: DraftContext, accepted: list[list[int]]) -> None:
         """Tokens emitted per active row by the last step (accepted drafts, then the bonus)."""

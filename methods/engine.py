@@ -101,7 +101,7 @@ class Engine:
             next_pos=next_pos,
             pending=torch.tensor(first, device=self.target.device),
             rows=list(range(n)),
-            tokens=[t + [f] for t, f in zip(prompt.tokens(), first)],
+            tokens=[[*t, f] for t, f in zip(prompt.tokens(), first)],
             prompt_lens=prompt.prompt_lens,
         )
         for i, r in enumerate(results):

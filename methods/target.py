@@ -54,10 +54,10 @@ class Target:
             self.pad_token_id = min(self.eos_token_ids)
 
     # ---- prompts -------------------------------------------------------------------------
-    def encode(self, conversations: list[list[Message]], images: list[Image.Image | None]) -> (
-        PromptBatch
-    ):
-        """Chat-template and tokenise a batch; `images[i]` belongs to conversation i's first turn."""
+    def encode(
+        self, conversations: list[list[Message]], images: list[Image.Image | None]
+    ) -> PromptBatch:
+        """Chat-template and tokenise a batch; `images[i]` goes with conversation i's first turn."""
         texts = [
             self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
             for c in conversations
@@ -70,9 +70,7 @@ class Target:
         return PromptBatch(inputs, inputs["input_ids"], inputs["attention_mask"])
 
     def _process(self, texts: list[str], images: list[Image.Image]) -> BatchFeature:
-        return self.processor(
-            text=texts, images=images or None, padding=True, return_tensors="pt"
-        )
+        return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -88,9 +86,7 @@ class Target:
 
     # ---- forwards ------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(
-        self, prompt: PromptBatch, cache: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, prompt: PromptBatch, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompt; returns last-position logits (batch, vocab) and next positions."""
         position_ids, next_pos = self.prefill_positions(prompt)
         out = self.model(

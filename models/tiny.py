@@ -74,20 +74,21 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# prose is easier to extend than a list literal
 _CORPUS_WORDS = """
 the a an of and to in on at is are was what which where who how many much color colour shape
 size left right top bottom middle center front behind above below next near between image
-picture photo scene describe detail question answer chart bar line value values label axis
-sign text word number red green blue yellow orange purple black white gray brown pink circle
-square triangle rectangle star object objects there one two three four five six seven eight
-nine ten zero highest lowest largest smallest more less than option options correct choose
-diagram shows show showing please explain why because this that these those it its they
-them with without from for by as be can could would should do does did not no yes small
-large big little tall short open closed man woman person people dog cat car tree house
-table chair book cup sky water grass road building window door street sign says read
-assistant user system you helpful conversation follow up previous about also then first
-second third finally total sum difference increase decrease year month trend compare
-""".split()
+picture photo scene describe detail question answer chart bar line value values label axis sign
+text word number red green blue yellow orange purple black white gray brown pink circle square
+triangle rectangle star object objects there one two three four five six seven eight nine ten
+zero highest lowest largest smallest more less than option options correct choose diagram shows
+show showing please explain why because this that these those it its they them with without
+from for by as be can could would should do does did not no yes small large big little tall
+short open closed man woman person people dog cat car tree house table chair book cup sky water
+grass road building window door street sign says read assistant user system you helpful
+conversation follow up previous about also then first second third finally total sum difference
+increase decrease year month trend compare
+""".split()  # noqa: SIM905
 
 
 def _corpus() -> list[str]:
@@ -103,9 +104,9 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(specials: list[str], eos: str, pad: str, template: str) -> (
-    PreTrainedTokenizerFast
-):
+def build_tokenizer(
+    specials: list[str], eos: str, pad: str, template: str
+) -> PreTrainedTokenizerFast:
     """Byte-level BPE: any text (the real MMSpec prompts too) encodes without unknown tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -147,7 +148,11 @@ def build_tiny_qwen(out: Path) -> None:
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 8192,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3],
+        },
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
@@ -253,7 +258,7 @@ def cache_root() -> Path:
 
 
 def tiny_model_path(name: str) -> Path:
-    """Directory of the tiny model `name`, built on first use (atomically, safe across processes)."""
+    """Directory of the tiny model `name`, built on first use (atomic, safe across processes)."""
     if name not in BUILDERS:
         raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(sorted(BUILDERS))}")
     final = cache_root() / "models" / f"{name}-v{TINY_VERSION}"

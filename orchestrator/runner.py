@@ -1,14 +1,60 @@
-"""ShardRunner: one loaded model + one drafter; turns a shard into result rows.
-
-(Interface fixed; body being written by the engine owner.)
-"""
+"""ShardRunner: one loaded model + one drafter; turns a shard into result rows."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import platform
+import resource
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from mmspec.orchestrator.cells import ModelConfig, Shard
+import torch
+from PIL import Image
+
+from mmspec.methods.engine import Engine, RowResult
+from mmspec.methods.registry import get_drafter
+from mmspec.methods.target import Message
+from mmspec.models.loader import load_target
+from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
 from mmspec.orchestrator.schema import ResultRow
+from mmspec.workloads.sample import Sample, SampleError
+
+log = logging.getLogger(__name__)
+
+
+def conversation(sample: Sample, answers: list[str], has_image: bool) -> list[Message]:
+    """Chat messages for the next turn: the image goes with the first user turn only."""
+    messages: list[Message] = []
+    for t, text in enumerate(sample.turns[: len(answers) + 1]):
+        content: list[dict[str, str]] = [{"type": "image"}] if t == 0 and has_image else []
+        content.append({"type": "text", "text": text})
+        messages.append({"role": "user", "content": content})
+        if t < len(answers):
+            messages.append(
+                {"role": "assistant", "content": [{"type": "text", "text": answers[t]}]}
+            )
+    return messages
+
+
+def row_seed(seed: int, repeat: int, sample_id: str, turn: int) -> int:
+    """Per-(sample, turn) sampling seed: independent of batch composition, so runs reproduce."""
+    digest = hashlib.sha256(f"{seed}/{repeat}/{sample_id}/{turn}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def tokens_sha256(tokens: list[int]) -> str:
+    return hashlib.sha256(struct.pack(f"<{len(tokens)}i", *tokens)).hexdigest()
+
+
+@dataclass
+class _Conversation:
+    sample: Sample
+    image: Image.Image | None
+    answers: list[str] = field(default_factory=list)
 
 
 class ShardRunner:
@@ -26,7 +72,136 @@ class ShardRunner:
         device: str = "auto",
         threads: int | None = None,
     ) -> None:
-        raise NotImplementedError
+        if threads:
+            # one thread per CPU slot, or co-located workers fight over cores and time noise
+            torch.set_num_threads(threads)
+        self.model_config = model
+        self.method = method
+        self.target = load_target(
+            model.id, model.dtype, device, model.revision, model.trust_remote_code
+        )
+        self.engine = Engine(self.target, get_drafter(method)(**method_args))
+        self.device = self._describe_device()
 
     def run(self, shard: Shard) -> list[ResultRow]:
-        raise NotImplementedError
+        cell = shard.cell
+        rows: list[ResultRow] = []
+        batch_index = 0
+        for start in range(0, len(shard.samples), cell.batch_size):
+            convs: list[_Conversation] = []
+            for sample in shard.samples[start : start + cell.batch_size]:
+                try:
+                    convs.append(_Conversation(sample, sample.load_image()))
+                except SampleError as exc:
+                    rows += [self._error_row(shard, sample, t, str(exc)) for t in _turns(sample)]
+            turn = 0
+            while convs:
+                rows += self._run_turn(shard, convs, turn, batch_index)
+                batch_index += 1
+                turn += 1
+                convs = [c for c in convs if len(c.sample.turns) > turn and c.answers]
+        return rows
+
+    def _run_turn(
+        self, shard: Shard, convs: list[_Conversation], turn: int, batch_index: int
+    ) -> list[ResultRow]:
+        cell = shard.cell
+        messages = [conversation(c.sample, c.answers, c.image is not None) for c in convs]
+        images = [c.image for c in convs]
+        seeds = [row_seed(cell.seed, cell.repeat, c.sample.id, turn) for c in convs]
+        if self.target.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.target.device)
+        t0 = time.perf_counter()
+        try:
+            results = self.engine.generate(
+                messages, images, cell.max_new_tokens, cell.temperature, seeds
+            )
+        except Exception as exc:  # an OOM or a bad input must not lose the rest of the shard
+            log.exception("batch %d of %s failed", batch_index, shard.shard_id)
+            err = f"{type(exc).__name__}: {exc}"
+            rows = []
+            for c in convs:
+                rows += [self._error_row(shard, c.sample, t, err) for t in _turns(c.sample)[turn:]]
+                c.answers.clear()  # drops the sample from later turns
+            return rows
+        batch_s = time.perf_counter() - t0
+        peak = self._peak_memory()
+        rows = []
+        for c, res in zip(convs, results):
+            text = self.target.decode(res.tokens)
+            c.answers.append(text)
+            rows.append(self._ok_row(shard, c.sample, turn, res, text, batch_index, batch_s, peak))
+        return rows
+
+    # ---- rows ----------------------------------------------------------------------------
+    def _base_row(self, shard: Shard, sample: Sample, turn: int) -> ResultRow:
+        cell: Cell = shard.cell
+        return ResultRow(
+            run_id=shard.run_id,
+            cell_id=cell.cell_id,
+            shard_id=shard.shard_id,
+            model=cell.model.id,
+            method=cell.method,
+            batch_size=cell.batch_size,
+            temperature=cell.temperature,
+            seed=cell.seed,
+            repeat=cell.repeat,
+            workload=cell.workload,
+            topic=sample.topic,
+            category=sample.category,
+            sample_id=sample.id,
+            turn=turn,
+            **self.device,
+        )
+
+    def _error_row(self, shard: Shard, sample: Sample, turn: int, error: str) -> ResultRow:
+        row = self._base_row(shard, sample, turn)
+        row.status, row.error = "error", error
+        return row
+
+    def _ok_row(
+        self,
+        shard: Shard,
+        sample: Sample,
+        turn: int,
+        res: RowResult,
+        text: str,
+        batch_index: int,
+        batch_s: float,
+        peak_mem: int,
+    ) -> ResultRow:
+        row = self._base_row(shard, sample, turn)
+        row.prompt_tokens = res.prompt_tokens
+        row.new_tokens = len(res.tokens)
+        row.steps = res.steps
+        row.drafted_tokens = res.drafted
+        row.accepted_tokens = res.accepted
+        row.accept_lengths = res.accept_lengths
+        row.prefill_s, row.draft_s, row.verify_s = res.prefill_s, res.draft_s, res.verify_s
+        row.commit_s, row.total_s = res.commit_s, res.total_s
+        row.batch_index, row.batch_s = batch_index, batch_s
+        row.output_tokens = res.tokens
+        row.output_sha256 = tokens_sha256(res.tokens)
+        row.output_text = text
+        row.peak_mem_bytes = peak_mem
+        return row
+
+    # ---- device facts --------------------------------------------------------------------
+    def _describe_device(self) -> dict[str, str | None]:
+        dev = self.target.device
+        if dev.type == "cuda":
+            props = torch.cuda.get_device_properties(dev)
+            name, uuid = props.name, str(getattr(props, "uuid", "")) or None
+        else:
+            name, uuid = platform.processor() or platform.machine() or "cpu", None
+        return {"device_name": name, "device_uuid": uuid, "host": socket.gethostname()}
+
+    def _peak_memory(self) -> int:
+        if self.target.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.target.device))
+        # the process's peak resident set (KiB on Linux): a CPU worker's whole footprint
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _turns(sample: Sample) -> list[int]:
+    return list(range(max(1, len(sample.turns))))

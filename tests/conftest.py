@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny models are built once per test session into a temp MMSPEC_HOME."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mmspec"
+
+# Ray must bind to 127.0.0.1 only; set before anything imports Ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mmspec_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny models live in a cache; reuse the user's when set, else one per session."""
+    if "MMSPEC_HOME" not in os.environ:
+        os.environ["MMSPEC_HOME"] = str(tmp_path_factory.mktemp("mmspec_home"))
+    return Path(os.environ["MMSPEC_HOME"])
+
+
+def mmspec_split(name: str) -> Path:
+    path = DATA / name
+    if not (path / "mmspec.jsonl").is_file():
+        pytest.skip(f"MMSpec split not found at {path}")
+    return path
