@@ -196,10 +196,15 @@ class Engine:
             slots = [0] + [n + 1 for n in a.path]  # q-indices: root, then accepted nodes
             index[i, : len(slots)] = torch.tensor(slots)
             kept[i, : len(slots)] = True
+        # Chains (and AR) accept a prefix of the new slots: a slice keeps them without a copy.
+        prefix = all(a.path == list(range(len(a.path))) for a in accs)
         index, kept = index.to(dev), kept.to(dev)
         for layer in live.cache.layers:
             for name in ("keys", "values"):
                 full = getattr(layer, name)  # (b, heads, cache_len + q, head_dim)
+                if prefix:
+                    setattr(layer, name, full[:, :, : cache_len + keep])
+                    continue
                 gather = index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
                 new = torch.gather(full[:, :, cache_len:], 2, gather)
                 setattr(layer, name, torch.cat([full[:, :, :cache_len], new], dim=2))

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import polars as pl
+
 from mmspec.reports.metrics import ALL_TOPIC
 from mmspec.reports.paired import BASELINE
 

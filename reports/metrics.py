@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
+
 from mmspec.orchestrator.schema import RESULT_SCHEMA, SCHEMA_VERSION
 from mmspec.reports.paired import paired_vs_ar
 from mmspec.reports.stable import stable_mean, stable_sum

@@ -7,6 +7,7 @@ a sample that failed on one side would otherwise make the other side look faster
 from __future__ import annotations
 
 import polars as pl
+
 from mmspec.reports.stable import stable_mean, stable_sum
 
 BASELINE = "ar"

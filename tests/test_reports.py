@@ -11,6 +11,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
+
 from mmspec.orchestrator.schema import RESULT_SCHEMA, ResultRow, rows_to_table
 from mmspec.reports import (
     ALL_TOPIC,

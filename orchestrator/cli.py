@@ -1,0 +1,293 @@
+"""`mmspec-orch`: submit a grid (or resume a run) and write its report.
+
+Exit codes: 0 done; 1 some shards were recorded as errors, or the report failed; 2 the grid,
+workloads or run directory are invalid (nothing was started, no run directory made).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import click
+import pyarrow as pa
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from mmspec.orchestrator.cells import Shard
+from mmspec.orchestrator.grid import (
+    Grid,
+    GridError,
+    chunk_size,
+    expand,
+    grid_sha256,
+    load_grid,
+    make_shards,
+    parse_grid,
+)
+from mmspec.orchestrator.manifest import build_manifest
+from mmspec.orchestrator.store import (
+    MANIFEST,
+    StoreError,
+    completed_shards,
+    create_run_dir,
+    read_manifest,
+    remove_stale_tmp,
+    write_manifest,
+    write_shard,
+)
+from mmspec.orchestrator.workload_io import load_samples, workload_error_types, workload_sha256
+from mmspec.workloads.sample import Sample
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILED_SHARDS = 1
+EXIT_INVALID = 2
+_PIPE_WIDTH = 200
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller may swap, passed as click's `obj`: `invoke(main, args, obj=Hooks(...))`."""
+
+    runner_cls: type | None = None  # built inside every worker actor; None = ShardRunner
+
+
+class _Invalid(Exception):
+    """Input problem: print the message, exit 2, start nothing."""
+
+
+@click.group()
+def main() -> None:
+    """Benchmark speculative decoding for vision-language models on Ray."""
+
+
+@main.command()
+@click.argument("grid_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--local", is_flag=True, help="Start a private Ray node on 127.0.0.1.")
+@click.option("--address", help="Join this Ray cluster (default: $RAY_ADDRESS, else local).")
+@click.option("--dry-run", is_flag=True, help="Print the cells and shards; run nothing.")
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Finish an earlier run: rerun only shards without a result file.",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Results root.")
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    grid_file: Path | None,
+    local: bool,
+    address: str | None,
+    dry_run: bool,
+    resume_dir: Path | None,
+    out: Path | None,
+) -> None:
+    """Validate GRID_FILE, run every shard on Ray, write results and the report."""
+    hooks = ctx.obj if isinstance(ctx.obj, Hooks) else Hooks()
+    if local and address:
+        raise click.UsageError("give --local or --address, not both")
+    if grid_file is None and resume_dir is None:
+        raise click.UsageError("give a GRID_FILE, or --resume RUN_DIR")
+    if resume_dir is not None and out is not None:
+        raise click.UsageError("--out does not apply to --resume (the run directory is fixed)")
+
+    with _cli_logging():
+        try:
+            grid, grid_text, manifest = _read_grid(grid_file, resume_dir, out)
+            samples = _load_workloads(grid)
+            if manifest is not None and workload_sha256(samples) != manifest.get("workload_sha256"):
+                raise _Invalid(
+                    f"{resume_dir}: the workloads changed since the run started "
+                    "(workload_sha256 differs); start a new run instead"
+                )
+        except (_Invalid, GridError, StoreError) as exc:
+            click.echo(str(exc), err=True)
+            ctx.exit(EXIT_INVALID)
+
+        cells = expand(grid)
+        if dry_run:
+            run_id = manifest["run_id"] if manifest else "dry-run"
+            shards = make_shards(cells, samples, run_id, grid.shard_size)
+            done = completed_shards(resume_dir) if resume_dir else set()
+            _print_plan(grid, shards, samples, done)
+            return
+
+        if resume_dir is not None:
+            run_dir = resume_dir
+            remove_stale_tmp(run_dir)
+        else:
+            run_dir = create_run_dir(grid.out, grid.name)
+            write_manifest(run_dir, build_manifest(run_dir.name, grid, samples, grid_text))
+        shards = make_shards(cells, samples, run_dir.name, grid.shard_size)
+        done = completed_shards(run_dir)
+        todo = [s for s in shards if s.shard_id not in done]
+        click.echo(f"run: {run_dir} ({len(todo)} of {len(shards)} shards to run)", err=True)
+
+        failed = _run_shards(todo, grid, run_dir, local, address, hooks) if todo else 0
+        report_ok = _report(run_dir, echo_markdown=False)
+        if failed or not report_ok:
+            ctx.exit(EXIT_FAILED_SHARDS)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.pass_context
+def report(ctx: click.Context, run_dir: Path) -> None:
+    """Write RUN_DIR's report and print its markdown."""
+    if not _report(run_dir, echo_markdown=True):
+        ctx.exit(EXIT_FAILED_SHARDS)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _read_grid(
+    grid_file: Path | None, resume_dir: Path | None, out: Path | None
+) -> tuple[Grid, str | None, dict[str, Any] | None]:
+    """(grid, its text, the manifest when resuming); a resumed run's grid is its manifest's."""
+    if resume_dir is None:
+        assert grid_file is not None
+        grid = load_grid(grid_file)
+        if out is not None:
+            grid = replace(grid, out=str(out))
+        return grid, grid_file.read_text(encoding="utf-8"), None
+    manifest = read_manifest(resume_dir)
+    grid = parse_grid(manifest.get("grid"), source=str(resume_dir / MANIFEST))
+    if grid_file is not None and grid_sha256(load_grid(grid_file)) != manifest.get("grid_sha256"):
+        raise _Invalid(f"{grid_file}: differs from the grid of {resume_dir}; cannot resume with it")
+    return grid, None, manifest
+
+
+def _load_workloads(grid: Grid) -> dict[str, list[Sample]]:
+    """Every workload's samples, loaded once in the driver."""
+    samples: dict[str, list[Sample]] = {}
+    for i, config in enumerate(grid.workloads):
+        try:
+            loaded = load_samples(config)
+        except workload_error_types() as exc:
+            raise _Invalid(f"{grid.source}: workloads[{i}]: {exc}") from None
+        if not loaded:
+            raise _Invalid(f"{grid.source}: workloads[{i}]: workload {config.name!r} is empty")
+        samples[config.name] = loaded
+    return samples
+
+
+def _print_plan(
+    grid: Grid, shards: list[Shard], samples: dict[str, list[Sample]], done: set[str]
+) -> None:
+    per_cell: dict[str, int] = {}
+    for shard in shards:
+        per_cell[shard.cell.cell_id] = per_cell.get(shard.cell.cell_id, 0) + 1
+    table = Table(title=f"grid {grid.name}: cells")
+    for column in ("model", "method", "batch", "temp", "repeat", "workload", "samples", "shards"):
+        justify = "right" if column in ("samples", "shards") else "left"
+        table.add_column(column, justify=justify, overflow="fold")  # never crop an id
+    for cell in expand(grid):
+        table.add_row(
+            escape(cell.model.id),
+            escape(cell.method),
+            str(cell.batch_size),
+            f"{cell.temperature:g}",
+            str(cell.repeat),
+            escape(cell.workload),
+            str(len(samples[cell.workload])),
+            str(per_cell.get(cell.cell_id, 0)),
+        )
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: no reason to squeeze into 80 columns
+        console.width = max(console.width, _PIPE_WIDTH)
+    console.print(table)
+    todo = sum(s.shard_id not in done for s in shards)
+    sizes = sorted({chunk_size(grid.shard_size, b) for b in grid.batch_sizes})
+    click.echo(
+        f"{len(per_cell)} cells, {len(shards)} shards ({todo} to run), "
+        f"samples per shard: {', '.join(map(str, sizes))}"
+    )
+
+
+def _run_shards(
+    shards: list[Shard], grid: Grid, run_dir: Path, local: bool, address: str | None, hooks: Hooks
+) -> int:
+    """Run the shards on Ray, writing each result as it arrives; returns failed shards."""
+    from mmspec.orchestrator.progress import ShardProgress
+    from mmspec.orchestrator.ray_session import ray_session
+
+    with ray_session(local=local, address=address) as session:
+        # imported here: Ray must be imported after ray_session chose the node address
+        from mmspec.orchestrator.scheduler import Scheduler, SchedulerSettings, plan_slots
+
+        slots, use_gpu = plan_slots(session.resources, grid.workers, grid.threads_per_worker)
+        log.info("ray %s: %d worker slot(s), %s", session.mode, slots, "GPU" if use_gpu else "CPU")
+        settings = SchedulerSettings(slots, use_gpu, grid.threads_per_worker)
+        with ShardProgress(shards) as progress:
+
+            def sink(shard: Shard, table: pa.Table) -> None:
+                write_shard(run_dir, shard, table)
+                progress.advance(shard, table)
+
+            summary = Scheduler(settings, runner_cls=_runner_cls(hooks)).run(shards, sink)
+    click.echo(
+        f"{summary.shards} shards written, {summary.failed} failed, "
+        f"{summary.retries} retries, {summary.actors_started} model loads",
+        err=True,
+    )
+    return summary.failed
+
+
+def _runner_cls(hooks: Hooks) -> type:
+    if hooks.runner_cls is not None:
+        return hooks.runner_cls
+    # imported on use: it pulls in torch and transformers, which validation does not need
+    from mmspec.orchestrator.runner import ShardRunner
+
+    return ShardRunner
+
+
+def _report(run_dir: Path, echo_markdown: bool) -> bool:
+    """Call mmspec.reports.write_report; print the report's path (or its markdown)."""
+    try:
+        from mmspec.reports import write_report
+    except ImportError:
+        click.echo(f"reports are not available in this install; results are in {run_dir}", err=True)
+        return False
+    try:
+        result = write_report(run_dir)
+    except Exception as exc:  # the results are safe on disk; say how to retry
+        click.echo(f"report failed: {exc}\nretry with: mmspec-orch report {run_dir}", err=True)
+        return False
+    path = _markdown_path(result, run_dir)
+    if echo_markdown:
+        click.echo(path.read_text(encoding="utf-8"))
+    else:
+        click.echo(f"report: {path}")
+    return True
+
+
+def _markdown_path(result: object, run_dir: Path) -> Path:
+    path = Path(result) if isinstance(result, str | Path) else run_dir
+    if path.is_dir():
+        return path / "report.md"
+    return path if path.suffix == ".md" else path.with_name("report.md")
+
+
+@contextmanager
+def _cli_logging() -> Iterator[None]:
+    """Show mmspec's info logs on stderr for the command, then put logging back as it was."""
+    logger = logging.getLogger("mmspec")
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)

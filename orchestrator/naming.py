@@ -1,0 +1,49 @@
+"""How grid values become ids and path parts (cell ids, shard ids, result folders).
+
+One place, so a cell id, its shard ids and its result path always agree.
+"""
+
+from __future__ import annotations
+
+import re
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+def safe_name(value: str) -> str:
+    """A model id or path as a single path part: '/' -> '--', other odd characters -> '_'.
+
+    Leading dots and dashes are dropped so a local path ("./ckpt", "/data/x") never yields a
+    hidden or option-like name.
+    """
+    return _UNSAFE.sub("_", value.replace("/", "--")).lstrip(".-") or "_"
+
+
+def format_temperature(temperature: float) -> str:
+    """Shortest exact text of a temperature for ids: 0.0 -> '0', 0.7 -> '0.7'.
+
+    repr() round-trips, so two different temperatures never share an id.
+    """
+    text = repr(float(temperature))
+    return text.removesuffix(".0")
+
+
+def cell_id(
+    model_id: str, method: str, batch_size: int, temperature: float, repeat: int, workload: str
+) -> str:
+    """e.g. 'tiny-qwen2.5-vl__pld__bs4__t0__r0__synthetic'."""
+    return "__".join(
+        (
+            safe_name(model_id),
+            method,
+            f"bs{batch_size}",
+            f"t{format_temperature(temperature)}",
+            f"r{repeat}",
+            workload,
+        )
+    )
+
+
+def shard_id(cell: str, index: int) -> str:
+    """e.g. '<cell_id>__s003' (zero-padded so ids sort in shard order)."""
+    return f"{cell}__s{index:03d}"

@@ -1,0 +1,85 @@
+"""The rows a shard owes: one per (sample, turn), no more, no fewer.
+
+The driver checks every table a worker returns against this, and writes error rows for what
+could not be measured, so a run's results always cover every (cell, sample, turn) once.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from mmspec.orchestrator.cells import Shard
+from mmspec.orchestrator.schema import ResultRow, rows_to_table
+
+MAX_ERROR_CHARS = 4000  # Ray errors carry whole remote tracebacks; the end says what failed
+
+Key = tuple[str, int]  # (sample_id, turn)
+
+
+class ShardResultError(ValueError):
+    """A worker returned rows that do not belong to the shard (a runner bug)."""
+
+
+def expected_keys(shard: Shard) -> list[Key]:
+    """(sample_id, turn) of every row the shard must produce, in order."""
+    return [(s.id, t) for s in shard.samples for t in range(max(1, len(s.turns)))]
+
+
+def error_rows(shard: Shard, error: str, keys: list[Key] | None = None) -> list[ResultRow]:
+    """status="error" rows for `keys` (default: the whole shard), carrying `error`."""
+    wanted = set(expected_keys(shard) if keys is None else keys)
+    if len(error) > MAX_ERROR_CHARS:
+        error = "..." + error[-MAX_ERROR_CHARS:]
+    cell = shard.cell
+    return [
+        ResultRow(
+            run_id=shard.run_id,
+            cell_id=cell.cell_id,
+            shard_id=shard.shard_id,
+            model=cell.model.id,
+            method=cell.method,
+            batch_size=cell.batch_size,
+            temperature=cell.temperature,
+            seed=cell.seed,
+            repeat=cell.repeat,
+            workload=cell.workload,
+            topic=sample.topic,
+            category=sample.category,
+            sample_id=sample.id,
+            turn=turn,
+            status="error",
+            error=error,
+        )
+        for sample in shard.samples
+        for turn in range(max(1, len(sample.turns)))
+        if (sample.id, turn) in wanted
+    ]
+
+
+def error_table(shard: Shard, error: str) -> pa.Table:
+    return rows_to_table(error_rows(shard, error))
+
+
+def complete_table(shard: Shard, table: pa.Table) -> pa.Table:
+    """Check a worker's table covers the shard; add error rows for keys it left out.
+
+    Raises ShardResultError for rows of another shard, unknown keys or duplicates.
+    """
+    shard_ids = set(table.column("shard_id").to_pylist())
+    if shard_ids - {shard.shard_id}:
+        raise ShardResultError(f"shard {shard.shard_id}: rows of {sorted(shard_ids)} returned")
+    got = list(
+        zip(table.column("sample_id").to_pylist(), table.column("turn").to_pylist(), strict=True)
+    )
+    expected = expected_keys(shard)
+    unknown = set(got) - set(expected)
+    if unknown:
+        raise ShardResultError(f"shard {shard.shard_id}: unexpected rows {sorted(unknown)[:5]}")
+    if len(set(got)) != len(got):
+        raise ShardResultError(f"shard {shard.shard_id}: duplicate (sample, turn) rows")
+    present = set(got)
+    missing = [k for k in expected if k not in present]
+    if not missing:
+        return table
+    filler = rows_to_table(error_rows(shard, "the runner returned no row for this turn", missing))
+    return pa.concat_tables([table, filler])

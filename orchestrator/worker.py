@@ -1,0 +1,70 @@
+"""Worker: the body of a Ray actor that holds one loaded (model, method) pair.
+
+Plain Python on purpose: the scheduler wraps it with `ray.remote` and picks its resources,
+so this module imports no Ray and the class can be tested directly.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from typing import Any
+
+import pyarrow as pa
+
+from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
+from mmspec.orchestrator.schema import rows_to_table
+
+PairKey = tuple[ModelConfig, str, str]  # (model, method, method_args as canonical JSON)
+
+
+def pair_of(cell: Cell) -> PairKey:
+    """What a worker must have loaded to run the cell; cells with equal keys share workers."""
+    return cell.model, cell.method, json.dumps(cell.method_args, sort_keys=True)
+
+
+class RunnerInitError(RuntimeError):
+    """The runner could not be built (model or drafter failed to load) on this worker."""
+
+
+class Worker:
+    """Builds the runner once, then runs any number of shards of its pair.
+
+    A failing constructor is kept and reported by every `run` as RunnerInitError, so the
+    scheduler can tell "this pair cannot load" from "this shard failed".
+
+    Example (in-process, without Ray)::
+
+        worker = Worker(FakeRunner, cell.model, cell.method, cell.method_args, "cpu", 1)
+        table = worker.run(shard)
+    """
+
+    def __init__(
+        self,
+        runner_cls: type,
+        model: ModelConfig,
+        method: str,
+        method_args: dict[str, Any],
+        device: str,
+        threads: int,
+    ) -> None:
+        self._pair: PairKey = (model, method, json.dumps(method_args, sort_keys=True))
+        self._runner: Any = None  # the ShardRunner (or a test double) once built
+        self._init_error: str | None = None  # traceback text if building it failed
+        try:
+            self._runner = runner_cls(
+                model, method, dict(method_args), device=device, threads=threads
+            )
+        except Exception:
+            self._init_error = traceback.format_exc()
+
+    def pair(self) -> PairKey:
+        return self._pair
+
+    def run(self, shard: Shard) -> pa.Table:
+        """All rows of the shard as a RESULT_SCHEMA table."""
+        if self._init_error is not None:
+            raise RunnerInitError(self._init_error)
+        if pair_of(shard.cell) != self._pair:
+            raise ValueError(f"shard {shard.shard_id} is not for this worker's pair")
+        return rows_to_table(self._runner.run(shard))

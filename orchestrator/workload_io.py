@@ -1,0 +1,75 @@
+"""The orchestrator's one doorway into `mmspec.workloads` (imported lazily, at call time).
+
+Looking the names up on each call keeps grid parsing importable while the workloads package
+grows, and lets tests swap the loaders with a monkeypatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from mmspec.workloads.sample import Sample
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """A workload as the grid names it: exactly one of `builtin` or `path`."""
+
+    name: str  # unique in a grid; appears in cell ids
+    builtin: str | None = None  # e.g. "synthetic"
+    path: str | None = None  # MMSpec jsonl layout: mmspec.jsonl + images/
+    limit: int | None = None  # at most N samples, spread over topics by the loader
+    topics: tuple[str, ...] | None = None  # topic filter; None = all
+
+
+def builtin_workloads() -> list[str]:
+    """Names accepted by `builtin:` in a grid."""
+    import mmspec.workloads as workloads
+
+    return list(workloads.builtin_workloads())
+
+
+def load_samples(config: WorkloadConfig) -> list[Sample]:
+    """Load a workload's samples in the driver (once per run)."""
+    import mmspec.workloads as workloads
+
+    # pass only what the grid set, so the loader's own defaults apply to the rest
+    given = {
+        "builtin": config.builtin,
+        "path": config.path,
+        "limit": config.limit,
+        "topics": config.topics,
+    }
+    spec = workloads.WorkloadSpec(**{k: v for k, v in given.items() if v is not None})
+    return list(workloads.load_workload(spec))
+
+
+def workload_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types a loader raises for bad data (empty if the package has none yet)."""
+    import mmspec.workloads as workloads
+
+    error = getattr(workloads, "WorkloadError", None)
+    return (error,) if isinstance(error, type) else ()
+
+
+def workload_sha256(samples_by_workload: Mapping[str, Sequence[Sample]]) -> str:
+    """Hash of what was measured: workload names, sample ids, turns and image bytes, in order.
+
+    Every part is length-prefixed so two different workloads can never hash alike by shifting
+    bytes from one field to the next.
+    """
+    digest = hashlib.sha256()
+
+    def put(data: bytes) -> None:
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+    for name in sorted(samples_by_workload):
+        put(name.encode())
+        for sample in samples_by_workload[name]:
+            put(sample.id.encode())
+            put("\x1f".join(sample.turns).encode())
+            put(sample.image_bytes or b"")
+    return digest.hexdigest()

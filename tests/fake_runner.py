@@ -1,0 +1,114 @@
+"""Test doubles for the orchestrator: a ShardRunner stand-in and a few samples.
+
+Ray workers cannot import this file (tests/ is not a package), so tests that hand FakeRunner
+to Ray call `ship_to_ray()` first: the module then travels by value inside the pickle.
+
+FakeRunner reads its behaviour from the cell's method_args (scheduler tests only):
+  fail_always: [shard_id]      raise on these shards, every attempt
+  fail_once: [shard_id]        raise on the first attempt only (marker files in marker_dir)
+  crash_once: [shard_id]       kill the worker process on the first attempt
+  drop_rows: [shard_id]        return no row for the shard's last (sample, turn)
+  init_fail: true              raise in the constructor
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from mmspec.orchestrator.cells import ModelConfig, Shard
+from mmspec.orchestrator.schema import ResultRow
+from mmspec.workloads.sample import TOPICS, Sample
+
+CONTROL_KEYS = ("fail_always", "fail_once", "crash_once", "drop_rows", "init_fail", "marker_dir")
+
+
+def ship_to_ray() -> None:
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def make_samples(n: int, prefix: str = "s") -> list[Sample]:
+    """n samples over the six topics; every sixth is multi-turn (2 turns)."""
+    return [
+        Sample(
+            id=f"{prefix}{i:03d}",
+            topic=TOPICS[i % len(TOPICS)],
+            category="synthetic",
+            turns=("describe", "and then?") if i % len(TOPICS) == 5 else ("describe",),
+            image_bytes=f"img{i}".encode(),
+        )
+        for i in range(n)
+    ]
+
+
+class FakeRunner:
+    """Deterministic rows, no model; `device_uuid` names the instance (counts model loads)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        method: str,
+        method_args: dict[str, Any],
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        if method_args.get("init_fail"):
+            raise RuntimeError("fake model failed to load")
+        self.model, self.method, self.args = model, method, method_args
+        self.device, self.threads = device, threads
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{id(self)}"
+
+    def _first_time(self, shard: Shard, what: str) -> bool:
+        marker = Path(self.args["marker_dir"]) / f"{what}-{shard.shard_id}"
+        if marker.exists():
+            return False
+        marker.touch()
+        return True
+
+    def run(self, shard: Shard) -> list[ResultRow]:
+        sid = shard.shard_id
+        if sid in self.args.get("fail_always", ()):
+            raise RuntimeError(f"fake failure on {sid}")
+        if sid in self.args.get("fail_once", ()) and self._first_time(shard, "fail"):
+            raise RuntimeError(f"fake first-attempt failure on {sid}")
+        if sid in self.args.get("crash_once", ()) and self._first_time(shard, "crash"):
+            os._exit(1)
+        cell = shard.cell
+        rows = [
+            ResultRow(
+                run_id=shard.run_id,
+                cell_id=cell.cell_id,
+                shard_id=sid,
+                model=cell.model.id,
+                method=cell.method,
+                batch_size=cell.batch_size,
+                temperature=cell.temperature,
+                seed=cell.seed,
+                repeat=cell.repeat,
+                workload=cell.workload,
+                topic=sample.topic,
+                category=sample.category,
+                sample_id=sample.id,
+                turn=turn,
+                new_tokens=8,
+                steps=4,
+                total_s=0.01,
+                batch_index=index // cell.batch_size,
+                output_tokens=[1, 2, 3],
+                output_sha256=hashlib.sha256(sample.id.encode()).hexdigest(),
+                device_name=self.device,
+                device_uuid=self.instance,
+                host=socket.gethostname(),
+            )
+            for index, sample in enumerate(shard.samples)
+            for turn in range(len(sample.turns))
+        ]
+        if sid in self.args.get("drop_rows", ()):
+            rows = rows[:-1]
+        return rows

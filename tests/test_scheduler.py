@@ -1,0 +1,216 @@
+"""Scheduler on a local Ray node with a fake runner: coverage, retries, error rows, pair reuse."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
+from mmspec.orchestrator.grid import make_shards
+from mmspec.orchestrator.naming import cell_id
+from mmspec.orchestrator.ray_session import ray_session
+from mmspec.orchestrator.schema import rows_to_table
+from mmspec.orchestrator.shard_rows import ShardResultError, complete_table, expected_keys
+from mmspec.orchestrator.worker import Worker, pair_of
+from tests.fake_runner import FakeRunner, make_samples, ship_to_ray
+
+SAMPLES = make_samples(10)  # sample 5 has two turns
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    ship_to_ray()
+    with ray_session(local=True) as session:
+        assert session.mode in ("local", "existing")
+        yield
+
+
+def make_cells(
+    models: tuple[str, ...] = ("m-a", "m-b"),
+    batch_sizes: tuple[int, ...] = (1, 4),
+    args: dict[str, Any] | None = None,
+    method: str = "pld",
+) -> list[Cell]:
+    return [
+        Cell(
+            cell_id=cell_id(model, method, bs, 0.0, 0, "w"),
+            model=ModelConfig(model),
+            method=method,
+            method_args=dict(args or {}),
+            batch_size=bs,
+            temperature=0.0,
+            repeat=0,
+            seed=0,
+            max_new_tokens=8,
+            workload="w",
+        )
+        for model in models
+        for bs in batch_sizes
+    ]
+
+
+def run(shards: list[Shard], slots: int, max_retries: int = 2) -> tuple[Any, dict[str, pa.Table]]:
+    from mmspec.orchestrator.scheduler import Scheduler, SchedulerSettings
+
+    written: dict[str, pa.Table] = {}
+    calls: Counter[str] = Counter()
+
+    def sink(shard: Shard, table: pa.Table) -> None:
+        calls[shard.shard_id] += 1
+        written[shard.shard_id] = table
+
+    settings = SchedulerSettings(slots=slots, threads_per_worker=1, max_retries=max_retries)
+    summary = Scheduler(settings, runner_cls=FakeRunner).run(shards, sink)
+    assert set(calls.values()) <= {1}, "a shard reached the sink twice"
+    return summary, written
+
+
+def keys_of(tables: dict[str, pa.Table]) -> list[tuple[str, str, int]]:
+    table = pa.concat_tables(tables.values())
+    return list(
+        zip(
+            table.column("cell_id").to_pylist(),
+            table.column("sample_id").to_pylist(),
+            table.column("turn").to_pylist(),
+            strict=True,
+        )
+    )
+
+
+def test_every_cell_sample_turn_exactly_once(ray_local: None) -> None:
+    cells = make_cells()
+    shards = make_shards(cells, {"w": SAMPLES}, "run", shard_size=4)
+    summary, written = run(shards, slots=2)
+    assert set(written) == {s.shard_id for s in shards}
+    got = keys_of(written)
+    expected = [(s.cell.cell_id, k[0], k[1]) for s in shards for k in expected_keys(s)]
+    assert sorted(got) == sorted(expected) and len(got) == len(set(got))
+    assert len(got) == len(cells) * (len(SAMPLES) + 1)  # one sample has two turns
+    assert summary.shards == len(shards) and summary.failed == 0 and summary.retries == 0
+    table = pa.concat_tables(written.values())
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert set(table.column("device_name").to_pylist()) == {"cpu"}  # device passed through
+    # each actor's runner was built once and reused for every shard it ran
+    instances = set(table.column("device_uuid").to_pylist())
+    assert len(instances) <= summary.actors_started < len(shards)
+
+
+def test_one_slot_loads_each_pair_once(ray_local: None) -> None:
+    cells = make_cells(models=("m-a", "m-b"), batch_sizes=(1, 2, 4))
+    shards = make_shards(cells, {"w": SAMPLES}, "run", shard_size=4)
+    # interleave the pairs: reuse must come from the scheduler, not from the input order
+    shards = sorted(shards, key=lambda s: (s.shard_id[-4:], s.cell.cell_id))
+    summary, written = run(shards, slots=1)
+    assert summary.actors_started == 2
+    per_model: dict[str, set[str]] = {}
+    for table in written.values():
+        for model, instance in zip(
+            table.column("model").to_pylist(), table.column("device_uuid").to_pylist(), strict=True
+        ):
+            per_model.setdefault(model, set()).add(instance)
+    assert {m: len(i) for m, i in per_model.items()} == {"m-a": 1, "m-b": 1}
+
+
+def test_failures_are_retried_then_recorded_as_error_rows(ray_local: None, tmp_path: Path) -> None:
+    base = make_cells(models=("m-a",), batch_sizes=(2,))
+    ids = [f"{base[0].cell_id}__s{i:03d}" for i in range(4)]
+    args = {
+        "marker_dir": str(tmp_path),
+        "fail_always": [ids[0]],
+        "fail_once": [ids[1]],
+        "crash_once": [ids[2]],  # the worker process dies: Ray reports the actor dead
+        "drop_rows": [ids[3]],
+    }
+    cells = make_cells(models=("m-a",), batch_sizes=(2,), args=args)
+    shards = make_shards(cells, {"w": SAMPLES}, "run", shard_size=2)
+    assert [s.shard_id for s in shards][:4] == ids
+    summary, written = run(shards, slots=2, max_retries=2)
+
+    assert set(written) == {s.shard_id for s in shards}
+    assert summary.failed == 1
+    assert summary.retries == 2 + 1 + 1  # fail_always twice, fail_once and crash_once once
+
+    dead = written[ids[0]].to_pylist()
+    assert {r["status"] for r in dead} == {"error"}
+    assert all("fake failure on" in r["error"] for r in dead)
+    assert [r["sample_id"] for r in dead] == [s.id for s in shards[0].samples]
+    assert all(r["cell_id"] == cells[0].cell_id and r["method"] == "pld" for r in dead)
+
+    assert {r["status"] for r in written[ids[1]].to_pylist()} == {"ok"}
+    assert {r["status"] for r in written[ids[2]].to_pylist()} == {"ok"}
+
+    dropped = written[ids[3]].to_pylist()
+    assert [r["status"] for r in dropped] == ["ok", "error"]
+    assert "no row" in dropped[-1]["error"]
+
+    got = keys_of(written)
+    assert len(got) == len(set(got)) == len(SAMPLES) + 1
+
+
+def test_a_pair_that_cannot_load_fails_fast(ray_local: None) -> None:
+    broken = make_cells(models=("m-broken",), batch_sizes=(1,), args={"init_fail": True})
+    fine = make_cells(models=("m-fine",), batch_sizes=(1,))
+    shards = make_shards(broken + fine, {"w": SAMPLES}, "run", shard_size=2)
+    summary, written = run(shards, slots=1, max_retries=1)
+    broken_ids = {s.shard_id for s in shards if s.cell in broken}
+    assert summary.failed == len(broken_ids) == 5
+    # two builds of the broken pair (first try + one retry), then one for the fine pair
+    assert summary.actors_started == 3
+    for shard_id in broken_ids:
+        rows = written[shard_id].to_pylist()
+        assert {r["status"] for r in rows} == {"error"}
+        assert "fake model failed to load" in rows[0]["error"]
+    fine_rows = [r for i, t in written.items() if i not in broken_ids for r in t.to_pylist()]
+    assert {r["status"] for r in fine_rows} == {"ok"}
+
+
+# ---------------------------------------------------------------- without Ray
+
+
+def test_plan_slots() -> None:
+    from mmspec.orchestrator.scheduler import plan_slots
+
+    assert plan_slots({"CPU": 16.0, "GPU": 4.0}, None, 1) == (4, True)
+    assert plan_slots({"CPU": 16.0, "GPU": 4.0}, 2, 1) == (2, True)
+    assert plan_slots({"CPU": 16.0}, None, 4) == (4, False)
+    assert plan_slots({"CPU": 2.0}, None, 1) == (2, False)
+    assert plan_slots({"CPU": 2.0}, None, 8) == (1, False)
+    assert plan_slots({"CPU": 2.0}, 3, 1) == (3, False)
+
+
+def test_actor_options() -> None:
+    from mmspec.orchestrator.scheduler import SchedulerSettings, actor_options
+
+    gpu = actor_options(SchedulerSettings(slots=8, use_gpu=True, threads_per_worker=4))
+    assert gpu["num_gpus"] == 1 and "num_cpus" not in gpu
+    cpu = actor_options(SchedulerSettings(slots=2, use_gpu=False, threads_per_worker=3))
+    assert cpu["num_cpus"] == 3 and "num_gpus" not in cpu
+    assert cpu["max_restarts"] == 0 and cpu["max_task_retries"] == 0
+
+
+def test_worker_in_process() -> None:
+    cell = make_cells(models=("m-a",), batch_sizes=(2,))[0]
+    [shard] = make_shards([cell], {"w": SAMPLES[:2]}, "run", shard_size=2)
+    worker = Worker(FakeRunner, cell.model, cell.method, cell.method_args, "cpu", 1)
+    assert worker.pair() == pair_of(cell)
+    assert worker.run(shard).num_rows == 2
+    other = make_cells(models=("m-b",), batch_sizes=(2,))[0]
+    [foreign] = make_shards([other], {"w": SAMPLES[:2]}, "run", shard_size=2)
+    with pytest.raises(ValueError, match="not for this worker"):
+        worker.run(foreign)
+
+
+def test_complete_table_rejects_foreign_and_duplicate_rows() -> None:
+    cell = make_cells(models=("m-a",), batch_sizes=(2,))[0]
+    [shard] = make_shards([cell], {"w": SAMPLES[:2]}, "run", shard_size=2)
+    rows = FakeRunner(cell.model, cell.method, {}).run(shard)
+    with pytest.raises(ShardResultError, match="duplicate"):
+        complete_table(shard, rows_to_table([*rows, rows[0]]))
+    rows[0].sample_id = "intruder"
+    with pytest.raises(ShardResultError, match="unexpected rows"):
+        complete_table(shard, rows_to_table(rows))
