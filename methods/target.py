@@ -7,6 +7,7 @@ format (M-RoPE for Qwen2.5-VL, 1D for LLaVA) and runs forwards with an explicit 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +53,10 @@ class Target:
         self.pad_token_id: int = tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = min(self.eos_token_ids)
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns
+        # until 5.40); older releases silently ignore an unknown `cache` kwarg, so ask forward.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(
@@ -92,9 +97,9 @@ class Target:
         out = self.model(
             **prompt.inputs,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kw: cache},
         )
         return out.logits[:, -1, :], next_pos
 
@@ -119,8 +124,8 @@ class Target:
             input_ids=input_ids,
             position_ids=self.text_positions(positions),
             attention_mask=mask,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kw: cache},
         )
         return out.logits
 

@@ -220,6 +220,8 @@ def _run_shards(
     from mmspec.orchestrator.progress import ShardProgress
     from mmspec.orchestrator.ray_session import ray_session
 
+    if hooks.runner_cls is None:
+        _prepare_models(grid)
     with ray_session(local=local, address=address) as session:
         # imported here: Ray must be imported after ray_session chose the node address
         from mmspec.orchestrator.scheduler import Scheduler, SchedulerSettings, plan_slots
@@ -240,6 +242,14 @@ def _run_shards(
         err=True,
     )
     return summary.failed
+
+
+def _prepare_models(grid: Grid) -> None:
+    """Build the tiny models once here, not concurrently in every worker of this node."""
+    from mmspec.models.loader import resolve_model_source
+
+    for model in grid.models:
+        resolve_model_source(model.id)
 
 
 def _runner_cls(hooks: Hooks) -> type:

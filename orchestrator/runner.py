@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers.utils import logging as hf_logging
 
 from mmspec.methods.engine import Engine, RowResult
 from mmspec.methods.registry import get_drafter
@@ -72,6 +73,8 @@ class ShardRunner:
         device: str = "auto",
         threads: int | None = None,
     ) -> None:
+        hf_logging.disable_progress_bar()  # per-worker bars would interleave in the driver log
+        hf_logging.set_verbosity_error()
         if threads:
             # one thread per CPU slot, or co-located workers fight over cores and time noise
             torch.set_num_threads(threads)
