@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
+
 from mmspec.methods.tree import DraftTree
 
 if TYPE_CHECKING:
@@ -25,6 +27,17 @@ class DraftContext:
     prompt_lens: list[int]  # (active,)
     temperature: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)  # target features a drafter asked for
+
+
+@dataclass
+class StepOutcome:
+    """What the last verification showed, handed to `Drafter.update`."""
+
+    trees: list[DraftTree]  # (active,) the trees that were verified
+    paths: list[list[int]]  # (active,) accepted node indices, root excluded
+    emitted: list[list[int]]  # (active,) accepted draft tokens, then the bonus token
+    # (active, q, vocab) target logits after the root (q-index 0) and after each node i (i + 1)
+    logits: torch.Tensor
 
 
 class Drafter:

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from mmspec.methods.accept import Acceptance, accept_greedy, accept_sampling
-from mmspec.methods.base import DraftContext, Drafter
+from mmspec.methods.base import DraftContext, Drafter, StepOutcome
 from mmspec.methods.target import Message, Target
 from mmspec.methods.tree import DraftTree
 
@@ -141,9 +141,9 @@ class Engine:
                 accept_sampling(t, logits[i, : len(t) + 1], temperature, gens[live.rows[i]])
                 for i, t in enumerate(trees)
             ]
+        outcome = StepOutcome(trees, [a.path for a in accs], [a.tokens for a in accs], logits)
+        self.drafter.update(ctx, outcome)
         self._commit(live, accs, cache_len=mask.shape[-1] - input_ids.shape[1])
-        emitted = [a.tokens for a in accs]
-        self.drafter.update(ctx, emitted)
         self._sync()
         t3 = time.perf_counter()
         done = []
