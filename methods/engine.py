@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import DynamicCache
@@ -166,25 +167,28 @@ class Engine:
         """input ids (b, q), text positions (b, q) and the additive mask (b, 1, q, kv + q)."""
         b, dev = len(trees), self.target.device
         q = 1 + max(len(t) for t in trees)
-        ids = live.pending[:, None].repeat(1, q)  # padding nodes repeat the root token
-        depth = torch.zeros(b, q, dtype=torch.long)
+        # built in numpy and moved once: many tiny torch ops cost more than the tree itself
+        pending = live.pending.tolist()
+        ids = np.repeat(np.array(pending, dtype=np.int64)[:, None], q, axis=1)  # pad = root
+        depth = np.zeros((b, q), dtype=np.int64)
         # padding nodes see only themselves (a row with no visible key would give NaNs)
-        tree_mask = torch.eye(q, dtype=torch.bool).repeat(b, 1, 1)
+        tree_mask = np.repeat(np.eye(q, dtype=bool)[None], b, axis=0)
         for i, t in enumerate(trees):
             n = len(t)
             if n == 0:
                 continue
-            ids[i, 1 : n + 1] = torch.tensor(t.tokens, device=dev)
-            depth[i, 1 : n + 1] = torch.tensor(t.depths)
+            ids[i, 1 : n + 1] = t.tokens
+            depth[i, 1 : n + 1] = t.depths
             tree_mask[i, 1 : n + 1, 0] = True  # every node sees the root
             for j, p in enumerate(t.parents):
                 if p >= 0:  # ancestors of the parent are ancestors of the child
                     tree_mask[i, j + 1] |= tree_mask[i, p + 1]
-        visible = torch.cat([live.valid[:, None, :].expand(-1, q, -1), tree_mask.to(dev)], dim=-1)
+        tree_visible = torch.from_numpy(tree_mask).to(dev)
+        visible = torch.cat([live.valid[:, None, :].expand(-1, q, -1), tree_visible], dim=-1)
         mask = torch.zeros(visible.shape, dtype=self.target.dtype, device=dev)
         mask.masked_fill_(~visible, torch.finfo(self.target.dtype).min)
-        positions = live.next_pos[:, None] + depth.to(dev)
-        return ids, positions, mask[:, None]
+        positions = live.next_pos[:, None] + torch.from_numpy(depth).to(dev)
+        return torch.from_numpy(ids).to(dev), positions, mask[:, None]
 
     def _commit(self, live: _Live, accs: list[Acceptance], cache_len: int) -> None:
         """Keep the root and accepted nodes' slots; advance positions and pending tokens."""
