@@ -61,5 +61,5 @@ class Drafter:
         """One draft tree per active row (an empty tree means a plain AR step for that row)."""
         raise NotImplementedError
 
-    def update(self, ctx: DraftContext, accepted: list[list[int]]) -> None:
-        """Tokens emitted per active row by the last step (accepted drafts, then the bonus)."""
+    def update(self, ctx: DraftContext, outcome: StepOutcome) -> None:
+        """Learn from the last step (`ctx.tokens` does not yet include `outcome.emitted`)."""
