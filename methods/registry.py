@@ -34,7 +34,7 @@ def register(name: str) -> Callable[[D], D]:
 
 def _load_builtin() -> None:
     # importing the modules runs their @register decorators
-    from mmspec.methods import ar, pld, recycling, sam  # noqa: F401
+    from mmspec.methods import ar, lookahead, pld, recycling, sam  # noqa: F401
 
     for ep in entry_points(group="mmspec.methods"):
         if ep.name not in _DRAFTERS:
