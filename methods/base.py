@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -50,6 +51,19 @@ class Drafter:
     name: ClassVar[str] = ""
     training_free: ClassVar[bool] = True
     vision_aware: ClassVar[bool] = False
+    # the engine then puts each row's attention mass on image tokens (of the position that
+    # predicted the pending token) in ctx.extras["vision_score"], from `score_layers`
+    needs_vision_score: ClassVar[bool] = False
+    score_layers: tuple[int, ...] = (-1,)
+
+    @classmethod
+    def arg_names(cls) -> list[str]:
+        """The method_args a grid may give this drafter (its constructor's keywords)."""
+        return [
+            p.name
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
 
     def load(self, target: Target) -> None:
         """Load weights or read what the drafter needs from the target (no-op if model-free)."""

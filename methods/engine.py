@@ -25,6 +25,7 @@ from mmspec.methods.accept import Acceptance, accept_greedy, accept_sampling
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome
 from mmspec.methods.target import Message, Target
 from mmspec.methods.tree import DraftTree
+from mmspec.methods.vision_probe import VisionProbe
 
 
 @dataclass
@@ -34,6 +35,7 @@ class RowResult:
     tokens: list[int] = field(default_factory=list)  # generated ids (EOS included if emitted)
     prompt_tokens: int = 0
     steps: int = 0  # verification forwards this row took part in
+    skipped_steps: int = 0  # steps a wrapper chose not to draft (e.g. ViSkip)
     drafted: int = 0
     accepted: int = 0  # accepted draft tokens, bonus excluded
     accept_lengths: list[int] = field(default_factory=list)
@@ -51,11 +53,15 @@ class _Live:
 
     cache: DynamicCache
     valid: torch.Tensor  # (active, cache_len) bool: slot holds a real token of this row
+    vision: torch.Tensor  # (active, cache_len) bool: slot holds an image token
     next_pos: torch.Tensor  # (active,) text position of the pending token
     pending: torch.Tensor  # (active,) token to feed next: the root of the draft tree
     rows: list[int]  # (active,) batch row of each live row
     tokens: list[list[int]]  # (active,) prompt + generated ids, ending with the pending token
     prompt_lens: list[int]
+    # (active,) attention mass on image tokens of the position that predicted the pending
+    # token; only when the drafter asked for it
+    score: torch.Tensor | None = None
 
 
 class Engine:
@@ -73,6 +79,11 @@ class Engine:
         self.compact_slack = compact_slack
         self._sync: Callable[[], None] = (
             torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
+        )
+        self.probe = (
+            VisionProbe(target.text_layers(), drafter.score_layers)
+            if drafter.needs_vision_score
+            else None
         )
         drafter.load(target)
 
@@ -92,18 +103,25 @@ class Engine:
         start = time.perf_counter()
         prompt = self.target.encode(conversations, images)
         cache = DynamicCache(config=self.target.model.config)
+        valid = prompt.attention_mask.bool()
+        vision = (prompt.input_ids == self.target.image_token_id) & valid
+        if self.probe:
+            self.probe.arm(vision, last_only=True)
         logits, next_pos = self.target.prefill(prompt, cache)
+        score = self.probe.take()[:, 0] if self.probe else None
         first = self._first_tokens(logits, temperature, gens)
         self._sync()
         prefill_s = time.perf_counter() - start
         live = _Live(
             cache=cache,
-            valid=prompt.attention_mask.bool(),
+            valid=valid,
+            vision=vision,
             next_pos=next_pos,
             pending=torch.tensor(first, device=self.target.device),
             rows=list(range(n)),
             tokens=[[*t, f] for t, f in zip(prompt.tokens(), first)],
             prompt_lens=prompt.prompt_lens,
+            score=score,
         )
         for i, r in enumerate(results):
             r.prompt_tokens, r.prefill_s, r.tokens = live.prompt_lens[i], prefill_s, [first[i]]
@@ -131,6 +149,9 @@ class Engine:
         self._sync()
         t1 = time.perf_counter()
         input_ids, positions, mask = self._tree_inputs(live, trees)
+        if self.probe:
+            new = torch.zeros_like(input_ids, dtype=torch.bool)
+            self.probe.arm(torch.cat([live.vision, new], dim=1), last_only=False)
         logits = self.target.verify(input_ids, positions, mask, live.cache)
         self._sync()
         t2 = time.perf_counter()
@@ -142,6 +163,10 @@ class Engine:
                 accept_sampling(t, logits[i, : len(t) + 1], temperature, gens[live.rows[i]])
                 for i, t in enumerate(trees)
             ]
+        if self.probe:  # the node that predicted the bonus token: the last accepted one
+            mass = self.probe.take()
+            last = torch.tensor([a.path[-1] + 1 if a.path else 0 for a in accs], device=mass.device)
+            live.score = mass.gather(1, last[:, None])[:, 0]
         outcome = StepOutcome(trees, [a.path for a in accs], [a.tokens for a in accs], logits)
         self.drafter.update(ctx, outcome)
         self._commit(live, accs, cache_len=mask.shape[-1] - input_ids.shape[1])
@@ -151,6 +176,7 @@ class Engine:
         for i, (tree, acc) in enumerate(zip(trees, accs)):
             r = results[live.rows[i]]
             r.steps += 1
+            r.skipped_steps += tree.skipped
             r.drafted += len(tree)
             r.accepted += len(acc.path)
             r.accept_lengths.append(len(acc.path))
@@ -213,6 +239,7 @@ class Engine:
                 new = torch.gather(full[:, :, cache_len:], 2, gather)
                 setattr(layer, name, torch.cat([full[:, :, :cache_len], new], dim=2))
         live.valid = torch.cat([live.valid, kept], dim=1)
+        live.vision = torch.cat([live.vision, torch.zeros_like(kept)], dim=1)
         live.next_pos = live.next_pos + kept.sum(dim=1)
         live.pending = torch.tensor([a.tokens[-1] for a in accs], device=dev)
         for toks, a in zip(live.tokens, accs):
@@ -233,6 +260,7 @@ class Engine:
                 gather = order[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
                 setattr(layer, name, torch.gather(full, 2, gather))
         live.valid = torch.gather(live.valid, 1, order)
+        live.vision = torch.gather(live.vision, 1, order)
 
     # ---- helpers -------------------------------------------------------------------------
     def _first_tokens(
@@ -271,6 +299,9 @@ class Engine:
                 layer.keys = layer.keys.index_select(0, idx)
                 layer.values = layer.values.index_select(0, idx)
         live.valid = live.valid.index_select(0, idx)
+        live.vision = live.vision.index_select(0, idx)
+        if live.score is not None:
+            live.score = live.score.index_select(0, idx)
         live.next_pos = live.next_pos.index_select(0, idx)
         live.pending = live.pending.index_select(0, idx)
         live.rows = [live.rows[i] for i in keep]
@@ -283,4 +314,5 @@ class Engine:
             tokens=live.tokens,
             prompt_lens=live.prompt_lens,
             temperature=temperature,
+            extras={} if live.score is None else {"vision_score": live.score.tolist()},
         )

@@ -7,6 +7,8 @@ from importlib.metadata import entry_points
 from typing import TypeVar
 
 from mmspec.methods.base import Drafter
+from mmspec.methods.viskip import PREFIX as VISKIP
+from mmspec.methods.viskip import viskip_of
 
 _DRAFTERS: dict[str, type[Drafter]] = {}
 D = TypeVar("D", bound=type[Drafter])
@@ -39,6 +41,10 @@ def _load_builtin() -> None:
     for ep in entry_points(group="mmspec.methods"):
         if ep.name not in _DRAFTERS:
             register(ep.name)(ep.load())
+    # ViSkip is plug-and-play: one wrapper per method that drafts (AR drafts nothing)
+    for name, cls in list(_DRAFTERS.items()):
+        if name != "ar" and not name.startswith(VISKIP) and VISKIP + name not in _DRAFTERS:
+            register(VISKIP + name)(viskip_of(cls))
 
 
 def method_names() -> list[str]:

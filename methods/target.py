@@ -77,6 +77,14 @@ class Target:
     def _process(self, texts: list[str], images: list[Image.Image]) -> BatchFeature:
         return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
 
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def text_layers(self) -> torch.nn.ModuleList:
+        """The language model's decoder layers (both families nest it the same way)."""
+        return self.model.model.language_model.layers
+
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 

@@ -20,6 +20,7 @@ class DraftTree:
     # (n, vocab) draft probabilities q(x) per node when the drafter samples its drafts;
     # None for deterministic drafts (lookups, argmax trees).
     probs: torch.Tensor | None = None
+    skipped: bool = False  # a wrapper chose not to draft this step (counted, e.g. ViSkip)
     depths: list[int] = field(init=False)  # (n,) 1 for children of the root
 
     def __post_init__(self) -> None:
@@ -40,8 +41,8 @@ class DraftTree:
         return cls(list(tokens), list(range(-1, len(tokens) - 1)))
 
     @classmethod
-    def empty(cls) -> DraftTree:
-        return cls([], [])
+    def empty(cls, skipped: bool = False) -> DraftTree:
+        return cls([], [], skipped=skipped)
 
     def children(self, node: int) -> list[int]:
         """Children of `node` (-1 = root) in the order they were proposed."""

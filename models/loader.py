@@ -71,6 +71,7 @@ def load_target(
     device: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
 ) -> Target:
     """Load model + processor through `from_pretrained` and wrap them in the family adapter.
 
@@ -95,7 +96,7 @@ def load_target(
     dev = resolve_device(device)
     try:
         model = model_cls.from_pretrained(
-            source, dtype=DTYPES[dtype], attn_implementation="sdpa", **common
+            source, dtype=DTYPES[dtype], attn_implementation=attn_implementation, **common
         ).to(dev)
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", **common)
         if target_cls is QwenVLTarget:

@@ -57,6 +57,7 @@ def test_tree_verification_equals_sequential_decoding(target) -> None:
     live = _Live(
         cache=cache,
         valid=prompt.attention_mask.bool(),
+        vision=prompt.input_ids == target.image_token_id,
         next_pos=target.prefill_positions(prompt)[1],
         pending=pending,
         rows=[0, 1],

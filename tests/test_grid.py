@@ -64,8 +64,8 @@ def with_(**changes: Any) -> dict[str, Any]:
 
 def test_example_grid_is_valid() -> None:
     grid = load_grid(EXAMPLE)
-    # the demo runs every training-free method against the baseline
-    assert set(grid.methods) == set(method_names())
+    # the demo runs every method against the baseline (ViSkip over one of them)
+    assert {m for m in method_names() if not m.startswith("viskip+")} <= set(grid.methods)
     assert grid.methods[0] == "ar"
     assert [m.id for m in grid.models] == ["tiny-qwen2.5-vl", "tiny-llava"]
     assert grid.workloads[0].builtin == "synthetic" and grid.workloads[0].limit == 24

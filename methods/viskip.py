@@ -1,0 +1,76 @@
+"""ViSkip (MMSpec): skip drafting on steps whose next token leans on the image.
+
+Before each step the engine hands over, per row, the attention mass that the position which
+predicted the pending token put on image tokens (last layer, mean over heads by default).
+Above `threshold` the row takes a plain AR step: drafts there are mostly rejected because
+the token is grounded in pixels no text-only drafter sees. Otherwise the wrapped method drafts
+as usual. Skipping changes speed only: acceptance still decides every token, so it is lossless.
+
+`viskip+<method>` is built for every registered method; its args are ViSkip's (`threshold`,
+`layers`) plus the wrapped method's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from mmspec.methods.base import DraftContext, Drafter, StepOutcome
+from mmspec.methods.target import Target
+from mmspec.methods.tree import DraftTree
+
+PREFIX = "viskip+"
+
+
+class ViSkip(Drafter):
+    """Wraps `inner_cls`; subclasses per wrapped method are made by `viskip_of`."""
+
+    inner_cls: ClassVar[type[Drafter]]
+    needs_vision_score: ClassVar[bool] = True
+
+    def __init__(
+        self, threshold: float = 0.35, layers: Sequence[int] = (-1,), **inner_args: Any
+    ) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise ValueError(f"viskip threshold must be a number, got {threshold!r}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"viskip threshold is an attention mass in [0, 1], got {threshold}")
+        if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"viskip layers must be a non-empty list of integers, got {layers!r}")
+        self.threshold = float(threshold)
+        self.score_layers = tuple(layers)
+        self.inner = self.inner_cls(**inner_args)
+
+    @classmethod
+    def arg_names(cls) -> list[str]:
+        return [*super().arg_names(), *cls.inner_cls.arg_names()]
+
+    def load(self, target: Target) -> None:
+        self.inner.load(target)
+
+    def begin(self, ctx: DraftContext) -> None:
+        self.inner.begin(ctx)
+
+    def propose(self, ctx: DraftContext) -> list[DraftTree]:
+        skip = [s > self.threshold for s in ctx.extras["vision_score"]]
+        if all(skip):  # nothing to draft: the inner drafter's work would be thrown away
+            return [DraftTree.empty(skipped=True) for _ in skip]
+        trees = self.inner.propose(ctx)
+        return [DraftTree.empty(skipped=True) if s else t for s, t in zip(skip, trees)]
+
+    def update(self, ctx: DraftContext, outcome: StepOutcome) -> None:
+        self.inner.update(ctx, outcome)
+
+
+def viskip_of(inner: type[Drafter]) -> type[ViSkip]:
+    """The ViSkip class wrapping `inner` (same training/vision traits as the inner method)."""
+    return type(
+        f"ViSkip_{inner.__name__}",
+        (ViSkip,),
+        {
+            "inner_cls": inner,
+            "training_free": inner.training_free,
+            "vision_aware": inner.vision_aware,
+            "__doc__": f"ViSkip over {inner.name}.",
+        },
+    )

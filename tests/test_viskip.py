@@ -1,0 +1,119 @@
+"""ViSkip: the probe's score equals eager attention, and skipping only changes speed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from mmspec.methods.engine import Engine, _Live
+from mmspec.methods.registry import get_drafter
+from mmspec.methods.tree import DraftTree
+from mmspec.methods.vision_probe import VisionProbe
+from mmspec.models.loader import load_target
+from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
+from mmspec.orchestrator.runner import ShardRunner
+from mmspec.workloads import synthetic_suite
+
+MODELS = ["tiny-qwen2.5-vl", "tiny-llava"]
+
+
+def _conv(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def _eager_mass(model, inputs: dict, vision: torch.Tensor, layers: tuple[int, ...]) -> torch.Tensor:
+    """(batch, q) head- and layer-mean attention on image keys, from eager attention weights."""
+    out = model(**inputs, output_attentions=True)
+    masses = []
+    for layer in layers:
+        att = out.attentions[layer]  # (b, heads, q, kv)
+        masses.append((att * vision[:, None, None, : att.shape[-1]]).sum(-1).mean(1))
+    return torch.stack(masses).mean(0)
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+@pytest.mark.parametrize("layers", [(-1,), (0, -1)])
+def test_probe_score_equals_eager_attention(model_id: str, layers: tuple[int, ...]) -> None:
+    fast = load_target(model_id)
+    eager = load_target(model_id, attn_implementation="eager")
+    probe = VisionProbe(fast.text_layers(), layers)
+    convs = [_conv("What colour is it?"), _conv("Describe every object you can see, please.")]
+    images = [Image.new("RGB", (120, 90), (200, 20, 20)), Image.new("RGB", (64, 128), (0, 90, 9))]
+    prompt = fast.encode(convs, images)
+    vision = (prompt.input_ids == fast.image_token_id) & prompt.attention_mask.bool()
+    assert vision.any(dim=1).all()
+
+    # prefill: the last prompt position
+    cache = DynamicCache(config=fast.model.config)
+    probe.arm(vision, last_only=True)
+    logits, next_pos = fast.prefill(prompt, cache)
+    got = probe.take()[:, 0]
+    positions, _ = fast.prefill_positions(prompt)
+    ref_cache = DynamicCache(config=eager.model.config)
+    inputs = {**prompt.inputs, "position_ids": positions, "past_key_values": ref_cache}
+    want = _eager_mass(eager.model, inputs, vision, layers)
+    assert torch.allclose(got, want[:, -1], atol=1e-5)
+
+    # a tree verification: every node's query, through the engine's own tree inputs
+    engine = Engine(fast, get_drafter("ar")())
+    pending = logits.argmax(-1)
+    live = _Live(
+        cache=cache,
+        valid=prompt.attention_mask.bool(),
+        vision=vision,
+        next_pos=next_pos,
+        pending=pending,
+        rows=[0, 1],
+        tokens=[[*t, int(p)] for t, p in zip(prompt.tokens(), pending)],
+        prompt_lens=prompt.prompt_lens,
+    )
+    trees = [DraftTree([5, 6, 7], [-1, -1, 0]), DraftTree([8], [-1])]
+    ids, pos, mask = engine._tree_inputs(live, trees)
+    keys = torch.cat([vision, torch.zeros_like(ids, dtype=torch.bool)], dim=1)
+    probe.arm(keys, last_only=False)
+    fast.verify(ids, pos, mask, cache)
+    got = probe.take()
+    verify_inputs = {
+        "input_ids": ids,
+        "position_ids": eager.text_positions(pos),
+        "attention_mask": mask,
+        "past_key_values": ref_cache,
+    }
+    want = _eager_mass(eager.model, verify_inputs, keys, layers)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def runners() -> dict[str, ShardRunner]:
+    model = ModelConfig("tiny-llava")
+    return {
+        "pld": ShardRunner(model, "pld", {}, threads=1),
+        "never": ShardRunner(model, "viskip+pld", {"threshold": 1.0}, threads=1),
+        "always": ShardRunner(model, "viskip+pld", {"threshold": 0.0}, threads=1),
+        "ar": ShardRunner(model, "ar", {}, threads=1),
+    }
+
+
+def test_threshold_extremes(runners: dict[str, ShardRunner]) -> None:
+    samples = tuple(synthetic_suite(per_topic=1, seed=0))
+    rows = {}
+    for name, runner in runners.items():
+        cell = Cell("c", runner.model_config, runner.method, {}, 2, 0.0, 0, 0, 32, "syn")
+        rows[name] = runner.run(Shard("run", name, cell, samples))
+    outputs = {name: [r.output_tokens for r in rs] for name, rs in rows.items()}
+    assert outputs["pld"] == outputs["never"] == outputs["always"] == outputs["ar"]
+    # threshold 1.0 never skips: exactly pld's drafts and acceptances
+    assert [r.accepted_tokens for r in rows["never"]] == [r.accepted_tokens for r in rows["pld"]]
+    assert sum(r.skipped_steps for r in rows["never"]) == 0
+    assert sum(r.accepted_tokens for r in rows["pld"]) > 0
+    # threshold 0.0 skips every step: AR in disguise, and the rows say so
+    assert all(r.skipped_steps == r.steps > 0 for r in rows["always"])
+    assert sum(r.drafted_tokens for r in rows["always"]) == 0
+
+
+def test_bad_threshold_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        get_drafter("viskip+sam")(threshold=1.5)
+    assert "ngram" in get_drafter("viskip+pld").arg_names()
