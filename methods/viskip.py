@@ -6,8 +6,9 @@ Above `threshold` the row takes a plain AR step: drafts there are mostly rejecte
 the token is grounded in pixels no text-only drafter sees. Otherwise the wrapped method drafts
 as usual. Skipping changes speed only: acceptance still decides every token, so it is lossless.
 
-`viskip+<method>` is built for every registered method; its args are ViSkip's (`threshold`,
-`layers`) plus the wrapped method's own.
+`viskip+<method>` is built for every registered method; its args are ViSkip's
+(`viskip_threshold`, `viskip_layers`: prefixed, since methods have a `threshold` of their own,
+e.g. SAM) plus the wrapped method's own.
 """
 
 from __future__ import annotations
@@ -29,14 +30,18 @@ class ViSkip(Drafter):
     needs_vision_score: ClassVar[bool] = True
 
     def __init__(
-        self, threshold: float = 0.35, layers: Sequence[int] = (-1,), **inner_args: Any
+        self,
+        viskip_threshold: float = 0.35,
+        viskip_layers: Sequence[int] = (-1,),
+        **inner_args: Any,
     ) -> None:
+        threshold, layers = viskip_threshold, viskip_layers
         if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-            raise ValueError(f"viskip threshold must be a number, got {threshold!r}")
+            raise ValueError(f"viskip_threshold must be a number, got {threshold!r}")
         if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"viskip threshold is an attention mass in [0, 1], got {threshold}")
+            raise ValueError(f"viskip_threshold is an attention mass in [0, 1], got {threshold}")
         if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-            raise ValueError(f"viskip layers must be a non-empty list of integers, got {layers!r}")
+            raise ValueError(f"viskip_layers must be a non-empty list of integers, got {layers!r}")
         self.threshold = float(threshold)
         self.score_layers = tuple(layers)
         self.inner = self.inner_cls(**inner_args)

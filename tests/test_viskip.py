@@ -90,8 +90,8 @@ def runners() -> dict[str, ShardRunner]:
     model = ModelConfig("tiny-llava")
     return {
         "pld": ShardRunner(model, "pld", {}, threads=1),
-        "never": ShardRunner(model, "viskip+pld", {"threshold": 1.0}, threads=1),
-        "always": ShardRunner(model, "viskip+pld", {"threshold": 0.0}, threads=1),
+        "never": ShardRunner(model, "viskip+pld", {"viskip_threshold": 1.0}, threads=1),
+        "always": ShardRunner(model, "viskip+pld", {"viskip_threshold": 0.0}, threads=1),
         "ar": ShardRunner(model, "ar", {}, threads=1),
     }
 
@@ -114,6 +114,9 @@ def test_threshold_extremes(runners: dict[str, ShardRunner]) -> None:
 
 
 def test_bad_threshold_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="threshold"):
-        get_drafter("viskip+sam")(threshold=1.5)
+    with pytest.raises(ValueError, match="viskip_threshold"):
+        get_drafter("viskip+sam")(viskip_threshold=1.5)
+    # the wrapped method keeps its own arguments, SAM's `threshold` included
+    drafter = get_drafter("viskip+sam")(viskip_threshold=0.2, threshold=3)
+    assert (drafter.threshold, drafter.inner.threshold) == (0.2, 3)
     assert "ngram" in get_drafter("viskip+pld").arg_names()

@@ -1,0 +1,412 @@
+"""A Parquet history of runs' per-cell metrics, trend tables and step-change flags.
+
+Layout: one Parquet file per run, `<store>/<run_id>.parquet`, holding the run's cell metrics
+(see metrics.METRIC_COLUMNS) with the run's identity beside every row: run_id, started_at,
+git_sha, machine (host unless given), grid name and hash. Adding a run again replaces its file,
+so the dataset never holds a run twice; `pl.scan_parquet(f"{store}/*.parquet")` reads it all.
+
+Step changes. A cell's series (one value per run, oldest first, on one machine) is scanned
+left to right. Point i is a step when, against the median m of the previous `window` values
+of the current segment (at least `min_history` of them),
+
+    |x_i / m - 1| > threshold   and   |x_i - m| > mad_k * 1.4826 * MAD
+
+where MAD is the median absolute deviation of those previous values (1.4826 * MAD estimates
+their standard deviation). The first rule ignores changes too small to matter; the second
+ignores changes a noisy cell makes on its own. After a step the reference restarts at the
+step, so a lasting shift is flagged once, not on every run until the window forgets the old
+level. The latest point of a series is judged by the same rule, so a drop in last night's run
+is flagged the morning after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from mmspec.orchestrator.naming import safe_name
+from mmspec.reports.compare import DASH, markdown_table
+from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, cell_metrics, load_rows
+
+RUN_COLUMNS = [
+    "run_id",
+    "started_at",
+    "added_at",
+    "git_sha",
+    "git_dirty",
+    "machine",
+    "host",
+    "device_name",
+    "grid_name",
+    "grid_sha256",
+]
+SERIES_KEYS = ["machine", *GROUP_KEYS]
+DEFAULT_WINDOW = 10
+DEFAULT_THRESHOLD = 0.05
+DEFAULT_MAD_K = 3.0
+MIN_HISTORY = 3
+# Metrics where a fall is good news; every other metric is better higher.
+LOWER_IS_BETTER = {
+    "errors",
+    "latency_p50_s",
+    "latency_p90_s",
+    "prefill_s_mean",
+    "draft_s_mean",
+    "verify_s_mean",
+    "commit_s_mean",
+}
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return stamp.astimezone(UTC) if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
+def _device_name(run_dir: Path) -> str | None:
+    """The device most rows ran on (a GPU model name, or the CPU), if telemetry recorded it."""
+    names = (
+        load_rows(run_dir)
+        .select("device_name")
+        .drop_nulls()
+        .group_by("device_name")
+        .len()
+        .sort(["len", "device_name"], descending=[True, False])
+        .head(1)
+        .collect()
+    )
+    return names["device_name"][0] if names.height else None
+
+
+_IDENTITY_SCHEMA = {
+    "run_id": pl.String,
+    "started_at": pl.Datetime("us", "UTC"),
+    "added_at": pl.Datetime("us", "UTC"),
+    "git_sha": pl.String,
+    "git_dirty": pl.Boolean,
+    "machine": pl.String,
+    "host": pl.String,
+    "device_name": pl.String,
+    "grid_name": pl.String,
+    "grid_sha256": pl.String,
+}
+assert list(_IDENTITY_SCHEMA) == RUN_COLUMNS
+
+
+def run_identity(run_dir: str | Path, machine: str | None = None) -> dict[str, Any]:
+    """The RUN_COLUMNS of a run, from its manifest (and its rows, for the device name)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    grid = manifest.get("grid")
+    return {
+        "run_id": manifest.get("run_id") or run_dir.name,
+        "started_at": _parse_time(manifest.get("started_at")),
+        "added_at": datetime.now(UTC),
+        "git_sha": manifest.get("git_sha"),
+        "git_dirty": manifest.get("git_dirty"),
+        # Pods of a Kubernetes job get a new host name every night; --machine names the
+        # hardware so its nights line up in one series.
+        "machine": machine or manifest.get("host") or "unknown",
+        "host": manifest.get("host"),
+        "device_name": _device_name(run_dir),
+        "grid_name": grid.get("name") if isinstance(grid, dict) else None,
+        "grid_sha256": manifest.get("grid_sha256"),
+    }
+
+
+def run_history_rows(run_dir: str | Path, machine: str | None = None) -> pl.DataFrame:
+    """A run's cell metrics with its identity columns first (the rows `add_run` stores)."""
+    return _rows(run_identity(run_dir, machine), run_dir)
+
+
+def _rows(identity: dict[str, Any], run_dir: str | Path) -> pl.DataFrame:
+    ids = pl.DataFrame([identity], schema=_IDENTITY_SCHEMA)
+    return ids.join(cell_metrics(load_rows(run_dir)), how="cross")
+
+
+def history_file(store: str | Path, run_id: str) -> Path:
+    """Where a run's rows live in the store: one file per run, named by its id."""
+    return Path(store) / f"{safe_name(run_id)}.parquet"
+
+
+def add_run(run_dir: str | Path, store: str | Path, machine: str | None = None) -> Path:
+    """Write (or replace) the run's file in the store; returns its path."""
+    identity = run_identity(run_dir, machine)
+    frame = _rows(identity, run_dir)
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    path = history_file(store, identity["run_id"])
+    # Written under a hidden temp name, then renamed: a reader never sees half a file, and the
+    # glob of `load_history` skips the temp name.
+    fd, tmp = tempfile.mkstemp(dir=store, prefix=".", suffix=".parquet.tmp")
+    os.close(fd)
+    try:
+        frame.write_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_history(store: str | Path) -> pl.DataFrame:
+    """Every stored run's rows, oldest run first (empty when the store holds none)."""
+    files = sorted(p for p in Path(store).glob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        return pl.DataFrame()
+    frame = pl.concat([pl.read_parquet(p) for p in files], how="diagonal_relaxed")
+    return frame.sort(
+        pl.coalesce("started_at", "added_at"), "run_id", maintain_order=True, nulls_last=True
+    )
+
+
+# ----------------------------------------------------------------------------- step changes
+
+
+@dataclass(frozen=True)
+class StepChange:
+    """A point of a series that departs from the level before it (see the module doc)."""
+
+    index: int  # position in the series
+    reference: float  # median of the previous values of its segment
+    value: float
+    change: float  # value / reference - 1
+
+
+def detect_steps(
+    values: Sequence[float],
+    window: int = DEFAULT_WINDOW,
+    threshold: float = DEFAULT_THRESHOLD,
+    mad_k: float = DEFAULT_MAD_K,
+    min_history: int = MIN_HISTORY,
+) -> list[StepChange]:
+    """Step changes of a series, oldest first (the rule is in the module doc)."""
+    steps: list[StepChange] = []
+    start = 0  # first index of the current segment
+    for i, value in enumerate(values):
+        previous = values[max(start, i - window) : i]
+        if len(previous) < min_history:
+            continue
+        reference = statistics.median(previous)
+        if reference == 0:
+            continue
+        mad = statistics.median(abs(v - reference) for v in previous)
+        change = value / reference - 1
+        if abs(change) > threshold and abs(value - reference) > mad_k * 1.4826 * mad:
+            steps.append(StepChange(i, float(reference), float(value), float(change)))
+            start = i
+    return steps
+
+
+@dataclass(frozen=True)
+class Trend:
+    """One cell's series of a metric across runs, and its step changes."""
+
+    key: dict[str, Any]  # machine and the cell's GROUP_KEYS
+    run_ids: tuple[str, ...]
+    values: tuple[float, ...]
+    steps: tuple[StepChange, ...]
+    window: int
+    lower_is_better: bool
+
+    @property
+    def reference(self) -> float | None:
+        """Median of the (up to `window`) values before the latest one."""
+        previous = self.values[-self.window - 1 : -1]
+        return statistics.median(previous) if previous else None
+
+    @property
+    def change(self) -> float | None:
+        ref = self.reference
+        return None if not ref else self.values[-1] / ref - 1
+
+    @property
+    def recent_step(self) -> StepChange | None:
+        """The last step within the latest `window` runs, if any."""
+        if self.steps and self.steps[-1].index >= len(self.values) - self.window:
+            return self.steps[-1]
+        return None
+
+    @property
+    def regressed(self) -> bool:
+        """A recent step in the bad direction for this metric."""
+        step = self.recent_step
+        if step is None:
+            return False
+        return step.change > 0 if self.lower_is_better else step.change < 0
+
+
+def trends(
+    history: pl.DataFrame,
+    metric: str = "speedup_global",
+    window: int = DEFAULT_WINDOW,
+    threshold: float = DEFAULT_THRESHOLD,
+    topic: str | None = ALL_TOPIC,
+    machine: str | None = None,
+    mad_k: float = DEFAULT_MAD_K,
+) -> list[Trend]:
+    """Per (machine, cell): the metric's series over runs and its step changes.
+
+    `topic=None` keeps every topic; runs where the metric is null (no data) are left out.
+    """
+    if history.is_empty():
+        return []
+    if metric not in history.columns:
+        raise ValueError(f"unknown metric {metric!r}; stored: {', '.join(history.columns)}")
+    frame = history.filter(pl.col(metric).is_not_null())
+    if topic is not None:
+        frame = frame.filter(pl.col("topic") == topic)
+    if machine is not None:
+        frame = frame.filter(pl.col("machine") == machine)
+    found = []
+    # maintain_order keeps the rows of each series in run order (the history is sorted).
+    for values, part in frame.partition_by(SERIES_KEYS, as_dict=True, maintain_order=True).items():
+        series = [float(v) for v in part[metric]]
+        found.append(
+            Trend(
+                key=dict(zip(SERIES_KEYS, values)),
+                run_ids=tuple(part["run_id"]),
+                values=tuple(series),
+                steps=tuple(detect_steps(series, window, threshold, mad_k)),
+                window=window,
+                lower_is_better=metric in LOWER_IS_BETTER,
+            )
+        )
+    found.sort(key=lambda t: tuple(str(t.key[k]) for k in SERIES_KEYS))
+    return found
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def sparkline(values: Sequence[float]) -> str:
+    """Unicode bars scaled between the series' min and max (flat: a row of middles)."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    if high == low:
+        return _SPARK[3] * len(values)
+    top = len(_SPARK) - 1
+    return "".join(_SPARK[round((v - low) / (high - low) * top)] for v in values)
+
+
+def _pct(change: float) -> str:
+    return f"{100 * change:+.1f}%".replace("-", "−")
+
+
+def render_trends(found: Sequence[Trend], metric: str, window: int, threshold: float) -> str:
+    """A Markdown trend table; its first line says whether any cell moved recently."""
+    flagged = [t for t in found if t.recent_step is not None]
+    bad = [t for t in flagged if t.regressed]
+    if not found:
+        first = f"**History: no runs with {metric}.**"
+    elif bad:
+        first = f"**History: {len(bad)} cell(s) regressed in {metric}** (step change)."
+    elif flagged:
+        first = f"**History: {len(flagged)} cell(s) changed in {metric}**, none for the worse."
+    else:
+        first = f"**History: {metric} stable** in {len(found)} cell(s)."
+    lines = [
+        first,
+        "",
+        f"Step rule: latest vs the median of up to {window} previous runs; a step is a change "
+        f"beyond {100 * threshold:g}% and beyond {DEFAULT_MAD_K:g} robust standard deviations "
+        "(1.4826 x MAD) of those runs.",
+        "",
+    ]
+    rows = []
+    for t in found:
+        step = t.recent_step
+        flag = DASH
+        if step is not None:
+            arrow = "▼" if step.change < 0 else "▲"
+            flag = f"{arrow} {_pct(step.change)} at {t.run_ids[step.index]}"
+            flag += " (regression)" if t.regressed else ""
+        ref, change = t.reference, t.change
+        rows.append(
+            (
+                t.key["machine"],
+                t.key["model"],
+                t.key["method"],
+                t.key["batch_size"],
+                f"{t.key['temperature']:g}",
+                t.key["topic"],
+                len(t.values),
+                f"{t.values[-1]:.4g}",
+                DASH if ref is None else f"{ref:.4g}",
+                DASH if change is None else _pct(change),
+                sparkline(t.values[-2 * window :]),
+                flag,
+            )
+        )
+    header = ("machine", "model", "method", "batch", "T", "topic", "runs", "latest")
+    lines += markdown_table((*header, f"median prev {window}", "change", "trend", "step"), rows)
+    return "\n".join(lines) + "\n"
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _panel(t: Trend, x0: int, y0: int, width: int, height: int) -> list[str]:
+    """One cell's small chart: frame, title, value range, the series and its steps."""
+    pad = 24
+    low, high = min(t.values), max(t.values)
+    span = (high - low) or abs(high) or 1.0
+    last = max(1, len(t.values) - 1)
+    points = [
+        (
+            x0 + pad + (width - 2 * pad) * i / last,
+            y0 + pad + (height - 2 * pad) * (1 - (v - low) / span),
+        )
+        for i, v in enumerate(t.values)
+    ]
+    k = t.key
+    title = f"{k['model']} · {k['method']} · b{k['batch_size']} · T{k['temperature']:g}"
+    if k["topic"] != ALL_TOPIC:
+        title += f" · {k['topic']}"
+    parts = [
+        f'<rect x="{x0 + 2}" y="{y0 + 2}" width="{width - 4}" height="{height - 4}" '
+        'fill="none" stroke="#ddd"/>',
+        f'<text x="{x0 + 8}" y="{y0 + 14}">{_escape(title)}</text>',
+        f'<text x="{x0 + 8}" y="{y0 + height - 8}">{low:.4g} – {high:.4g}</text>',
+        '<polyline points="'
+        + " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+        + '" fill="none" stroke="#1f77b4"/>',
+    ]
+    for step in t.steps:
+        x, y = points[step.index]
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="#d62728"/>')
+    return parts
+
+
+def trend_svg(found: Sequence[Trend], metric: str, columns: int = 3) -> str:
+    """Small multiples, one panel per cell: the series, its steps as red dots. Plain SVG."""
+    width, height, top = 300, 120, 30
+    rows = max(1, -(-len(found) // columns))
+    total_w, total_h = columns * width, rows * height + top
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" height="{total_h}" '
+        f'viewBox="0 0 {total_w} {total_h}" font-family="sans-serif" font-size="10">',
+        f'<text x="8" y="18" font-size="14">{_escape(metric)} per run</text>',
+    ]
+    for n, t in enumerate(found):
+        x0, y0 = (n % columns) * width, top + (n // columns) * height
+        parts += _panel(t, x0, y0, width, height)
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
