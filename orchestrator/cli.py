@@ -1,7 +1,11 @@
 """`mmspec-orch`: submit a grid (or resume a run) and write its report.
 
-Exit codes: 0 done; 1 some shards were recorded as errors, or the report failed; 2 the grid,
-workloads or run directory are invalid (nothing was started, no run directory made).
+A Ray Jobs address (`--address http://HEAD:8265`, or RAY_ADDRESS set to one) submits the run as
+a Ray Job instead and prints its run id, which `status`, `logs` and `cancel` take (jobs.py).
+
+Exit codes: 0 done (or submitted); 1 some shards were recorded as errors, the report failed, or a
+followed job did not succeed; 2 the grid, workloads or run directory are invalid, or the Jobs
+server cannot be reached or has no such run (nothing was started, no run directory made).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from mmspec.orchestrator import jobs
 from mmspec.orchestrator.cells import Shard
 from mmspec.orchestrator.grid import (
     Grid,
@@ -43,6 +49,7 @@ from mmspec.orchestrator.store import (
     write_shard,
 )
 from mmspec.orchestrator.workload_io import load_samples, workload_error_types, workload_sha256
+from mmspec.reports.commands import compare, export, history
 from mmspec.workloads.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -71,7 +78,11 @@ def main() -> None:
 @main.command()
 @click.argument("grid_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--local", is_flag=True, help="Start a private Ray node on 127.0.0.1.")
-@click.option("--address", help="Join this Ray cluster (default: $RAY_ADDRESS, else local).")
+@click.option(
+    "--address",
+    help="Join this Ray cluster (default: $RAY_ADDRESS, else local); "
+    "an http(s):// address submits a Ray Job there.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the cells and shards; run nothing.")
 @click.option(
     "--resume",
@@ -80,6 +91,18 @@ def main() -> None:
     help="Finish an earlier run: rerun only shards without a result file.",
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Results root.")
+@click.option(
+    "--no-upload",
+    is_flag=True,
+    help="Ray Jobs: do not upload the grid's folder; the cluster sees this machine's paths.",
+)
+@click.option(
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Ray Jobs: set this variable for the job (visible in the dashboard: no secrets).",
+)
 @click.pass_context
 def submit(
     ctx: click.Context,
@@ -89,6 +112,8 @@ def submit(
     dry_run: bool,
     resume_dir: Path | None,
     out: Path | None,
+    no_upload: bool,
+    env_pairs: tuple[str, ...],
 ) -> None:
     """Validate GRID_FILE, run every shard on Ray, write results and the report."""
     hooks = ctx.obj if isinstance(ctx.obj, Hooks) else Hooks()
@@ -98,8 +123,14 @@ def submit(
         raise click.UsageError("give a GRID_FILE, or --resume RUN_DIR")
     if resume_dir is not None and out is not None:
         raise click.UsageError("--out does not apply to --resume (the run directory is fixed)")
+    jobs_address = jobs.submit_target(local, address)
+    if jobs_address is None and (no_upload or env_pairs):
+        raise click.UsageError("--no-upload and --env apply to a Ray Jobs address (http://...)")
+    env = _env_vars(env_pairs)
 
     with _cli_logging():
+        if jobs_address is not None and not dry_run:
+            ctx.exit(_submit_job(jobs_address, grid_file, resume_dir, out, not no_upload, env))
         try:
             grid, grid_text, manifest = _read_grid(grid_file, resume_dir, out)
             samples = _load_workloads(grid)
@@ -144,6 +175,69 @@ def report(ctx: click.Context, run_dir: Path) -> None:
     """Write RUN_DIR's report and print its markdown."""
     if not _report(run_dir, echo_markdown=True):
         ctx.exit(EXIT_FAILED_SHARDS)
+
+
+_jobs_address_option = click.option(
+    "--address", help="The Ray Jobs server, http://HEAD:8265 (default: $RAY_ADDRESS)."
+)
+
+
+@main.command()
+@click.argument("run_id")
+@_jobs_address_option
+@click.pass_context
+def status(ctx: click.Context, run_id: str, address: str | None) -> None:
+    """Show a Ray Job run's state and where its results are."""
+    try:
+        found = jobs.run_status(jobs.query_target(address), run_id)
+    except jobs.JobsError as exc:
+        click.echo(str(exc), err=True)
+        ctx.exit(EXIT_INVALID)
+    message = f" ({found.message})" if found.message else ""
+    click.echo(f"run:        {found.run_id}")
+    click.echo(f"status:     {found.status}{message}")
+    click.echo(f"entrypoint: {found.entrypoint}")
+    click.echo(f"started:    {_when(found.start_time)}")
+    click.echo(f"ended:      {_when(found.end_time)}")
+    click.echo(f"results:    {found.run_dir or '-'}")
+
+
+@main.command()
+@click.argument("run_id")
+@_jobs_address_option
+@click.option("--follow", is_flag=True, help="Stream the log until the run ends.")
+@click.pass_context
+def logs(ctx: click.Context, run_id: str, address: str | None, follow: bool) -> None:
+    """Print a Ray Job run's log (its driver's stdout and stderr)."""
+    try:
+        target = jobs.query_target(address)
+        if not follow:
+            click.echo(jobs.run_logs(target, run_id), nl=False)
+            return
+        final = jobs.follow_logs(target, run_id, lambda chunk: click.echo(chunk, nl=False))
+    except jobs.JobsError as exc:
+        click.echo(str(exc), err=True)
+        ctx.exit(EXIT_INVALID)
+    click.echo(f"{run_id}: {final}", err=True)
+    if final != "SUCCEEDED":
+        ctx.exit(EXIT_FAILED_SHARDS)
+
+
+@main.command()
+@click.argument("run_id")
+@_jobs_address_option
+@click.pass_context
+def cancel(ctx: click.Context, run_id: str, address: str | None) -> None:
+    """Stop a Ray Job run; finished shards stay on disk for `submit --resume`."""
+    try:
+        stopped = jobs.cancel_run(jobs.query_target(address), run_id)
+    except jobs.JobsError as exc:
+        click.echo(str(exc), err=True)
+        ctx.exit(EXIT_INVALID)
+    if stopped:
+        click.echo(f"{run_id}: stop requested; finish it later with `submit --resume RUN_DIR`")
+    else:
+        click.echo(f"{run_id}: not running, nothing to stop")
 
 
 # ----------------------------------------------------------------------------- steps
@@ -226,13 +320,21 @@ def _run_shards(
         # imported here: Ray must be imported after ray_session chose the node address
         from mmspec.orchestrator.scheduler import Scheduler, SchedulerSettings, plan_slots
 
-        slots, use_gpu = plan_slots(session.resources, grid.workers, grid.threads_per_worker)
+        slots, use_gpu = plan_slots(
+            session.resources,
+            grid.workers,
+            grid.threads_per_worker,
+            grid.gpus_per_worker,
+            session.nodes,
+        )
         log.info("ray %s: %d worker slot(s), %s", session.mode, slots, "GPU" if use_gpu else "CPU")
-        settings = SchedulerSettings(slots, use_gpu, grid.threads_per_worker)
+        settings = SchedulerSettings(
+            slots, use_gpu, grid.threads_per_worker, gpus_per_worker=grid.gpus_per_worker
+        )
         with ShardProgress(shards) as progress:
 
-            def sink(shard: Shard, table: pa.Table) -> None:
-                write_shard(run_dir, shard, table)
+            def sink(shard: Shard, table: pa.Table, telemetry: pa.Table | None) -> None:
+                write_shard(run_dir, shard, table, telemetry)
                 progress.advance(shard, table)
 
             summary = Scheduler(settings, runner_cls=_runner_cls(hooks)).run(shards, sink)
@@ -242,6 +344,53 @@ def _run_shards(
         err=True,
     )
     return summary.failed
+
+
+def _submit_job(
+    address: str,
+    grid_file: Path | None,
+    resume_dir: Path | None,
+    out: Path | None,
+    upload: bool,
+    env: dict[str, str],
+) -> int:
+    """Validate here, submit as a Ray Job, print the run id (stdout) and how to follow it."""
+    try:
+        if resume_dir is not None:
+            if grid_file is not None:
+                raise _Invalid("with a Ray Jobs address give --resume RUN_DIR alone (no GRID_FILE)")
+            spec = jobs.resume_job(resume_dir, env)
+        else:
+            assert grid_file is not None
+            grid, _, _ = _read_grid(grid_file, None, None)
+            _load_workloads(grid)
+            spec = jobs.grid_job(grid, grid_file, out, upload, env)
+        run_id = jobs.submit(address, spec)
+    except (_Invalid, GridError, jobs.JobsError) as exc:
+        click.echo(str(exc), err=True)
+        return EXIT_INVALID
+    click.echo(run_id)
+    click.echo(
+        f"submitted to {address}: {spec.entrypoint}\n"
+        f"follow it: mmspec-orch status {run_id} --address {address}\n"
+        f"           mmspec-orch logs {run_id} --follow --address {address}",
+        err=True,
+    )
+    return 0
+
+
+def _env_vars(pairs: tuple[str, ...]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--env {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "-"
 
 
 def _prepare_models(grid: Grid) -> None:
@@ -301,3 +450,9 @@ def _cli_logging() -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+# Report-side commands live with the reports; registered here so there is one CLI.
+main.add_command(compare)
+main.add_command(history)
+main.add_command(export)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -50,6 +49,7 @@ GRID_KEYS = (
     "shard_size",
     "workers",
     "threads_per_worker",
+    "gpus_per_worker",
 )
 REQUIRED_KEYS = ("name", "workloads", "models", "methods")
 WORKLOAD_KEYS = ("builtin", "path", "name", "limit", "topics")
@@ -81,6 +81,7 @@ class Grid:
     shard_size: int = DEFAULT_SHARD_SIZE  # rounded up to a multiple of each cell's batch size
     workers: int | None = None  # worker slots; None = one per GPU, else CPUs // threads
     threads_per_worker: int = 1
+    gpus_per_worker: int = 1  # GPUs one worker reserves, all on one node (models that need several)
     source: str = field(default="<grid>", compare=False)  # file name, for messages only
 
 
@@ -134,6 +135,7 @@ def to_dict(grid: Grid) -> dict[str, Any]:
         "shard_size": grid.shard_size,
         "workers": grid.workers,
         "threads_per_worker": grid.threads_per_worker,
+        "gpus_per_worker": grid.gpus_per_worker,
     }
 
 
@@ -284,6 +286,7 @@ class _Parser:
             threads_per_worker=self.positive_int(
                 data.get("threads_per_worker", 1), "threads_per_worker"
             ),
+            gpus_per_worker=self.gpus_per_worker(data.get("gpus_per_worker", 1)),
             source=self.source,
         )
         grid = dataclasses.replace(grid, exclude=self.exclude(data.get("exclude") or [], grid))
@@ -329,6 +332,16 @@ class _Parser:
 
     def optional_positive_int(self, value: Any, key: str) -> int | None:
         return None if value is None else self.positive_int(value, key)
+
+    def gpus_per_worker(self, value: Any) -> int:
+        if not _is_int(value) or value < 1:
+            raise self.error(
+                "gpus_per_worker",
+                f"got {value!r}",
+                "positive integers: the GPUs one worker reserves on one node (default 1); "
+                "on a cluster without GPUs it is ignored",
+            )
+        return value
 
     def seed(self, value: Any) -> int:
         if not _is_int(value) or value < 0:
@@ -427,11 +440,7 @@ class _Parser:
             drafter_cls = get_drafter(method)
         except UnknownMethodError as exc:
             raise self.error(key, str(exc)) from None
-        params = [
-            p.name
-            for p in inspect.signature(drafter_cls.__init__).parameters.values()
-            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        ]
+        params = drafter_cls.arg_names()
         try:
             drafter_cls(**args)
         except (TypeError, ValueError) as exc:

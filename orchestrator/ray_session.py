@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -20,6 +21,8 @@ _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 class RaySession:
     mode: str  # "local", "address" or "existing"
     resources: dict[str, float]  # cluster totals, e.g. {"CPU": 2.0, "GPU": 0.0}
+    # each live node's resources: a worker cannot span nodes, so slots are counted per node
+    nodes: tuple[dict[str, float], ...] = ()
 
 
 def keep_on_loopback() -> None:
@@ -51,7 +54,7 @@ def ray_session(local: bool = False, address: str | None = None) -> Iterator[Ray
     import ray  # after keep_on_loopback: Ray reads the setting at import
 
     if ray.is_initialized():
-        yield RaySession("existing", dict(ray.cluster_resources()))
+        yield RaySession("existing", dict(ray.cluster_resources()), _live_nodes(ray))
         return
     if target is None:
         ray.init(
@@ -64,6 +67,10 @@ def ray_session(local: bool = False, address: str | None = None) -> Iterator[Ray
         ray.init(address=target)
         mode = "address"
     try:
-        yield RaySession(mode, dict(ray.cluster_resources()))
+        yield RaySession(mode, dict(ray.cluster_resources()), _live_nodes(ray))
     finally:
         ray.shutdown()
+
+
+def _live_nodes(ray: Any) -> tuple[dict[str, float], ...]:
+    return tuple(dict(n["Resources"]) for n in ray.nodes() if n.get("Alive"))

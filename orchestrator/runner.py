@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import platform
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import torch
 from PIL import Image
 from transformers.utils import logging as hf_logging
@@ -21,7 +23,14 @@ from mmspec.methods.registry import get_drafter
 from mmspec.methods.target import Message
 from mmspec.models.loader import load_target
 from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
+from mmspec.orchestrator.oom import (
+    generate_unless_oom,
+    halves,
+    reduced_batch_note,
+    release_memory,
+)
 from mmspec.orchestrator.schema import ResultRow
+from mmspec.orchestrator.telemetry import DEFAULT_HZ, WindowStats, make_sampler, shard_table
 from mmspec.workloads.sample import Sample, SampleError
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,10 @@ class ShardRunner:
 
     Every (sample, turn) of the shard yields exactly one row; a sample that fails (bad image,
     generation error) yields error rows and never raises.
+
+    A telemetry sampler (NVML on a GPU, the host otherwise) runs from construction to `close()`;
+    after each `run`, `last_telemetry` holds the shard's time series (SHARD_TELEMETRY_SCHEMA)
+    and `last_stats` its energy, mean/peak power and peak memory.
     """
 
     def __init__(
@@ -72,6 +85,7 @@ class ShardRunner:
         method_args: dict[str, Any],
         device: str = "auto",
         threads: int | None = None,
+        telemetry_hz: float = DEFAULT_HZ,
     ) -> None:
         hf_logging.disable_progress_bar()  # per-worker bars would interleave in the driver log
         hf_logging.set_verbosity_error()
@@ -85,9 +99,25 @@ class ShardRunner:
         )
         self.engine = Engine(self.target, get_drafter(method)(**method_args))
         self.device = self._describe_device()
+        # one sampler for the runner's life: a model serves many shards, each a window of it
+        self._sampler = make_sampler(self.target.device, telemetry_hz)
+        self._sampler.start()
+        self.last_telemetry: pa.Table | None = None  # the last shard's series, for the store
+        self.last_stats: WindowStats | None = None  # the last shard's totals
+
+    def close(self) -> None:
+        """Stop the telemetry thread; call when the runner is done (also done on collection)."""
+        sampler = getattr(self, "_sampler", None)  # absent when __init__ failed early
+        if sampler is not None:
+            sampler.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit NVML may be gone already
+            self.close()
 
     def run(self, shard: Shard) -> list[ResultRow]:
         cell = shard.cell
+        shard_t0 = self._sampler.mark()
         rows: list[ResultRow] = []
         batch_index = 0
         for start in range(0, len(shard.samples), cell.batch_size):
@@ -103,10 +133,23 @@ class ShardRunner:
                 batch_index += 1
                 turn += 1
                 convs = [c for c in convs if len(c.sample.turns) > turn and c.answers]
+        self._record_telemetry(shard, shard_t0, self._sampler.mark())
         return rows
 
+    def _record_telemetry(self, shard: Shard, t0: float, t1: float) -> None:
+        self.last_stats = self._sampler.stats(t0, t1)
+        series = self._sampler.table(t0, t1)
+        host, uuid = self.device["host"], self.device["device_uuid"]
+        self.last_telemetry = shard_table(series, shard.shard_id, shard.cell.cell_id, host, uuid)
+        self._sampler.discard_before(t1)  # the series lives on in last_telemetry, not here
+
     def _run_turn(
-        self, shard: Shard, convs: list[_Conversation], turn: int, batch_index: int
+        self,
+        shard: Shard,
+        convs: list[_Conversation],
+        turn: int,
+        batch_index: int,
+        oom_at: int | None = None,  # the batch size that ran out of memory, on its halves
     ) -> list[ResultRow]:
         cell = shard.cell
         messages = [conversation(c.sample, c.answers, c.image is not None) for c in convs]
@@ -116,8 +159,11 @@ class ShardRunner:
             torch.cuda.reset_peak_memory_stats(self.target.device)
         t0 = time.perf_counter()
         try:
-            results = self.engine.generate(
-                messages, images, cell.max_new_tokens, cell.temperature, seeds
+            results = generate_unless_oom(
+                lambda: self.engine.generate(
+                    messages, images, cell.max_new_tokens, cell.temperature, seeds
+                ),
+                can_split=len(convs) > 1,
             )
         except Exception as exc:  # an OOM or a bad input must not lose the rest of the shard
             log.exception("batch %d of %s failed", batch_index, shard.shard_id)
@@ -127,13 +173,27 @@ class ShardRunner:
                 rows += [self._error_row(shard, c.sample, t, err) for t in _turns(c.sample)[turn:]]
                 c.answers.clear()  # drops the sample from later turns
             return rows
+        if results is None:  # out of memory: run each half on its own (see oom.py)
+            release_memory(self.target.device)
+            failed = oom_at or len(convs)
+            return [
+                row
+                for half in halves(convs)
+                for row in self._run_turn(shard, half, turn, batch_index, failed)
+            ]
         batch_s = time.perf_counter() - t0
-        peak = self._peak_memory()
+        peak = self._peak_memory(t0)
+        energy = self._sampler.split_energy(t0, [res.total_s for res in results])
         rows = []
-        for c, res in zip(convs, results):
+        for c, res, e in zip(convs, results, energy):
             text = self.target.decode(res.tokens)
             c.answers.append(text)
-            rows.append(self._ok_row(shard, c.sample, turn, res, text, batch_index, batch_s, peak))
+            rows.append(
+                self._ok_row(shard, c.sample, turn, res, text, batch_index, batch_s, peak, e)
+            )
+        if oom_at is not None:
+            for row in rows:
+                row.error = reduced_batch_note(oom_at, len(convs))
         return rows
 
     # ---- rows ----------------------------------------------------------------------------
@@ -172,11 +232,13 @@ class ShardRunner:
         batch_index: int,
         batch_s: float,
         peak_mem: int,
+        energy_j: float | None,
     ) -> ResultRow:
         row = self._base_row(shard, sample, turn)
         row.prompt_tokens = res.prompt_tokens
         row.new_tokens = len(res.tokens)
         row.steps = res.steps
+        row.skipped_steps = res.skipped_steps
         row.drafted_tokens = res.drafted
         row.accepted_tokens = res.accepted
         row.accept_lengths = res.accept_lengths
@@ -187,6 +249,9 @@ class ShardRunner:
         row.output_sha256 = tokens_sha256(res.tokens)
         row.output_text = text
         row.peak_mem_bytes = peak_mem
+        # the row's share of its batch's energy (see Sampler.split_energy): rows that run
+        # together split each stretch equally, so a batch's rows add up to its energy
+        row.energy_j = energy_j
         return row
 
     # ---- device facts --------------------------------------------------------------------
@@ -199,10 +264,15 @@ class ShardRunner:
             name, uuid = platform.processor() or platform.machine() or "cpu", None
         return {"device_name": name, "device_uuid": uuid, "host": socket.gethostname()}
 
-    def _peak_memory(self) -> int:
+    def _peak_memory(self, since: float) -> int:
+        """Peak memory of the batch that started at `since` (perf_counter seconds)."""
         if self.target.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.target.device))
-        # the process's peak resident set (KiB on Linux): a CPU worker's whole footprint
+        # CPU: the sampled peak RSS over the batch (the whole process: a CPU worker's footprint)
+        peak = self._sampler.peak_memory_bytes(since, time.perf_counter())
+        if peak:
+            return int(peak)
+        # the process's lifetime peak resident set (KiB on Linux)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

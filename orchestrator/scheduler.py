@@ -1,21 +1,38 @@
-"""Scheduler: a `ray.wait` work queue of shards over one Worker actor per device slot.
+"""Scheduler: a `ray.wait` work queue of shards over Worker actors, one per device slot.
 
-A model is expensive to load, so an actor is pinned to one (model, method) pair and keeps
-taking shards of that pair; only when its pair has no work left is it killed and a new actor
-started for the pair with the most samples left. Results come back to the driver, which
-hands them to a sink (the store), so no shared file system is needed.
+Placement. A worker asks Ray for `gpus_per_worker` GPUs (Ray puts them on one node and sets
+CUDA_VISIBLE_DEVICES) or, on a CPU-only cluster, for `threads_per_worker` CPUs; Ray's own
+scheduler spreads the actors over the nodes.
 
-A shard that fails (exception, actor death) is retried on a fresh actor up to `max_retries`
-times, then recorded as error rows; a pair whose runner cannot be built at all fails its
-remaining shards at once instead of reloading for each.
+Order. Shards wait in one queue per (model, method) pair, longest expected first
+(`expected_cost`). A model is expensive to load, so an actor is pinned to one pair and keeps
+taking that pair's shards; when its pair runs dry it is killed, and its slot starts an actor
+for the pair with the most expected work per actor already on it - unless that work would be
+done before a new actor finished loading (measured as the run goes; see `_Clock`). When no
+pair is worth a new actor the slot stays empty: idle actors are released at once, not at the
+end of the run. Each actor has one shard in flight and gets the next as soon as it returns, so
+fast and slow workers alike stay busy.
+
+Faults. A failed attempt (an exception from the runner, the actor's process dying, its node
+lost) is retried on a fresh actor up to `max_retries` times, then recorded as error rows; a pair
+whose runner cannot be built fails its remaining shards at once instead of reloading for each.
+When the cluster shrinks, slots beyond what the live nodes can hold are parked until it grows
+again; if no node can hold a single worker for `capacity_wait_s`, what is left is recorded as
+error rows. The run always ends.
+
+Results come back to the driver, which hands each shard's table and telemetry to a sink exactly
+once, so no shared file system is needed and nothing is counted twice.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -23,20 +40,32 @@ import ray
 
 from mmspec.orchestrator.cells import Shard
 from mmspec.orchestrator.runner import ShardRunner
-from mmspec.orchestrator.shard_rows import complete_table, error_table
+from mmspec.orchestrator.shard_rows import complete_table, error_table, expected_keys
 from mmspec.orchestrator.worker import PairKey, RunnerInitError, Worker, pair_of
 
 log = logging.getLogger(__name__)
 
-ResultSink = Callable[[Shard, pa.Table], None]  # called in the driver, once per shard
+# called in the driver, once per shard: (shard, result table, telemetry table or None)
+ResultSink = Callable[[Shard, pa.Table, pa.Table | None], None]
+
+_BILLIONS = re.compile(r"(\d+(?:\.\d+)?)[bB](?![A-Za-z])")  # "7B" in "Qwen2.5-VL-7B-Instruct"
+
+
+class SchedulingError(ValueError):
+    """The cluster cannot hold a single worker as configured (e.g. too many GPUs per worker)."""
 
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    slots: int  # actors alive at once: one per GPU, or CPUs // threads_per_worker
-    use_gpu: bool = False  # each actor asks for 1 GPU, else for threads_per_worker CPUs
+    slots: int  # actors alive at once: see plan_slots
+    use_gpu: bool = False  # each actor asks for gpus_per_worker GPUs, else for CPUs
     threads_per_worker: int = 1  # torch threads per actor (the runner sets them)
+    gpus_per_worker: int = 1  # GPUs one actor reserves, on one node
     max_retries: int = 2  # extra attempts per shard, each on a fresh actor
+    # relative cost of a method's decoding (default 1.0); only the order of shards uses it
+    method_weights: Mapping[str, float] = field(default_factory=dict)
+    poll_s: float = 5.0  # how often to look for returning nodes while slots are parked
+    capacity_wait_s: float = 600.0  # no room for any worker this long: fail what is left
 
 
 @dataclass(frozen=True)
@@ -47,27 +76,85 @@ class ScheduleSummary:
     actors_started: int  # model loads: the number to keep low
 
 
+def worker_fits(
+    node: Mapping[str, float], use_gpu: bool, threads_per_worker: int, gpus_per_worker: int
+) -> int:
+    """How many workers one node's resources hold."""
+    if use_gpu:
+        return int(node.get("GPU", 0) // gpus_per_worker)
+    return int(node.get("CPU", 0) // threads_per_worker)
+
+
 def plan_slots(
-    resources: Mapping[str, float], workers: int | None, threads_per_worker: int
+    resources: Mapping[str, float],
+    workers: int | None,
+    threads_per_worker: int,
+    gpus_per_worker: int = 1,
+    nodes: Sequence[Mapping[str, float]] | None = None,
 ) -> tuple[int, bool]:
-    """(slots, use_gpu) for a cluster's resources: one actor per GPU if there are GPUs,
-    else `workers` if given, else CPUs // threads_per_worker (at least 1)."""
-    gpus = int(resources.get("GPU", 0))
+    """(slots, use_gpu) for a cluster: one actor per `gpus_per_worker` GPUs if there are GPUs,
+    else `workers` if given, else one per `threads_per_worker` CPUs (at least 1).
+
+    `resources` are the cluster's totals; `nodes` (each live node's resources) make the count
+    exact where workers cannot span nodes, e.g. 2 GPUs per worker on nodes of 3 GPUs.
+    Raises SchedulingError when GPUs exist but no node has `gpus_per_worker` of them.
+    """
+    gpus = resources.get("GPU", 0)
     if gpus > 0:
-        return (min(gpus, workers) if workers else gpus), True
+        if nodes is None:
+            fits = int(gpus // gpus_per_worker)
+        else:
+            fits = sum(worker_fits(n, True, threads_per_worker, gpus_per_worker) for n in nodes)
+        if fits == 0:
+            raise SchedulingError(
+                f"gpus_per_worker is {gpus_per_worker}, but no node of this cluster has that "
+                f"many GPUs ({gpus:g} in all); lower gpus_per_worker or add larger nodes"
+            )
+        return (min(fits, workers) if workers else fits), True
     if workers:
         return workers, False
-    return max(1, int(resources.get("CPU", 1)) // threads_per_worker), False
+    if nodes is None:
+        return max(1, int(resources.get("CPU", 1)) // threads_per_worker), False
+    fits = sum(worker_fits(n, False, threads_per_worker, gpus_per_worker) for n in nodes)
+    return max(1, fits), False
 
 
 def actor_options(settings: SchedulerSettings) -> dict[str, Any]:
     """Ray resources of one Worker actor; the scheduler retries, so Ray must not."""
     options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}
     if settings.use_gpu:
-        options["num_gpus"] = 1  # Ray sets CUDA_VISIBLE_DEVICES: "cuda" is the actor's GPU
+        # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs: "cuda" means them. A resource
+        # request is always met on one node, which a model split over several GPUs needs.
+        options["num_gpus"] = settings.gpus_per_worker
     else:
         options["num_cpus"] = settings.threads_per_worker
     return options
+
+
+def model_scale(model_id: str) -> float:
+    """A size guess from the id ("...-7B-..." -> 7.0), else 1.0; orders models, nothing more."""
+    found = _BILLIONS.findall(model_id)
+    return float(found[-1]) if found else 1.0
+
+
+def expected_cost(shard: Shard, method_weights: Mapping[str, float] | None = None) -> float:
+    """Expected run time of a shard, in arbitrary units: only comparisons between shards count.
+
+    Generated tokens at most (one row per sample and turn, x max_new_tokens) x the method's
+    weight x the model's size guess, over sqrt(batch_size): decoding is memory-bound, so a batch
+    of b rows costs much less than b single rows, but padding and ragged finishes keep it above
+    one row's cost.
+    """
+    cell = shard.cell
+    weight = (method_weights or {}).get(cell.method, 1.0)
+    rows = len(expected_keys(shard))
+    scale = model_scale(cell.model.id)
+    return rows * cell.max_new_tokens * weight * scale / math.sqrt(cell.batch_size)
+
+
+def live_nodes() -> list[dict[str, float]]:
+    """The resources of every node Ray currently reports alive."""
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
 @dataclass
@@ -76,6 +163,58 @@ class _Slot:
 
     actor: Any = None  # Ray actor handle of a Worker, or None when empty
     pair: PairKey | None = None
+    parked: bool = False  # left empty because the live nodes have no room for it
+    fresh: bool = False  # its actor has not returned a shard yet (the first includes the load)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """A shard in flight."""
+
+    slot: _Slot
+    shard: Shard
+    started: float  # time.monotonic() at dispatch
+    fresh: bool  # the first shard of a new actor: its time includes process start + model load
+
+
+class _Clock:
+    """What the driver has measured: seconds per unit of expected cost, and actor start-up.
+
+    A shard's time on a warm actor gives the pair's rate; a fresh actor's first shard, less
+    what the rate says the shard itself took, gives the start-up (process + model load).
+    """
+
+    def __init__(self) -> None:
+        self.warm: dict[PairKey, tuple[float, float]] = {}  # pair -> (seconds, cost) summed
+        self.warm_total = (0.0, 0.0)  # (seconds, cost) over every pair
+        self.first: dict[PairKey, list[tuple[float, float]]] = {}  # pair -> first shards
+
+    def record(self, pair: PairKey, seconds: float, cost: float, fresh: bool) -> None:
+        if fresh:
+            self.first.setdefault(pair, []).append((seconds, cost))
+            return
+        total_s, total_cost = self.warm.get(pair, (0.0, 0.0))
+        self.warm[pair] = (total_s + seconds, total_cost + cost)
+        self.warm_total = (self.warm_total[0] + seconds, self.warm_total[1] + cost)
+
+    def rate(self, pair: PairKey) -> float | None:
+        """Seconds per cost unit: the pair's own, else over every pair, else unknown."""
+        seconds, cost = self.warm.get(pair, self.warm_total)
+        return seconds / cost if cost > 0 else None
+
+    def startup(self, pair: PairKey) -> float | None:
+        """Seconds to start an actor of the pair: its own measure, else other pairs' mean."""
+        own = self._startup(pair)
+        if own is not None:
+            return own
+        others = [x for p in self.first if p != pair and (x := self._startup(p)) is not None]
+        return sum(others) / len(others) if others else None
+
+    def _startup(self, pair: PairKey) -> float | None:
+        rate, firsts = self.rate(pair), self.first.get(pair)
+        if rate is None or not firsts:
+            return None
+        return max(0.0, sum(s - rate * c for s, c in firsts) / len(firsts))
 
 
 class Scheduler:
@@ -84,11 +223,11 @@ class Scheduler:
     Example::
 
         settings = SchedulerSettings(slots=2, threads_per_worker=1)
-        summary = Scheduler(settings, runner_cls=ShardRunner).run(shards, sink=print_table)
+        summary = Scheduler(settings, runner_cls=ShardRunner).run(shards, sink=write_tables)
     """
 
     def __init__(self, settings: SchedulerSettings, runner_cls: type = ShardRunner) -> None:
-        self._settings = settings  # resources and retry policy
+        self._settings = settings  # resources, ordering and retry policy
         self._runner_cls = runner_cls  # built inside each actor; tests pass a fake
 
     def run(self, shards: Sequence[Shard], sink: ResultSink) -> ScheduleSummary:
@@ -103,38 +242,45 @@ class _Run:
         self.settings = settings
         self.runner_cls = runner_cls
         self.sink = sink
-        # queued shards per pair, in first-seen order; a retried shard goes to the front
+        # queued shards per pair, longest first; a retried shard goes to the front
         self.queues: dict[PairKey, deque[Shard]] = {}
-        self.queued_samples: Counter[PairKey] = Counter()  # "remaining work" per pair
+        self.queued_cost: dict[PairKey, float] = {}  # expected work left per pair
+        self.cost: dict[str, float] = {}  # expected_cost per shard id, computed once
         self.attempts: Counter[str] = Counter()  # failed attempts per shard id
         self.init_failures: Counter[PairKey] = Counter()  # runner builds that failed
         self.broken: dict[PairKey, str] = {}  # pairs that cannot load -> the error
-        self.in_flight: dict[Any, tuple[_Slot, Shard]] = {}  # ObjectRef -> where/what
+        self.in_flight: dict[Any, _Attempt] = {}  # ObjectRef -> where, what, since when
+        self.clock = _Clock()  # measured rates and start-up times
+        self.done: set[str] = set()  # shard ids given to the sink: never a second time
+        self.slots: list[_Slot] = []
         self.failed = self.retries = self.actors_started = 0
+        self.last_poll = time.monotonic()
+        self.no_room_since: float | None = None  # when the live nodes last held no worker
         self.actor_cls = ray.remote(Worker).options(**actor_options(settings))
         self.device = "cuda" if settings.use_gpu else "cpu"
 
     def run(self, shards: Sequence[Shard]) -> ScheduleSummary:
+        ids = [s.shard_id for s in shards]
+        if len(set(ids)) != len(ids):
+            raise ValueError("shard ids must be unique in a run")
         for shard in shards:
+            self.cost[shard.shard_id] = expected_cost(shard, self.settings.method_weights)
+        for shard in sorted(shards, key=lambda s: self.cost[s.shard_id], reverse=True):
             self.enqueue(shard)
-        slots = [_Slot() for _ in range(min(self.settings.slots, len(shards)))]
+        self.slots = [_Slot() for _ in range(min(self.settings.slots, len(shards)))]
         try:
-            for slot in slots:
+            for slot in self.slots:
                 self.dispatch(slot)
-            while self.in_flight:
-                [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
-                slot, shard = self.in_flight.pop(ref)
-                try:
-                    table = complete_table(shard, ray.get(ref))
-                except Exception as exc:  # any failure of the attempt is retried the same way
-                    self.failure(slot, shard, exc)
-                else:
-                    self.finish(shard, table)
-                self.dispatch(slot)
+            while self.in_flight or self.queues:
+                for ref in self.wait():
+                    self.collect(ref)
+                self.poll_cluster()
         finally:
-            for slot in slots:
+            for slot in self.slots:
                 self.retire(slot)
         return ScheduleSummary(len(shards), self.failed, self.retries, self.actors_started)
+
+    # ---- the queue ------------------------------------------------------------------------
 
     def enqueue(self, shard: Shard, front: bool = False) -> None:
         pair = pair_of(shard.cell)
@@ -143,47 +289,161 @@ class _Run:
             queue.appendleft(shard)
         else:
             queue.append(shard)
-        self.queued_samples[pair] += len(shard.samples)
+        self.queued_cost[pair] = self.queued_cost.get(pair, 0.0) + self.cost[shard.shard_id]
+
+    def pop(self, pair: PairKey) -> Shard:
+        shard = self.queues[pair].popleft()
+        if self.queues[pair]:
+            self.queued_cost[pair] -= self.cost[shard.shard_id]
+        else:  # dropped, not subtracted: float leftovers must not look like work
+            del self.queues[pair], self.queued_cost[pair]
+        return shard
+
+    def next_pair(self) -> PairKey | None:
+        """The pair with the most expected work per actor, counting the one about to start,
+        among those worth a new actor."""
+        serving = Counter(s.pair for s in self.slots if s.actor is not None)
+        worth = [p for p in self.queues if self.worth_an_actor(p, serving[p])]
+        return max(worth, key=lambda p: self.queued_cost[p] / (1 + serving[p]), default=None)
+
+    def worth_an_actor(self, pair: PairKey, serving: int) -> bool:
+        """Whether one more actor finishes the pair's queue sooner than the `serving` ones.
+
+        n actors with W seconds of work left finish in W/n; one more, starting after L, in
+        L + (W - nL)/(n + 1), which is sooner exactly when W/n > L. Until both are measured,
+        yes; a pair that nobody serves always gets an actor.
+        """
+        if serving == 0:
+            return True
+        rate, startup = self.clock.rate(pair), self.clock.startup(pair)
+        if rate is None or startup is None:
+            return True
+        return self.queued_cost[pair] * rate / serving > startup
+
+    # ---- slots and actors -----------------------------------------------------------------
 
     def dispatch(self, slot: _Slot) -> None:
-        """Give an idle slot its next shard: same pair if possible, else switch pairs."""
-        pair = slot.pair if slot.actor is not None and self.queues.get(slot.pair) else None
+        """Give a free slot its next shard: same pair if possible, else switch pairs."""
+        pair = slot.pair if slot.actor is not None and slot.pair in self.queues else None
         if pair is None:
-            self.retire(slot)
-            pair = max(self.queues, key=lambda p: self.queued_samples[p], default=None)
+            self.retire(slot)  # its pair is done: release the actor (and its model) now
+            pair = self.next_pair()
             if pair is None:
                 return
             model, method, _ = pair
-            first = self.queues[pair][0]
             slot.actor = self.actor_cls.remote(
                 self.runner_cls,
                 model,
                 method,
-                first.cell.method_args,
+                self.queues[pair][0].cell.method_args,
                 self.device,
                 self.settings.threads_per_worker,
             )
-            slot.pair = pair
+            slot.pair, slot.fresh = pair, True
             self.actors_started += 1
-        shard = self.queues[pair].popleft()
-        if not self.queues[pair]:
-            del self.queues[pair]
-        self.queued_samples[pair] -= len(shard.samples)
-        self.in_flight[slot.actor.run.remote(shard)] = (slot, shard)
+        shard = self.pop(pair)
+        attempt = _Attempt(slot, shard, time.monotonic(), slot.fresh)
+        self.in_flight[slot.actor.run.remote(shard)] = attempt
 
     def retire(self, slot: _Slot) -> None:
         if slot.actor is not None:
             ray.kill(slot.actor, no_restart=True)
         slot.actor, slot.pair = None, None
 
-    def finish(self, shard: Shard, table: pa.Table) -> None:
-        self.sink(shard, table)
+    def wait(self) -> list[Any]:
+        """Refs that are ready; none after `poll_s` so the loop can look at the cluster."""
+        if not self.in_flight:  # work is queued but every slot is parked
+            time.sleep(self.settings.poll_s)
+            return []
+        ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=self.settings.poll_s)
+        return ready
+
+    def collect(self, ref: Any) -> None:
+        attempt = self.in_flight.pop(ref)
+        slot, shard = attempt.slot, attempt.shard
+        try:
+            table, telemetry = ray.get(ref)
+            table = complete_table(shard, table)
+        except Exception as exc:  # any failure of the attempt is retried the same way
+            self.failure(slot, shard, exc)
+        else:
+            seconds = time.monotonic() - attempt.started
+            cost = self.cost[shard.shard_id]
+            self.clock.record(pair_of(shard.cell), seconds, cost, attempt.fresh)
+            slot.fresh = False
+            self.finish(shard, table, telemetry)
+        if not slot.parked:
+            self.dispatch(slot)
+
+    # ---- cluster size ---------------------------------------------------------------------
+
+    def capacity(self) -> int:
+        """Workers the live nodes hold, at most the planned slots."""
+        s = self.settings
+        fits = sum(
+            worker_fits(n, s.use_gpu, s.threads_per_worker, s.gpus_per_worker) for n in live_nodes()
+        )
+        return min(fits, len(self.slots))
+
+    def fit_to_cluster(self, slot: _Slot) -> None:
+        """After a lost actor: park its (empty) slot if the live nodes are already full."""
+        active = sum(s.actor is not None for s in self.slots)
+        room = self.capacity()
+        if active >= room:
+            slot.parked = True
+            log.warning("the cluster now holds %d worker(s); parking a slot until it grows", room)
+
+    def poll_cluster(self) -> None:
+        """Every `poll_s`: unpark slots the live nodes hold again; give up if none can hold any.
+
+        Nodes can also die between a capacity check and an actor's start, leaving actors
+        pending forever, so this looks even when no slot is parked (one GCS call per poll).
+        """
+        now = time.monotonic()
+        if now - self.last_poll < self.settings.poll_s:
+            return
+        self.last_poll = now
+        room = self.capacity()
+        if room == 0:
+            self.no_room_since = self.no_room_since or now
+            if now - self.no_room_since >= self.settings.capacity_wait_s:
+                self.abandon(
+                    f"no live node could hold a worker for {self.settings.capacity_wait_s:g} s"
+                )
+            return
+        self.no_room_since = None
+        active = sum(s.actor is not None for s in self.slots)
+        for slot in [s for s in self.slots if s.parked][: max(0, room - active)]:
+            log.info("the cluster has room again; unparking a slot")
+            slot.parked = False
+            self.dispatch(slot)
+
+    def abandon(self, error: str) -> None:
+        """Record every shard not yet finished as error rows and stop every actor."""
+        for ref, attempt in list(self.in_flight.items()):
+            del self.in_flight[ref]
+            self.retire(attempt.slot)
+            self.give_up(attempt.shard, error)
+        for pair in list(self.queues):
+            while pair in self.queues:
+                self.give_up(self.pop(pair), error)
+
+    # ---- outcomes -------------------------------------------------------------------------
+
+    def finish(self, shard: Shard, table: pa.Table, telemetry: pa.Table | None) -> None:
+        if shard.shard_id in self.done:  # cannot happen by design; never write rows twice
+            log.error("shard %s finished twice; keeping the first result", shard.shard_id)
+            return
+        self.done.add(shard.shard_id)
+        self.sink(shard, table, telemetry)
 
     def failure(self, slot: _Slot, shard: Shard, exc: Exception) -> None:
         """A failed attempt: retry on a fresh actor, or record error rows when out of tries."""
         pair = pair_of(shard.cell)
         error = f"{type(exc).__name__}: {exc}"
         self.retire(slot)  # the actor may be dead or half-broken; never reuse it
+        if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ObjectLostError):
+            self.fit_to_cluster(slot)  # a dead process may mean a lost node
         if pair in self.broken:
             self.give_up(shard, self.broken[pair])
             return
@@ -193,9 +453,8 @@ class _Run:
                 log.error("%s/%s cannot be loaded; failing its shards", pair[0].id, pair[1])
                 self.broken[pair] = error
                 self.give_up(shard, error)
-                for queued in self.queues.pop(pair, deque()):
-                    self.give_up(queued, error)
-                self.queued_samples.pop(pair, None)
+                while pair in self.queues:
+                    self.give_up(self.pop(pair), error)
                 return
         else:
             self.attempts[shard.shard_id] += 1
@@ -209,4 +468,4 @@ class _Run:
     def give_up(self, shard: Shard, error: str) -> None:
         log.error("shard %s failed after all attempts; recording error rows", shard.shard_id)
         self.failed += 1
-        self.finish(shard, error_table(shard, error))
+        self.finish(shard, error_table(shard, error), None)

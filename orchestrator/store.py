@@ -4,9 +4,13 @@
 <out>/<name>-<UTC timestamp>/          run_id = this folder's name
     manifest.json                      written before any result
     results/model=<m>/method=<m>/batch_size=<b>/temperature=<t>/repeat=<r>/part-<shard_id>.arrow
+    telemetry/<the same partitions>/part-<shard_id>.arrow    the shard's sampler time series
 ```
 A result file appears only when complete (temp file, fsync, rename), so its presence is what
-"shard done" means for `--resume`; writing a shard again replaces it, never duplicates it.
+"shard done" means for `--resume`: it is the completion marker. Writing a shard again replaces
+it, never duplicates it. A shard's telemetry is written before its result file, so a finished
+shard always has its telemetry; a telemetry file without a result file is simply overwritten
+when the shard is rerun. Telemetry lives outside results/, so reports never scan it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from mmspec.orchestrator.schema import RESULT_SCHEMA
 
 MANIFEST = "manifest.json"
 RESULTS = "results"
+TELEMETRY = "telemetry"
 TIMESTAMP = "%Y%m%dT%H%M%SZ"
 _PREFIX, _SUFFIX, _TMP = "part-", ".arrow", ".tmp"
 
@@ -74,39 +79,66 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- results
 
 
-def shard_path(run_dir: str | Path, cell: Cell, shard_id: str) -> Path:
-    """Where a shard's result file lives (hive-style partitions, one folder per cell)."""
+def _partition(cell: Cell) -> Path:
+    # hive-style folders, one per cell; results and telemetry share them
     return (
-        Path(run_dir)
-        / RESULTS
-        / f"model={safe_name(cell.model.id)}"
+        Path(f"model={safe_name(cell.model.id)}")
         / f"method={cell.method}"
         / f"batch_size={cell.batch_size}"
         / f"temperature={float(cell.temperature)!r}"
         / f"repeat={cell.repeat}"
-        / f"{_PREFIX}{shard_id}{_SUFFIX}"
     )
 
 
-def write_shard(run_dir: str | Path, shard: Shard, table: pa.Table) -> Path:
-    """Write a shard's rows as an Arrow IPC file, atomically; returns the file's path."""
+def shard_path(run_dir: str | Path, cell: Cell, shard_id: str) -> Path:
+    """Where a shard's result file lives (hive-style partitions, one folder per cell)."""
+    return Path(run_dir) / RESULTS / _partition(cell) / f"{_PREFIX}{shard_id}{_SUFFIX}"
+
+
+def telemetry_path(run_dir: str | Path, cell: Cell, shard_id: str) -> Path:
+    """Where a shard's telemetry series lives: the result file's place, under telemetry/."""
+    return Path(run_dir) / TELEMETRY / _partition(cell) / f"{_PREFIX}{shard_id}{_SUFFIX}"
+
+
+def write_shard(
+    run_dir: str | Path, shard: Shard, table: pa.Table, telemetry: pa.Table | None = None
+) -> Path:
+    """Write a shard's rows (and its telemetry, if any) as Arrow IPC files, atomically.
+
+    The telemetry goes first: the result file is the shard's completion marker. Returns the
+    result file's path.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / MANIFEST).is_file():
         raise StoreError(f"{run_dir}: write the manifest before any result")
     if not table.schema.equals(RESULT_SCHEMA, check_metadata=True):
         raise StoreError(f"shard {shard.shard_id}: table does not match RESULT_SCHEMA")
+    _check_shard_ids(shard, table, "table")
+    if telemetry is not None:
+        if not isinstance(telemetry, pa.Table):
+            raise StoreError(f"shard {shard.shard_id}: telemetry is not an Arrow table")
+        if "shard_id" in telemetry.schema.names:
+            _check_shard_ids(shard, telemetry, "telemetry")
+        _write_table(telemetry_path(run_dir, shard.cell, shard.shard_id), telemetry)
+    path = shard_path(run_dir, shard.cell, shard.shard_id)
+    _write_table(path, table)
+    return path
+
+
+def _check_shard_ids(shard: Shard, table: pa.Table, what: str) -> None:
     others = set(table.column("shard_id").to_pylist()) - {shard.shard_id}
     if others:
-        raise StoreError(f"shard {shard.shard_id}: table holds rows of {sorted(others)}")
-    path = shard_path(run_dir, shard.cell, shard.shard_id)
+        raise StoreError(f"shard {shard.shard_id}: {what} holds rows of {sorted(others)}")
+
+
+def _write_table(path: Path, table: pa.Table) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(f: BinaryIO) -> None:
-        with pa.ipc.new_file(f, RESULT_SCHEMA) as writer:
+        with pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
 
     _write_atomic(path, write)
-    return path
 
 
 def completed_shards(run_dir: str | Path) -> set[str]:
@@ -133,9 +165,13 @@ def check_result_file(path: str | Path) -> None:
         )
 
 
+def telemetry_files(run_dir: str | Path) -> list[Path]:
+    return sorted((Path(run_dir) / TELEMETRY).rglob(f"{_PREFIX}*{_SUFFIX}"))
+
+
 def remove_stale_tmp(run_dir: str | Path) -> int:
     """Delete temp files a crashed writer left behind; returns how many."""
-    stale = list((Path(run_dir) / RESULTS).rglob(f"*{_TMP}"))
+    stale = [p for d in (RESULTS, TELEMETRY) for p in (Path(run_dir) / d).rglob(f"*{_TMP}")]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)

@@ -36,7 +36,7 @@ class Worker:
     Example (in-process, without Ray)::
 
         worker = Worker(FakeRunner, cell.model, cell.method, cell.method_args, "cpu", 1)
-        table = worker.run(shard)
+        table, telemetry = worker.run(shard)
     """
 
     def __init__(
@@ -61,10 +61,18 @@ class Worker:
     def pair(self) -> PairKey:
         return self._pair
 
-    def run(self, shard: Shard) -> pa.Table:
-        """All rows of the shard as a RESULT_SCHEMA table."""
+    def run(self, shard: Shard) -> tuple[pa.Table, pa.Table | None]:
+        """All rows of the shard as a RESULT_SCHEMA table, and the shard's telemetry series.
+
+        The telemetry is the runner's `last_telemetry` after the run (None for a runner that
+        keeps none, e.g. the tests' FakeRunner).
+        """
         if self._init_error is not None:
             raise RunnerInitError(self._init_error)
         if pair_of(shard.cell) != self._pair:
             raise ValueError(f"shard {shard.shard_id} is not for this worker's pair")
-        return rows_to_table(self._runner.run(shard))
+        if hasattr(self._runner, "last_telemetry"):
+            # a runner that skips setting it must not hand over the previous shard's series
+            self._runner.last_telemetry = None
+        table = rows_to_table(self._runner.run(shard))
+        return table, getattr(self._runner, "last_telemetry", None)

@@ -9,22 +9,46 @@ FakeRunner reads its behaviour from the cell's method_args (scheduler tests only
   crash_once: [shard_id]       kill the worker process on the first attempt
   drop_rows: [shard_id]        return no row for the shard's last (sample, turn)
   init_fail: true              raise in the constructor
+  delay_s: float               sleep this long per sample (so a test can strike mid-shard)
+  slow: {shard_id: seconds}    sleep this much longer on these shards (a sure target)
+  trace: true                  on starting a shard, write marker_dir/start-<shard_id>-<pid>
+                               holding {"pid", "node_id", "instance"} (who runs what, where)
+  telemetry: true              keep a small series per shard in `last_telemetry`, as
+                               ShardRunner does (otherwise there is no such attribute)
+
+`with_controls(**controls)` gives a FakeRunner subclass with controls for every shard: the way
+to set them where method_args must stay a real drafter's (a grid file through the CLI).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+import pyarrow as pa
 
 from mmspec.orchestrator.cells import ModelConfig, Shard
 from mmspec.orchestrator.schema import ResultRow
 from mmspec.workloads.sample import TOPICS, Sample
 
-CONTROL_KEYS = ("fail_always", "fail_once", "crash_once", "drop_rows", "init_fail", "marker_dir")
+CONTROL_KEYS = (
+    "fail_always",
+    "fail_once",
+    "crash_once",
+    "drop_rows",
+    "init_fail",
+    "marker_dir",
+    "delay_s",
+    "trace",
+    "telemetry",
+    "slow",
+)
 
 
 def ship_to_ray() -> None:
@@ -47,8 +71,18 @@ def make_samples(n: int, prefix: str = "s") -> list[Sample]:
     ]
 
 
+def with_controls(**controls: Any) -> type[FakeRunner]:
+    """A FakeRunner subclass that applies `controls` to every shard (method_args still win)."""
+    unknown = set(controls) - set(CONTROL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown FakeRunner controls {sorted(unknown)}")
+    return type("FakeRunnerWithControls", (FakeRunner,), {"controls": dict(controls)})
+
+
 class FakeRunner:
     """Deterministic rows, no model; `device_uuid` names the instance (counts model loads)."""
+
+    controls: ClassVar[dict[str, Any]] = {}  # defaults for every shard; see with_controls
 
     def __init__(
         self,
@@ -58,9 +92,10 @@ class FakeRunner:
         device: str = "auto",
         threads: int | None = None,
     ) -> None:
-        if method_args.get("init_fail"):
+        if {**self.controls, **method_args}.get("init_fail"):
             raise RuntimeError("fake model failed to load")
-        self.model, self.method, self.args = model, method, method_args
+        self.model, self.method = model, method
+        self.args = {**self.controls, **method_args}
         self.device, self.threads = device, threads
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{id(self)}"
 
@@ -71,14 +106,28 @@ class FakeRunner:
         marker.touch()
         return True
 
+    def _trace(self, shard: Shard) -> None:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        marker = Path(self.args["marker_dir"]) / f"start-{shard.shard_id}-{os.getpid()}"
+        info = {"pid": os.getpid(), "node_id": node, "instance": self.instance}
+        tmp = marker.with_name("." + marker.name)
+        tmp.write_text(json.dumps(info))
+        tmp.replace(marker)  # a watcher never reads half a marker
+
     def run(self, shard: Shard) -> list[ResultRow]:
         sid = shard.shard_id
+        if self.args.get("trace"):
+            self._trace(shard)
         if sid in self.args.get("fail_always", ()):
             raise RuntimeError(f"fake failure on {sid}")
         if sid in self.args.get("fail_once", ()) and self._first_time(shard, "fail"):
             raise RuntimeError(f"fake first-attempt failure on {sid}")
         if sid in self.args.get("crash_once", ()) and self._first_time(shard, "crash"):
             os._exit(1)
+        delay = float(self.args.get("delay_s", 0.0)) * len(shard.samples)
+        time.sleep(delay + float(self.args.get("slow", {}).get(sid, 0.0)))
         cell = shard.cell
         rows = [
             ResultRow(
@@ -111,4 +160,8 @@ class FakeRunner:
         ]
         if sid in self.args.get("drop_rows", ()):
             rows = rows[:-1]
+        if self.args.get("telemetry"):
+            self.last_telemetry = pa.table(
+                {"shard_id": [sid, sid], "host": [socket.gethostname()] * 2, "ts": [0.0, 0.05]}
+            )
         return rows

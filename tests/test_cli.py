@@ -14,6 +14,7 @@ import mmspec.reports
 from mmspec.methods.registry import method_names
 from mmspec.orchestrator import ray_session as ray_session_module
 from mmspec.orchestrator.cli import Hooks, main
+from mmspec.orchestrator.grid import expand, load_grid
 from mmspec.orchestrator.store import completed_shards, read_manifest, result_files
 from tests.fake_runner import FakeRunner, ship_to_ray
 
@@ -74,8 +75,10 @@ def test_dry_run(no_ray: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert result.exit_code == 0, result.output
     for text in ("tiny-qwen2.5-vl", "tiny-llava", "pld", "synthetic"):
         assert text in result.stdout
-    # 2 models x 2 methods x 2 batch sizes; 24 samples in shards of 8 -> 3 per cell
-    assert "8 cells, 24 shards (24 to run), samples per shard: 8" in result.stdout
+    # 24 samples in shards of 8 -> 3 per cell
+    cells = len(expand(load_grid(EXAMPLE)))
+    summary = f"{cells} cells, {3 * cells} shards ({3 * cells} to run), samples per shard: 8"
+    assert summary in result.stdout
     assert not (tmp_path / "runs").exists()
 
 
@@ -112,9 +115,10 @@ def test_submit_local_then_resume(
     manifest = read_manifest(run_dir)
     assert manifest["run_id"] == run_dir.name
     assert manifest["grid"]["workloads"][0]["limit"] == 6
-    # 8 cells; 6 samples in shards of 8 -> 1 shard per cell
+    # 6 samples in shards of 8 -> 1 shard per cell
+    cells = len(expand(load_grid(grid)))
     files = result_files(run_dir)
-    assert len(files) == 8
+    assert len(files) == cells
     assert report_calls == [run_dir]
     assert f"report: {run_dir / 'report.md'}" in result.stdout
     assert (run_dir / "report.md").is_file()
@@ -122,7 +126,7 @@ def test_submit_local_then_resume(
     # nothing left to do: resume writes nothing new and does not need Ray
     again = invoke("submit", "--resume", str(run_dir))
     assert again.exit_code == 0, again.output
-    assert "0 of 8 shards to run" in again.stderr
+    assert f"0 of {cells} shards to run" in again.stderr
     assert result_files(run_dir) == files
 
     # a lost shard is rerun, and only that one
@@ -131,10 +135,10 @@ def test_submit_local_then_resume(
     lost.unlink()
     again = invoke("submit", "--resume", str(run_dir), "--local")
     assert again.exit_code == 0, again.output
-    assert "1 of 8 shards to run" in again.stderr
+    assert f"1 of {cells} shards to run" in again.stderr
     assert lost.is_file()
     assert {p: p.stat().st_mtime_ns for p in files if p != lost} == kept
-    assert len(completed_shards(run_dir)) == 8
+    assert len(completed_shards(run_dir)) == cells
     assert report_calls[-1] == run_dir
 
     # the report command prints the markdown

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,15 +56,26 @@ def make_cells(
     ]
 
 
-def run(shards: list[Shard], slots: int, max_retries: int = 2) -> tuple[Any, dict[str, pa.Table]]:
+def run(
+    shards: list[Shard],
+    slots: int,
+    max_retries: int = 2,
+    order: list[str] | None = None,
+    on_result: Any = None,
+) -> tuple[Any, dict[str, pa.Table]]:
     from mmspec.orchestrator.scheduler import Scheduler, SchedulerSettings
 
     written: dict[str, pa.Table] = {}
     calls: Counter[str] = Counter()
 
-    def sink(shard: Shard, table: pa.Table) -> None:
+    def sink(shard: Shard, table: pa.Table, telemetry: pa.Table | None) -> None:
+        assert telemetry is None  # FakeRunner keeps none
         calls[shard.shard_id] += 1
         written[shard.shard_id] = table
+        if order is not None:
+            order.append(shard.shard_id)
+        if on_result is not None:
+            on_result(shard)
 
     settings = SchedulerSettings(slots=slots, threads_per_worker=1, max_retries=max_retries)
     summary = Scheduler(settings, runner_cls=FakeRunner).run(shards, sink)
@@ -198,7 +211,8 @@ def test_worker_in_process() -> None:
     [shard] = make_shards([cell], {"w": SAMPLES[:2]}, "run", shard_size=2)
     worker = Worker(FakeRunner, cell.model, cell.method, cell.method_args, "cpu", 1)
     assert worker.pair() == pair_of(cell)
-    assert worker.run(shard).num_rows == 2
+    table, telemetry = worker.run(shard)
+    assert table.num_rows == 2 and telemetry is None
     other = make_cells(models=("m-b",), batch_sizes=(2,))[0]
     [foreign] = make_shards([other], {"w": SAMPLES[:2]}, "run", shard_size=2)
     with pytest.raises(ValueError, match="not for this worker"):
@@ -214,3 +228,47 @@ def test_complete_table_rejects_foreign_and_duplicate_rows() -> None:
     rows[0].sample_id = "intruder"
     with pytest.raises(ShardResultError, match="unexpected rows"):
         complete_table(shard, rows_to_table(rows))
+
+
+def test_longest_expected_first(ray_local: None) -> None:
+    # "x-7B" reads as a 7B model: its pair goes first, then within a pair the longest shard
+    cells = make_cells(models=("m-small", "x-7B"), batch_sizes=(1,))
+    shards = make_shards(cells, {"w": SAMPLES}, "run", shard_size=4)  # 4, 4(+1 turn), 2 samples
+    order: list[str] = []
+    summary, _ = run(shards, slots=1, order=order)
+    assert summary.actors_started == 2
+    big, small = cells[1].cell_id, cells[0].cell_id
+    expected = [f"{c}__s{i:03d}" for c in (big, small) for i in (1, 0, 2)]
+    assert order == expected
+
+
+def _dead(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # a zombie has exited; only its parent has not reaped it
+
+
+def test_idle_actors_are_released_at_once(ray_local: None, tmp_path: Path) -> None:
+    args = {"marker_dir": str(tmp_path), "trace": True, "delay_s": 0.5}
+    cells = make_cells(models=("m-a",), batch_sizes=(1,), args=args)
+    shards = make_shards(cells, {"w": SAMPLES[:5]}, "run", shard_size=4)
+    assert [len(s.samples) for s in shards] == [4, 1]
+    finished: list[str] = []
+    first_dead: list[bool] = []
+
+    def on_result(shard: Shard) -> None:
+        finished.append(shard.shard_id)
+        if len(finished) < 2:
+            return
+        # the first shard's actor had no work left: it was killed while the other one ran
+        [marker] = tmp_path.glob(f"start-{finished[0]}-*")
+        pid = json.loads(marker.read_text())["pid"]
+        deadline = time.monotonic() + 10
+        while not _dead(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first_dead.append(_dead(pid))
+
+    summary, _ = run(shards, slots=2, on_result=on_result)
+    assert summary.actors_started == 2 and first_dead == [True]
