@@ -423,10 +423,13 @@ def _report(run_dir: Path, echo_markdown: bool) -> bool:
         click.echo(f"report failed: {exc}\nretry with: mmspec-orch report {run_dir}", err=True)
         return False
     path = _markdown_path(result, run_dir)
+    html = path.with_name("report.html")
     if echo_markdown:
         click.echo(path.read_text(encoding="utf-8"))
+        click.echo(f"html: {html}", err=True)  # stdout stays exactly the markdown
     else:
         click.echo(f"report: {path}")
+        click.echo(f"report: {html}")
     return True
 
 

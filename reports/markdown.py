@@ -11,27 +11,67 @@ from typing import Any
 
 import polars as pl
 
-from mmspec.reports.metrics import ALL_TOPIC
+from mmspec.reports.metrics import ALL_TOPIC, CELL_KEYS, RunDetails
 from mmspec.reports.paired import BASELINE
 
 DASH = "–"
 
-LEGEND = """\
-## Legend
-- **MAT** (MMSpec convention): accepted draft tokens per verification step, bonus token
-  excluded: sum(accepted_tokens) / sum(steps). Plain AR decoding scores 0.
-- **MAT incl. bonus** (Spec-Bench convention): (sum(accepted_tokens) + sum(steps)) / sum(steps),
-  i.e. tokens committed per target forward. Plain AR decoding scores 1.
-- **Speedup (global)**: total AR seconds / total method seconds, summed over the (sample, turn,
-  repeat) keys that finished ok under both the method and `ar` (same model, batch size,
-  temperature).
-- **Speedup (paired)**: mean over those same keys of AR seconds / method seconds.
-- **Lossless**: share of those keys whose output tokens (SHA-256) equal `ar`'s; greedy
-  (temperature 0) only, blank otherwise.
-- **all (pooled)**: every topic of the cell pooled (sums over all rows), not a mean of topics.
-- Latency p50/p90: per-row `total_s` (batch start to that row finishing); tokens/s =
-  sum(new_tokens) / sum(total_s). Error rows are counted, then left out of every other number.
-"""
+# (term, definition) pairs: the Legend section of report.md and of report.html.
+DEFINITIONS = [
+    (
+        "MAT",
+        "(MMSpec convention) accepted draft tokens per verification step, bonus token excluded: "
+        "sum(accepted_tokens) / sum(steps). Plain AR decoding scores 0.",
+    ),
+    (
+        "MAT incl. bonus",
+        "(Spec-Bench convention) (sum(accepted_tokens) + sum(steps)) / sum(steps), i.e. tokens "
+        "committed per target forward. Plain AR decoding scores 1.",
+    ),
+    (
+        "Speedup (global)",
+        "total AR seconds / total method seconds, summed over the (sample, turn, repeat) keys "
+        "that finished ok under both the method and `ar` (same model, batch size, temperature).",
+    ),
+    ("Speedup (paired)", "mean over those same keys of AR seconds / method seconds."),
+    (
+        "Lossless",
+        "share of those keys whose output tokens (SHA-256) equal `ar`'s; greedy "
+        "(temperature 0) only, blank otherwise.",
+    ),
+    (
+        "all (pooled)",
+        "every topic of the cell pooled (sums over all rows), not a mean of topics; the "
+        "table's average column.",
+    ),
+    (
+        "Latency",
+        "per-row `total_s`, from the start of the row's batch to that row finishing; "
+        "p50/p90/p99 and the CDF are linear-interpolated quantiles of it. Tokens/s = "
+        "sum(new_tokens) / sum(total_s).",
+    ),
+    (
+        "Latency breakdown",
+        "means per row of prefill (encode the prompt and image, prefill, first token), draft "
+        "(the drafter's proposal), verify (one target forward over the draft tree), commit "
+        "(acceptance, drafter update, KV-cache commit) and other = total − prefill − draft − "
+        "verify − commit: engine bookkeeping between steps and removing finished rows from the "
+        "batch. In a batch every row is charged each step it takes part in.",
+    ),
+    (
+        "Energy / token",
+        "sum(energy_j) / sum(new_tokens) over the rows with an energy reading (each row holds "
+        "its share of its batch's energy); not measured where telemetry had no energy counter.",
+    ),
+    (
+        "Peak memory",
+        "the largest `peak_mem_bytes` of the cell's rows (GPU allocator peak, "
+        "or the worker's peak RSS on CPU).",
+    ),
+    ("Errors", "error rows are counted, then left out of every other number."),
+]
+
+LEGEND = "## Legend\n" + "".join(f"- **{term}**: {text}\n" for term, text in DEFINITIONS)
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -45,8 +85,8 @@ def _pct(value: float | None) -> str:
 
 
 def _cell(text: Any) -> str:
-    # A pipe inside a value would split the table cell.
-    return str(text).replace("|", "\\|")
+    # A pipe or a line break inside a value (an exception message) would split the table.
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -56,10 +96,10 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return lines
 
 
-def _method_order(metrics: pl.DataFrame, manifest: dict[str, Any]) -> list[str]:
+def method_order(metrics: pl.DataFrame, manifest: dict[str, Any]) -> list[str]:
+    """Methods in the grid's order (the author's), then any others with `ar` first."""
     present = set(metrics["method"].to_list())
     grid_methods = (manifest.get("grid") or {}).get("methods") or []
-    # The grid's order is the author's order; methods not in it (or no grid) follow, ar first.
     ordered = [m for m in grid_methods if m in present]
     rest = sorted(present - set(ordered), key=lambda m: (m != BASELINE, m))
     return ordered + rest
@@ -165,22 +205,168 @@ def _detail_table(block: pl.DataFrame, methods: list[str]) -> list[str]:
     return _table(DETAIL_HEADER, [_detail_row(totals[m]) for m in methods if m in totals])
 
 
-def _sections(metrics: pl.DataFrame, manifest: dict[str, Any]) -> list[str]:
-    lines: list[str] = []
-    methods = _method_order(metrics, manifest)
-    blocks = metrics.select("model", "temperature", "batch_size").unique().sort(pl.all())
-    for model, temperature, batch_size in blocks.iter_rows():
-        block = metrics.filter(
-            (pl.col("model") == model)
-            & (pl.col("temperature") == temperature)
-            & (pl.col("batch_size") == batch_size)
+def blocks(metrics: pl.DataFrame) -> list[tuple[str, float, int]]:
+    """The (model, temperature, batch size) blocks of a report, in order."""
+    keys = metrics.select("model", "temperature", "batch_size").unique().sort(pl.all())
+    return list(keys.iter_rows())
+
+
+def block_rows(
+    frame: pl.DataFrame, model: str, temperature: float, batch_size: int
+) -> pl.DataFrame:
+    """The rows of `frame` that belong to one block."""
+    return frame.filter(
+        (pl.col("model") == model)
+        & (pl.col("temperature") == temperature)
+        & (pl.col("batch_size") == batch_size)
+    )
+
+
+def gib(value: int | None) -> str:
+    """Bytes as GiB (MiB below 1 GiB); "not measured" when missing."""
+    if value is None:
+        return NOT_MEASURED
+    if value < 2**30:
+        return f"{value / 2**20:.0f} MiB"
+    return f"{value / 2**30:.2f} GiB"
+
+
+def energy(row: dict[str, Any] | None) -> str:
+    """Energy per token in J (mJ below 1 J), with coverage when only some rows were measured."""
+    if row is None or row.get("energy_per_token_j") is None:
+        return NOT_MEASURED
+    value = row["energy_per_token_j"]
+    text = f"{value:.3f} J" if value >= 1 else f"{1000 * value:.1f} mJ"
+    if row["energy_rows"] < row["samples"]:
+        text += f" ({row['energy_rows']} of {row['samples']} rows)"
+    return text
+
+
+NOT_MEASURED = "not measured"
+BREAKDOWN_HEADER = [
+    "Method",
+    "Latency mean s",
+    "Prefill s",
+    "Draft s",
+    "Verify s",
+    "Commit s",
+    "Other s",
+    "p99 s",
+    "Energy / token",
+    "Peak memory",
+]
+
+
+def merged_cells(metrics: pl.DataFrame, details: RunDetails) -> pl.DataFrame:
+    """Pooled cell metrics with the details of the same cell beside them."""
+    pooled = metrics.filter(pl.col("topic") == ALL_TOPIC)
+    return pooled.join(details.cells, on=CELL_KEYS, how="left")
+
+
+def _breakdown_table(block: pl.DataFrame, methods: list[str]) -> list[str]:
+    rows = {r["method"]: r for r in block.iter_rows(named=True)}
+    out = []
+    for method in methods:
+        r = rows.get(method)
+        if r is None:
+            continue
+        out.append(
+            [
+                method,
+                _fmt(r["total_s_mean"], ".4f"),
+                *[_fmt(r[f"{p}_mean"], ".4f") for p in ("prefill_s", "draft_s", "verify_s")],
+                _fmt(r["commit_s_mean"], ".4f"),
+                _fmt(r["other_s_mean"], ".4f"),
+                _fmt(r["latency_p99_s"], ".3f"),
+                energy(r),
+                gib(r["peak_mem_bytes"]),
+            ]
         )
+    return _table(BREAKDOWN_HEADER, out)
+
+
+def _speedup_by_batch(metrics: pl.DataFrame, methods: list[str]) -> list[str]:
+    pooled = metrics.filter(pl.col("topic") == ALL_TOPIC)
+    lines = ["## Speedup (global) vs batch size", ""]
+    for (model, temperature), part in sorted(
+        pooled.partition_by("model", "temperature", as_dict=True).items()
+    ):
+        sizes = sorted(set(part["batch_size"].to_list()))
+        cells = {(r["method"], r["batch_size"]): r for r in part.iter_rows(named=True)}
+        rows = []
+        for method in methods:
+            if not any((method, b) in cells for b in sizes):
+                continue
+            row = [method]
+            for b in sizes:
+                r = cells.get((method, b))
+                row.append(DASH if r is None else _fmt(r["speedup_global"], ".2f", "×"))
+            rows.append(row)
+        lines += [f"{model} · T={temperature:g}:", ""]
+        lines += [*_table(["Method", *[f"batch size {b}" for b in sizes]], rows), ""]
+    return lines
+
+
+ERROR_LIMIT = 15  # (cell, message) pairs listed up front; every cell's count is in its table
+
+
+def error_lines(details: RunDetails, limit: int = ERROR_LIMIT) -> list[str]:
+    """The Errors section: error rows per cell and message (most frequent first)."""
+    if details.errors.height == 0:
+        return []
+    rows = [
+        [
+            r["model"],
+            r["method"],
+            str(r["batch_size"]),
+            f"{r['temperature']:g}",
+            r["error"],
+            str(r["rows"]),
+        ]
+        for r in details.errors.head(limit).iter_rows(named=True)
+    ]
+    lines = ["## Errors", ""]
+    lines += _table(["Model", "Method", "Batch size", "T", "Error", "Rows"], rows)
+    if details.errors.height > limit:
+        lines += ["", f"… and {details.errors.height - limit} more (cell, message) pairs."]
+    return [*lines, ""]
+
+
+def run_summary(metrics: pl.DataFrame, details: RunDetails | None) -> str:
+    """One line: how many rows, models, methods, batch sizes and temperatures the run holds."""
+    pooled = metrics.filter(pl.col("topic") == ALL_TOPIC)
+    errors = int(pooled["errors"].sum()) if pooled.height else 0
+    total = details.rows if details is not None else int(pooled["samples"].sum()) + errors
+
+    def listed(col: str, fmt: str = "") -> str:
+        return ", ".join(f"{v:{fmt}}" for v in sorted(set(pooled[col].to_list())))
+
+    return (
+        f"{total:,} rows ({errors:,} errors) · models: {listed('model')} · "
+        f"batch sizes: {listed('batch_size')} · temperatures: {listed('temperature', 'g')}"
+    )
+
+
+def _sections(
+    metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDetails | None
+) -> list[str]:
+    lines: list[str] = []
+    methods = method_order(metrics, manifest)
+    merged = merged_cells(metrics, details) if details is not None else None
+    for model, temperature, batch_size in blocks(metrics):
+        block = block_rows(metrics, model, temperature, batch_size)
         present = [m for m in methods if m in set(block["method"].to_list())]
         lines += [f"## {model} · T={temperature:g} · batch size {batch_size}", ""]
         lines += ["MAT / speedup (global) per topic:", ""]
         lines += [*_topic_table(block, present), ""]
         lines += ["Per method, all topics pooled:", ""]
         lines += [*_detail_table(block, present), ""]
+        if merged is not None:
+            lines += ["Latency breakdown (mean seconds per row), tail, energy and memory:", ""]
+            lines += [
+                *_breakdown_table(block_rows(merged, model, temperature, batch_size), present),
+                "",
+            ]
     return lines
 
 
@@ -204,11 +390,21 @@ def _metadata(manifest: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def render_markdown(metrics: pl.DataFrame, manifest: dict[str, Any]) -> str:
-    """The whole report; `metrics` is cell_metrics()'s frame, `manifest` the run's manifest.json."""
+def render_markdown(
+    metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDetails | None = None
+) -> str:
+    """The whole report; `metrics` is cell_metrics()'s frame, `manifest` the run's manifest.json,
+    `details` run_details()'s (without it the breakdown, energy and error sections are left out).
+    """
     run_id = manifest.get("run_id", "unknown run")
     lines = [headline(metrics), "", f"# MMSpec report: {run_id}", ""]
-    lines += _sections(metrics, manifest)
+    if metrics.height:
+        lines += [run_summary(metrics, details), ""]
+    if details is not None:
+        lines += error_lines(details)
+    if metrics.height:
+        lines += _speedup_by_batch(metrics, method_order(metrics, manifest))
+    lines += _sections(metrics, manifest, details)
     lines += [LEGEND]
     lines += _metadata(manifest)
     return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,637 @@
+"""report.html: the report as one self-contained page (inline CSS, inline SVG charts).
+
+Nothing on the page points outside it (no scripts, fonts, images or style sheets to fetch), so
+it can be mailed, archived as a CI artefact or opened offline. The verdict comes first twice:
+as the file's first line (an HTML comment, for `head -1` and CI logs) and as the banner at the
+top of the page.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from html import escape
+from typing import Any
+
+import polars as pl
+
+from mmspec.reports.markdown import (
+    DASH,
+    DEFINITIONS,
+    ERROR_LIMIT,
+    NOT_MEASURED,
+    block_rows,
+    blocks,
+    energy,
+    gib,
+    headline,
+    merged_cells,
+    method_order,
+    run_summary,
+)
+from mmspec.reports.metrics import ALL_TOPIC, RunDetails
+from mmspec.reports.paired import BASELINE
+from mmspec.reports.plots import Line, Segment, line_chart, method_colors, stacked_bars
+
+PHASES = [
+    # (column of the merged cell frame, legend label, colour)
+    ("prefill_s_mean", "prefill", "#8da0cb"),
+    ("draft_s_mean", "draft", "#fc8d62"),
+    ("verify_s_mean", "verify", "#66c2a5"),
+    ("commit_s_mean", "commit", "#e78ac3"),
+    ("other_s_mean", "other", "#c8c8c8"),
+]
+
+CSS = """
+:root { --fail: #b3261e; --pass: #1e6f34; --warn: #8a5a00; --ink: #1f2328; --muted: #59636e;
+  --line: #d8dee4; --head: #f2f4f7; }
+* { box-sizing: border-box; }
+body { margin: 0; background: #f8f9fb; color: var(--ink);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", sans-serif; }
+.verdict { margin: 0; padding: 14px 28px; color: #fff; font-size: 16px; }
+.verdict.fail { background: var(--fail); }
+.verdict.pass { background: var(--pass); }
+.verdict.warn { background: var(--warn); }
+main { max-width: 1240px; margin: 0 auto; padding: 8px 28px 56px; }
+h1 { font-size: 24px; margin: 18px 0 2px; }
+h2 { font-size: 20px; margin: 36px 0 8px; padding-top: 8px; border-top: 2px solid var(--line); }
+h3 { font-size: 16px; margin: 26px 0 8px; }
+.sub, .note, figcaption { color: var(--muted); }
+.cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 14px 0; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 8px 14px;
+  min-width: 118px; }
+.card b { display: block; font-size: 20px; }
+.card.bad b { color: var(--fail); }
+nav ul { columns: 2; margin: 6px 0; padding-left: 20px; }
+a { color: #0b5cad; }
+.scroll { overflow-x: auto; max-width: 100%; margin: 4px 0 12px; }
+p.note { margin: 10px 0 2px; }
+table { border-collapse: collapse; background: #fff; border: 1px solid var(--line);
+  font-size: 13px; font-variant-numeric: tabular-nums; }
+th, td { padding: 4px 8px; border-bottom: 1px solid #edf0f2; text-align: right;
+  white-space: nowrap; vertical-align: middle; }
+th { background: var(--head); font-weight: 600; white-space: normal; min-width: 4.5em;
+  vertical-align: bottom; }
+th.text, td.text { text-align: left; }
+td.wrap { white-space: normal; max-width: 560px; overflow-wrap: anywhere; }
+tr:hover td { background: #f6f9ff; }
+td.topic span { display: block; line-height: 1.25; }
+td.topic .mat { font-size: 15px; font-weight: 600; }
+td.topic .sp { font-size: 12px; }
+td.best .sp { font-weight: 700; }
+th.pooled, td.pooled { border-left: 2px solid var(--line); }
+.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px;
+  margin-right: 7px; }
+.fail-text { color: var(--fail); font-weight: 700; }
+.ok-text { color: var(--pass); }
+.na { color: var(--muted); font-style: italic; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr));
+  gap: 14px; margin: 8px 0 12px; }
+figure { margin: 0; background: #fff; border: 1px solid var(--line); border-radius: 8px;
+  padding: 6px 8px 8px; }
+figure.wide { max-width: 820px; }
+figcaption { font-size: 12px; padding: 2px 4px 0; }
+svg.plot { display: block; width: 100%; height: auto; }
+svg.plot text { font: 12px system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  fill: #333; }
+svg.plot .plot-title { font-size: 13px; font-weight: 600; }
+svg.plot .axis-label { fill: #555; }
+dl.legend dt { font-weight: 600; margin-top: 8px; }
+dl.legend dd { margin: 0 0 0 18px; color: #333; max-width: 900px; }
+pre { background: #fff; border: 1px solid var(--line); padding: 10px; overflow-x: auto; }
+"""
+
+
+# ---------------------------------------------------------------- small pieces
+
+
+def _num(value: float | None, spec: str, suffix: str = "") -> str:
+    return DASH if value is None else f"{value:{spec}}{suffix}"
+
+
+def _pct(value: float | None) -> str:
+    return DASH if value is None else f"{100 * value:.1f}%"
+
+
+def seconds(value: float) -> str:
+    """A duration in the unit that keeps 3 significant digits readable."""
+    magnitude = abs(value)
+    if magnitude >= 1 or magnitude == 0:
+        return f"{value:.3g} s"
+    if magnitude >= 1e-3:
+        return f"{1e3 * value:.3g} ms"
+    return f"{1e6 * value:.3g} µs"
+
+
+def _inline(text: str) -> str:
+    """Escape text; `code` and **bold** from the shared markdown strings become tags."""
+    out = escape(text, quote=False)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+
+
+def _table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    caption: str = "",
+    head_classes: Sequence[str] | None = None,
+    text_columns: Sequence[int] = (0,),
+) -> str:
+    """A table from pre-rendered cells: a cell starting with "<td" is used as is. Columns in
+    `text_columns` are left-aligned (numbers are right-aligned)."""
+    classes = list(head_classes or [""] * len(header))
+    for i in text_columns:
+        classes[i] = f"{classes[i]} text".strip()
+    head = "".join(
+        f'<th class="{c}">{escape(h)}</th>' if c else f"<th>{escape(h)}</th>"
+        for h, c in zip(header, classes)
+    )
+    body = []
+    for row in rows:
+        cells = []
+        for i, c in enumerate(row):
+            if c.startswith("<td"):
+                cells.append(c)
+            elif i in text_columns:
+                cells.append(f'<td class="text">{c}</td>')
+            else:
+                cells.append(f"<td>{c}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    # A note above rather than a <caption>: a caption wraps to the table's width.
+    note = f'<p class="note">{caption}</p>' if caption else ""
+    return (
+        f'{note}<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def _method_cell(method: str, colors: dict[str, str]) -> str:
+    color = colors.get(method, "#999")
+    return (
+        f'<td class="text"><span class="swatch" style="background:{color}"></span>'
+        f"{escape(method)}</td>"
+    )
+
+
+def _speedup_shade(speedup: float | None) -> str:
+    # Green the faster, red the slower than ar; the strength saturates at 2.5x / 0.5x.
+    if speedup is None:
+        return ""
+    if speedup >= 1:
+        alpha = min(1.0, (speedup - 1) / 1.5) * 0.38
+        return f"background:rgba(46,160,67,{alpha:.3f})"
+    alpha = min(1.0, (1 - speedup) / 0.5) * 0.32
+    return f"background:rgba(207,34,46,{alpha:.3f})"
+
+
+def _verdict_class(metrics: pl.DataFrame) -> str:
+    """fail: a lossless check failed; pass: checks ran, all passed, no error rows; else warn."""
+    pooled = metrics.filter(pl.col("topic") == ALL_TOPIC)
+    greedy = pooled.filter((pl.col("method") != BASELINE) & (pl.col("temperature") == 0))
+    checked = greedy.filter(pl.col("lossless").is_not_null())
+    if checked.filter(pl.col("lossless") < 1.0).height:
+        return "fail"
+    if checked.height and int(pooled["errors"].sum()) == 0:
+        return "pass"
+    return "warn"
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _cards(metrics: pl.DataFrame, details: RunDetails) -> str:
+    pooled = metrics.filter(pl.col("topic") == ALL_TOPIC)
+    errors = int(pooled["errors"].sum()) if pooled.height else 0
+    greedy = pooled.filter((pl.col("method") != BASELINE) & (pl.col("temperature") == 0))
+    failed = greedy.filter(pl.col("lossless") < 1.0).height
+
+    def uniq(col: str) -> int:
+        return pooled[col].n_unique() if pooled.height else 0
+
+    cards = [
+        ("Rows", f"{details.rows:,}", False),
+        ("Error rows", f"{errors:,}", errors > 0),
+        ("Lossless failures", str(failed), failed > 0),
+        ("Models", str(uniq("model")), False),
+        ("Methods", str(uniq("method")), False),
+        ("Batch sizes", str(uniq("batch_size")), False),
+        ("Temperatures", str(uniq("temperature")), False),
+    ]
+    items = "".join(
+        f'<div class="card{" bad" if bad else ""}"><b>{escape(v)}</b>{escape(k)}</div>'
+        for k, v, bad in cards
+    )
+    return f'<div class="cards">{items}</div>'
+
+
+def _errors(details: RunDetails, limit: int = ERROR_LIMIT) -> str:
+    if details.errors.height == 0:
+        return ""
+    rows = [
+        [
+            escape(r["model"]),
+            escape(r["method"]),
+            str(r["batch_size"]),
+            f"{r['temperature']:g}",
+            f'<td class="text wrap">{escape(r["error"] or "(no message)")}</td>',
+            f"{r['rows']:,}",
+        ]
+        for r in details.errors.head(limit).iter_rows(named=True)
+    ]
+    more = details.errors.height - limit
+    note = (
+        f'<p class="note">… and {more} more (cell, message) pairs; every cell\'s error count '
+        "is in its table below.</p>"
+        if more > 0
+        else ""
+    )
+    caption = "Error rows by cell and message, most frequent first."
+    header = ["Model", "Method", "Batch size", "T", "Error", "Rows"]
+    table = _table(header, rows, caption, text_columns=(0, 1, 4))
+    return f'<section id="errors"><h2>Errors</h2>{table}{note}</section>'
+
+
+def _speedup_plot(
+    pooled: pl.DataFrame, methods: list[str], colors: dict[str, str], title: str
+) -> str:
+    sizes = sorted(set(pooled["batch_size"].to_list()))
+    lines = []
+    for method in methods:
+        if method == BASELINE:
+            continue
+        part = pooled.filter(
+            (pl.col("method") == method) & pl.col("speedup_global").is_not_null()
+        ).sort("batch_size")
+        if part.height:
+            xs = [float(b) for b in part["batch_size"].to_list()]
+            lines.append(Line(method, xs, part["speedup_global"].to_list(), colors[method]))
+    if not lines:
+        return (
+            '<p class="note">No speedup to plot: no method shares ok samples with an '
+            "<code>ar</code> baseline here.</p>"
+        )
+    svg = line_chart(
+        lines,
+        title=title,
+        x_label="Batch size",
+        y_label="Speedup vs ar (×)",
+        x_log2=True,
+        x_ticks=[float(b) for b in sizes],
+        x_fmt=lambda v: f"{v:g}",
+        y_fmt=lambda v: f"{v:.2f}×",
+        reference_y=(1.0, "ar = 1×"),
+    )
+    return (
+        f'<figure class="wide">{svg}<figcaption>Speedup (global) of each method over '
+        "<code>ar</code> at the same batch size; all topics pooled.</figcaption></figure>"
+    )
+
+
+def _cdf_plot(latency: pl.DataFrame, methods: list[str], colors: dict[str, str], title: str) -> str:
+    curves = {
+        m: latency.filter(pl.col("method") == m).sort("quantile")
+        for m in methods
+        if latency.filter(pl.col("method") == m).height
+    }
+    if not curves:
+        return '<p class="note">No latency to plot: no row finished ok.</p>'
+    p99 = max(c.filter(pl.col("quantile") <= 0.99)["latency_s"].max() for c in curves.values())
+    slowest = max(c["latency_s"].max() for c in curves.values())
+    # A long tail squeezes every curve into the left edge: the axis ends near the slowest
+    # method's p99 instead, and the caption says so.
+    cut = slowest > 1.3 * p99 > 0
+    x_hi = 1.05 * p99 if cut else slowest
+    lines = []
+    for method, curve in curves.items():
+        kept = curve.filter(pl.col("latency_s") <= x_hi)
+        lines.append(
+            Line(
+                method,
+                kept["latency_s"].to_list(),
+                kept["quantile"].to_list(),
+                colors[method],
+                dashed=method == BASELINE,
+            )
+        )
+    svg = line_chart(
+        lines,
+        title=title,
+        x_label="Latency per row (s)",
+        y_label="Rows finished",
+        x_range=(0.0, x_hi),
+        y_range=(0.0, 1.0),
+        y_fmt=lambda v: f"{100 * v:.0f}%",
+        markers=False,
+    )
+    note = (
+        f" The axis ends just past the slowest method's p99 ({seconds(p99)}); the slowest row "
+        f"took {seconds(slowest)}."
+        if cut
+        else ""
+    )
+    return (
+        f"<figure>{svg}<figcaption>Share of rows (y) that finished within a latency (x), "
+        f"batch start to row end; further left is faster.{note}</figcaption></figure>"
+    )
+
+
+def _breakdown_plot(
+    block: pl.DataFrame, methods: list[str], colors: dict[str, str], title: str
+) -> str:
+    rows = {r["method"]: r for r in block.iter_rows(named=True)}
+    present = [m for m in methods if m in rows and rows[m]["total_s_mean"] is not None]
+    if not present:
+        return '<p class="note">No latency breakdown: no row finished ok.</p>'
+    values = [[rows[m][col] or 0.0 for col, _, _ in PHASES] for m in present]
+    svg = stacked_bars(
+        present,
+        [colors[m] for m in present],
+        [Segment(label, color) for _, label, color in PHASES],
+        values,
+        title=title,
+        x_label="Mean latency per row",
+        value_fmt=seconds,
+    )
+    return (
+        f"<figure>{svg}<figcaption>Where a row's time goes (means over ok rows); other = "
+        "total − prefill − draft − verify − commit.</figcaption></figure>"
+    )
+
+
+def _topic_table(block: pl.DataFrame, methods: list[str], colors: dict[str, str]) -> str:
+    topics = [*sorted(set(block["topic"].to_list()) - {ALL_TOPIC}), ALL_TOPIC]
+    by_key = {(r["method"], r["topic"]): r for r in block.iter_rows(named=True)}
+    best: dict[str, float] = {}
+    for (method, topic), r in by_key.items():
+        if method != BASELINE and r["speedup_global"] is not None:
+            best[topic] = max(best.get(topic, 0.0), r["speedup_global"])
+    rows = []
+    for method in methods:
+        cells = [_method_cell(method, colors)]
+        for topic in topics:
+            r = by_key.get((method, topic))
+            classes = ["topic"] + (["pooled"] if topic == ALL_TOPIC else [])
+            if r is None:
+                cells.append(f'<td class="{" ".join(classes)}">{DASH}</td>')
+                continue
+            speedup = r["speedup_global"]
+            if method != BASELINE and speedup is not None and speedup == best.get(topic):
+                classes.append("best")
+            tip = f"{method} · {topic}: MAT {_num(r['MAT'], '.3f')}, speedup {_num(speedup, '.3f')}"
+            cells.append(
+                f'<td class="{" ".join(classes)}" style="{_speedup_shade(speedup)}" '
+                f'title="{escape(tip)}"><span class="mat">{_num(r["MAT"], ".2f")}</span>'
+                f'<span class="sp">{_num(speedup, ".2f", "×")}</span></td>'
+            )
+        rows.append(cells)
+    header = ["Method", *[("All (pooled)" if t == ALL_TOPIC else t) for t in topics]]
+    head_classes = ["", *[("pooled" if t == ALL_TOPIC else "") for t in topics]]
+    caption = (
+        "Each cell: MAT (accepted drafts per step, bonus excluded) over speedup (global) vs "
+        "<code>ar</code>; greener is faster, bold is the fastest method of the column."
+    )
+    return _table(header, rows, caption, head_classes)
+
+
+DETAIL_HEADER = [
+    "Method",
+    "Samples",
+    "Errors",
+    "MAT",
+    "MAT incl. bonus",
+    "Accept rate",
+    "Tokens/s",
+    "Speedup (global)",
+    "Speedup (paired)",
+    "Paired keys",
+    "p50 s",
+    "p90 s",
+    "p99 s",
+    "Lossless",
+    "Energy / token",
+    "Peak memory",
+]
+
+
+def _lossless(value: float | None) -> str:
+    if value is None:
+        return DASH
+    if value < 1.0:
+        return f'<span class="fail-text">{_pct(value)} ✗</span>'
+    return f'<span class="ok-text">{_pct(value)} ✓</span>'
+
+
+def _measured(text: str) -> str:
+    return f'<span class="na">{text}</span>' if text == NOT_MEASURED else escape(text)
+
+
+def _detail_table(block: pl.DataFrame, methods: list[str], colors: dict[str, str]) -> str:
+    rows = {r["method"]: r for r in block.iter_rows(named=True)}
+    out = []
+    for method in methods:
+        r = rows.get(method)
+        if r is None:
+            continue
+        errors = f'<span class="fail-text">{r["errors"]}</span>' if r["errors"] else "0"
+        out.append(
+            [
+                _method_cell(method, colors),
+                f"{r['samples']:,}",
+                errors,
+                _num(r["MAT"], ".2f"),
+                _num(r["MAT_with_bonus"], ".2f"),
+                _pct(r["accept_rate"]),
+                _num(r["tokens_per_s"], ".1f"),
+                _num(r["speedup_global"], ".2f", "×"),
+                _num(r["speedup_paired"], ".2f", "×"),
+                f"{r['paired_keys']:,}",
+                _num(r["latency_p50_s"], ".3f"),
+                _num(r["latency_p90_s"], ".3f"),
+                _num(r["latency_p99_s"], ".3f"),
+                _lossless(r["lossless"]),
+                _measured(energy(r)),
+                _measured(gib(r["peak_mem_bytes"])),
+            ]
+        )
+    return _table(DETAIL_HEADER, out, "Per method, all topics pooled.")
+
+
+def _breakdown_table(block: pl.DataFrame, methods: list[str], colors: dict[str, str]) -> str:
+    rows = {r["method"]: r for r in block.iter_rows(named=True)}
+    out = []
+    for method in methods:
+        r = rows.get(method)
+        if r is None:
+            continue
+        cells = [_method_cell(method, colors), _num(r["total_s_mean"], ".4f")]
+        cells += [_num(r[col], ".4f") for col, _, _ in PHASES]
+        out.append(cells)
+    header = ["Method", "Latency mean s", *[f"{label} s" for _, label, _ in PHASES]]
+    return _table(header, out, "Latency breakdown: mean seconds per row.")
+
+
+def _model_section(
+    index: int,
+    model: str,
+    temperature: float,
+    merged: pl.DataFrame,
+    metrics: pl.DataFrame,
+    details: RunDetails,
+    methods: list[str],
+    colors: dict[str, str],
+) -> tuple[str, list[tuple[str, str]]]:
+    """One model at one temperature: speedup vs batch size, then one block per batch size."""
+    anchor = f"m{index}"
+    where = f"{model} · T={temperature:g}"
+    pooled = merged.filter((pl.col("model") == model) & (pl.col("temperature") == temperature))
+    parts = [f'<section id="{anchor}"><h2>{escape(where)}</h2>']
+    parts.append(_speedup_plot(pooled, methods, colors, f"Speedup vs batch size · {where}"))
+    toc = [(anchor, where)]
+    sizes = sorted(b for m, t, b in blocks(metrics) if m == model and t == temperature)
+    for batch_size in sizes:
+        block = block_rows(metrics, model, temperature, batch_size)
+        present = [m for m in methods if m in set(block["method"].to_list())]
+        cells = block_rows(merged, model, temperature, batch_size)
+        latency = block_rows(details.latency, model, temperature, batch_size)
+        sub = f"{anchor}-b{batch_size}"
+        label = f"{where} · batch size {batch_size}"
+        toc.append((sub, f"batch size {batch_size}"))
+        parts.append(f'<h3 id="{sub}">{escape(label)}</h3>')
+        parts.append(_topic_table(block, present, colors))
+        parts.append('<div class="charts">')
+        parts.append(_cdf_plot(latency, present, colors, f"Latency CDF · {label}"))
+        parts.append(_breakdown_plot(cells, present, colors, f"Latency breakdown · {label}"))
+        parts.append("</div>")
+        parts.append(_detail_table(cells, present, colors))
+        parts.append(_breakdown_table(cells, present, colors))
+    parts.append("</section>")
+    return "\n".join(parts), toc
+
+
+def _legend() -> str:
+    items = "".join(
+        f"<dt>{escape(term)}</dt><dd>{_inline(text)}</dd>" for term, text in DEFINITIONS
+    )
+    return f'<section id="legend"><h2>Legend</h2><dl class="legend">{items}</dl></section>'
+
+
+def _metadata(manifest: dict[str, Any]) -> str:
+    fields = [
+        ("Run id", manifest.get("run_id")),
+        ("Git sha", manifest.get("git_sha")),
+        ("Uncommitted changes", manifest.get("git_dirty")),
+        ("Grid sha256", manifest.get("grid_sha256")),
+        ("Workload sha256", manifest.get("workload_sha256")),
+        ("Host", manifest.get("host")),
+        ("Python", manifest.get("python")),
+        ("Platform", manifest.get("platform")),
+        ("Started at", manifest.get("started_at")),
+        ("Schema version", manifest.get("schema_version")),
+    ]
+    grid = manifest.get("grid") or {}
+    for key in ("methods", "batch_sizes", "temperatures", "max_new_tokens", "repeats", "seed"):
+        if key in grid:
+            value = grid[key]
+            text = ", ".join(map(str, value)) if isinstance(value, list) else value
+            fields.append((f"Grid {key.replace('_', ' ')}", text))
+    rows = [
+        [escape(name), f'<td class="text wrap"><code>{escape(str(value))}</code></td>']
+        if value is not None
+        else [escape(name), '<span class="na">unknown</span>']
+        for name, value in fields
+    ]
+    parts = [
+        '<section id="metadata"><h2>Run metadata</h2>',
+        _table(["Field", "Value"], rows, text_columns=(0, 1)),
+    ]
+    packages = manifest.get("packages") or {}
+    if packages:
+        versions = [
+            [escape(name), escape(v) if v else '<span class="na">not installed</span>']
+            for name, v in sorted(packages.items())
+        ]
+        parts.append(_table(["Package", "Version"], versions, text_columns=(0, 1)))
+    if manifest.get("grid_text"):
+        parts.append(
+            f"<details><summary>Grid file as written</summary>"
+            f"<pre>{escape(manifest['grid_text'])}</pre></details>"
+        )
+    return "\n".join([*parts, "</section>"])
+
+
+def _comment(text: str) -> str:
+    # "--" may not appear inside an HTML comment.
+    return "<!-- " + text.replace("--", "- -") + " -->"
+
+
+def render_html(metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDetails) -> str:
+    """The whole page; inputs as for markdown.render_markdown (details required here)."""
+    verdict = headline(metrics)
+    plain = verdict.replace("**", "")
+    run_id = str(manifest.get("run_id", "unknown run"))
+    methods = method_order(metrics, manifest)
+    colors = method_colors(methods, BASELINE)
+    body = [
+        f'<header class="verdict {_verdict_class(metrics)}" id="verdict">'
+        f"{_inline(verdict)}</header>",
+        "<main>",
+        f"<h1>MMSpec report: {escape(run_id)}</h1>",
+    ]
+    started, sha = manifest.get("started_at"), manifest.get("git_sha")
+    sub = " · ".join(
+        x
+        for x in (
+            f"started {started}" if started else "",
+            f"git {sha[:12]}" if sha else "",
+            f"host {manifest['host']}" if manifest.get("host") else "",
+        )
+        if x
+    )
+    if sub:
+        body.append(f'<p class="sub">{escape(sub)}</p>')
+    sections: list[str] = []
+    toc: list[tuple[str, str, int]] = []
+    if metrics.height:
+        body.append(f'<p class="sub">{escape(run_summary(metrics, details))}</p>')
+        body.append(_cards(metrics, details))
+        errors = _errors(details)
+        if errors:
+            sections.append(errors)
+            toc.append(("errors", "Errors", 0))
+        merged = merged_cells(metrics, details)
+        pairs = metrics.select("model", "temperature").unique().sort(pl.all()).iter_rows()
+        for index, (model, temperature) in enumerate(pairs):
+            html, entries = _model_section(
+                index, model, temperature, merged, metrics, details, methods, colors
+            )
+            sections.append(html)
+            toc += [(a, t, 0 if i == 0 else 1) for i, (a, t) in enumerate(entries)]
+    else:
+        body.append('<p class="note">This run has no result rows yet.</p>')
+    sections += [_legend(), _metadata(manifest)]
+    toc += [("legend", "Legend", 0), ("metadata", "Run metadata", 0)]
+    links = "".join(
+        f'<li>{"&nbsp;&nbsp;↳ " if level else ""}<a href="#{a}">{escape(t)}</a></li>'
+        for a, t, level in toc
+    )
+    body.append(f"<nav><h2>Contents</h2><ul>{links}</ul></nav>")
+    body += sections
+    body.append("</main>")
+    return "\n".join(
+        [
+            _comment(plain),
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{escape(plain[:120])} · {escape(run_id)}</title>",
+            f"<style>{CSS}</style>",
+            "</head>",
+            "<body>",
+            *body,
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
