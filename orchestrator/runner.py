@@ -22,7 +22,7 @@ from mmspec.methods.engine import Engine, RowResult
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.target import Message
 from mmspec.models.loader import load_target
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
+from mmspec.orchestrator.cells import ModelConfig, Shard
 from mmspec.orchestrator.oom import (
     generate_unless_oom,
     halves,
@@ -30,6 +30,7 @@ from mmspec.orchestrator.oom import (
     release_memory,
 )
 from mmspec.orchestrator.schema import ResultRow
+from mmspec.orchestrator.shard_rows import base_row
 from mmspec.orchestrator.telemetry import DEFAULT_HZ, WindowStats, make_sampler, shard_table
 from mmspec.workloads.sample import Sample, SampleError
 
@@ -198,24 +199,7 @@ class ShardRunner:
 
     # ---- rows ----------------------------------------------------------------------------
     def _base_row(self, shard: Shard, sample: Sample, turn: int) -> ResultRow:
-        cell: Cell = shard.cell
-        return ResultRow(
-            run_id=shard.run_id,
-            cell_id=cell.cell_id,
-            shard_id=shard.shard_id,
-            model=cell.model.id,
-            method=cell.method,
-            batch_size=cell.batch_size,
-            temperature=cell.temperature,
-            seed=cell.seed,
-            repeat=cell.repeat,
-            workload=cell.workload,
-            topic=sample.topic,
-            category=sample.category,
-            sample_id=sample.id,
-            turn=turn,
-            **self.device,
-        )
+        return base_row(shard, sample, turn, **self.device)
 
     def _error_row(self, shard: Shard, sample: Sample, turn: int, error: str) -> ResultRow:
         row = self._base_row(shard, sample, turn)

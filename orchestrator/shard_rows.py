@@ -6,10 +6,13 @@ could not be measured, so a run's results always cover every (cell, sample, turn
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 from mmspec.orchestrator.cells import Shard
 from mmspec.orchestrator.schema import ResultRow, rows_to_table
+from mmspec.workloads.sample import Sample
 
 MAX_ERROR_CHARS = 4000  # Ray errors carry whole remote tracebacks; the end says what failed
 
@@ -18,6 +21,29 @@ Key = tuple[str, int]  # (sample_id, turn)
 
 class ShardResultError(ValueError):
     """A worker returned rows that do not belong to the shard (a runner bug)."""
+
+
+def base_row(shard: Shard, sample: Sample, turn: int, **fields: Any) -> ResultRow:
+    """A row of `shard` for (sample, turn) with the cell's identity filled in; `fields` add the
+    measurements (or the error)."""
+    cell = shard.cell
+    return ResultRow(
+        run_id=shard.run_id,
+        cell_id=cell.cell_id,
+        shard_id=shard.shard_id,
+        model=cell.model.id,
+        method=cell.method,
+        batch_size=cell.batch_size,
+        temperature=cell.temperature,
+        seed=cell.seed,
+        repeat=cell.repeat,
+        workload=cell.workload,
+        topic=sample.topic,
+        category=sample.category,
+        sample_id=sample.id,
+        turn=turn,
+        **fields,
+    )
 
 
 def expected_keys(shard: Shard) -> list[Key]:
@@ -30,26 +56,8 @@ def error_rows(shard: Shard, error: str, keys: list[Key] | None = None) -> list[
     wanted = set(expected_keys(shard) if keys is None else keys)
     if len(error) > MAX_ERROR_CHARS:
         error = "..." + error[-MAX_ERROR_CHARS:]
-    cell = shard.cell
     return [
-        ResultRow(
-            run_id=shard.run_id,
-            cell_id=cell.cell_id,
-            shard_id=shard.shard_id,
-            model=cell.model.id,
-            method=cell.method,
-            batch_size=cell.batch_size,
-            temperature=cell.temperature,
-            seed=cell.seed,
-            repeat=cell.repeat,
-            workload=cell.workload,
-            topic=sample.topic,
-            category=sample.category,
-            sample_id=sample.id,
-            turn=turn,
-            status="error",
-            error=error,
-        )
+        base_row(shard, sample, turn, status="error", error=error)
         for sample in shard.samples
         for turn in range(max(1, len(sample.turns)))
         if (sample.id, turn) in wanted

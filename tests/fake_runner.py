@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from mmspec.orchestrator.cells import ModelConfig, Shard
 from mmspec.orchestrator.schema import ResultRow
+from mmspec.orchestrator.shard_rows import base_row
 from mmspec.workloads.sample import TOPICS, Sample
 
 CONTROL_KEYS = (
@@ -128,27 +129,15 @@ class FakeRunner:
             os._exit(1)
         delay = float(self.args.get("delay_s", 0.0)) * len(shard.samples)
         time.sleep(delay + float(self.args.get("slow", {}).get(sid, 0.0)))
-        cell = shard.cell
         rows = [
-            ResultRow(
-                run_id=shard.run_id,
-                cell_id=cell.cell_id,
-                shard_id=sid,
-                model=cell.model.id,
-                method=cell.method,
-                batch_size=cell.batch_size,
-                temperature=cell.temperature,
-                seed=cell.seed,
-                repeat=cell.repeat,
-                workload=cell.workload,
-                topic=sample.topic,
-                category=sample.category,
-                sample_id=sample.id,
-                turn=turn,
+            base_row(
+                shard,
+                sample,
+                turn,
                 new_tokens=8,
                 steps=4,
                 total_s=0.01,
-                batch_index=index // cell.batch_size,
+                batch_index=index // shard.cell.batch_size,
                 output_tokens=[1, 2, 3],
                 output_sha256=hashlib.sha256(sample.id.encode()).hexdigest(),
                 device_name=self.device,
