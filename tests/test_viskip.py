@@ -52,7 +52,7 @@ def test_probe_score_equals_eager_attention(model_id: str, layers: tuple[int, ..
     got = probe.take()[:, 0]
     positions, _ = fast.prefill_positions(prompt)
     ref_cache = DynamicCache(config=eager.model.config)
-    inputs = {**prompt.inputs, "position_ids": positions, "past_key_values": ref_cache}
+    inputs = {**prompt.inputs, "position_ids": positions, eager._cache_kw: ref_cache}
     want = _eager_mass(eager.model, inputs, vision, layers)
     assert torch.allclose(got, want[:, -1], atol=1e-5)
 
@@ -79,7 +79,7 @@ def test_probe_score_equals_eager_attention(model_id: str, layers: tuple[int, ..
         "input_ids": ids,
         "position_ids": eager.text_positions(pos),
         "attention_mask": mask,
-        "past_key_values": ref_cache,
+        eager._cache_kw: ref_cache,
     }
     want = _eager_mass(eager.model, verify_inputs, keys, layers)
     assert torch.allclose(got, want, atol=1e-5)
