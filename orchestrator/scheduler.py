@@ -10,11 +10,15 @@ taking that pair's shards; when its pair runs dry it is killed, and its slot sta
 for the pair with the most expected work per actor already on it - unless that work would be
 done before a new actor finished loading (measured as the run goes; see `_Clock`). When no
 pair is worth a new actor the slot stays empty: idle actors are released at once, not at the
-end of the run. Each actor has one shard in flight and gets the next as soon as it returns, so
-fast and slow workers alike stay busy.
+end of the run. Each actor runs one shard at a time and has the next one already waiting
+behind it (`prefetch`), its arguments shipped, so it starts the moment the last one returns
+instead of after a round trip through the driver. A shard is queued behind another only while
+its pair has more shards left than actors serving it, so near a pair's end no shard waits on a
+busy actor while another actor of that pair runs dry. Fast and slow workers alike stay busy.
 
 Faults. A failed attempt (an exception from the runner, the actor's process dying, its node
-lost) is retried on a fresh actor up to `max_retries` times, then recorded as error rows; a pair
+lost) is retried on a fresh actor up to `max_retries` times, then recorded as error rows (shards
+queued behind it on the same actor go back to the queue, not counted as attempts); a pair
 whose runner cannot be built fails its remaining shards at once instead of reloading for each.
 When the cluster shrinks, slots beyond what the live nodes can hold are parked until it grows
 again; if no node can hold a single worker for `capacity_wait_s`, what is left is recorded as
@@ -41,7 +45,7 @@ import ray
 from mmspec.orchestrator.cells import Shard
 from mmspec.orchestrator.runner import ShardRunner
 from mmspec.orchestrator.shard_rows import complete_table, error_table, expected_keys
-from mmspec.orchestrator.worker import PairKey, RunnerInitError, Worker, pair_of
+from mmspec.orchestrator.worker import PairKey, RunnerInitError, Worker, pair_of, unpack_table
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,9 @@ class SchedulerSettings:
     threads_per_worker: int = 1  # torch threads per actor (the runner sets them)
     gpus_per_worker: int = 1  # GPUs one actor reserves, on one node
     max_retries: int = 2  # extra attempts per shard, each on a fresh actor
+    # shards waiting on each actor behind the running one (args already shipped): hides the
+    # hand-over between shards; 0 = the next shard is sent only when the last one returns
+    prefetch: int = 1
     # relative cost of a method's decoding (default 1.0); only the order of shards uses it
     method_weights: Mapping[str, float] = field(default_factory=dict)
     poll_s: float = 5.0  # how often to look for returning nodes while slots are parked
@@ -164,7 +171,10 @@ class _Slot:
     actor: Any = None  # Ray actor handle of a Worker, or None when empty
     pair: PairKey | None = None
     parked: bool = False  # left empty because the live nodes have no room for it
-    fresh: bool = False  # its actor has not returned a shard yet (the first includes the load)
+    fresh: bool = False  # its actor has not been sent a shard yet (the first includes the load)
+    # ObjectRefs of the shards sent to its actor and not yet collected, oldest (running) first
+    inflight: deque[Any] = field(default_factory=deque)
+    returned: float = -math.inf  # time.monotonic() when its actor's last shard was collected
 
 
 @dataclass(frozen=True)
@@ -173,7 +183,7 @@ class _Attempt:
 
     slot: _Slot
     shard: Shard
-    started: float  # time.monotonic() at dispatch
+    started: float  # time.monotonic() at dispatch (a shard waiting behind another starts later)
     fresh: bool  # the first shard of a new actor: its time includes process start + model load
 
 
@@ -269,8 +279,10 @@ class _Run:
             self.enqueue(shard)
         self.slots = [_Slot() for _ in range(min(self.settings.slots, len(shards)))]
         try:
+            for slot in self.slots:  # every slot its first shard before any waits behind one
+                self.dispatch(slot, prefetch=False)
             for slot in self.slots:
-                self.dispatch(slot)
+                self.top_up(slot)
             while self.in_flight or self.queues:
                 for ref in self.wait():
                     self.collect(ref)
@@ -322,28 +334,57 @@ class _Run:
 
     # ---- slots and actors -----------------------------------------------------------------
 
-    def dispatch(self, slot: _Slot) -> None:
-        """Give a free slot its next shard: same pair if possible, else switch pairs."""
-        pair = slot.pair if slot.actor is not None and slot.pair in self.queues else None
-        if pair is None:
-            self.retire(slot)  # its pair is done: release the actor (and its model) now
-            pair = self.next_pair()
+    def dispatch(self, slot: _Slot, prefetch: bool = True) -> None:
+        """Keep a slot busy: an idle one gets its next shard (same pair if possible, else it
+        switches pairs), then shards to wait behind it (`top_up`)."""
+        if not slot.inflight:
+            pair = slot.pair if slot.actor is not None and slot.pair in self.queues else None
             if pair is None:
-                return
-            model, method, _ = pair
-            slot.actor = self.actor_cls.remote(
-                self.runner_cls,
-                model,
-                method,
-                self.queues[pair][0].cell.method_args,
-                self.device,
-                self.settings.threads_per_worker,
-            )
-            slot.pair, slot.fresh = pair, True
-            self.actors_started += 1
+                self.retire(slot)  # its pair is done: release the actor (and its model) now
+                pair = self.next_pair()
+                if pair is None:
+                    return
+                model, method, _ = pair
+                slot.actor = self.actor_cls.remote(
+                    self.runner_cls,
+                    model,
+                    method,
+                    self.queues[pair][0].cell.method_args,
+                    self.device,
+                    self.settings.threads_per_worker,
+                )
+                slot.pair, slot.fresh, slot.returned = pair, True, -math.inf
+                self.actors_started += 1
+            self.send(slot, pair)
+        if prefetch:
+            self.top_up(slot)
+
+    def top_up(self, slot: _Slot) -> None:
+        """Queue shards on a busy actor, up to `prefetch`, while its pair has more shards left
+        than actors serving it: each of those still finds one when it frees up."""
+        pair = slot.pair
+        if slot.actor is None or pair is None:
+            return
+        serving = sum(s.actor is not None and s.pair == pair for s in self.slots)
+        while (
+            0 < len(slot.inflight) <= self.settings.prefetch
+            and len(self.queues.get(pair, ())) > serving
+        ):
+            self.send(slot, pair)
+
+    def send(self, slot: _Slot, pair: PairKey) -> None:
         shard = self.pop(pair)
         attempt = _Attempt(slot, shard, time.monotonic(), slot.fresh)
-        self.in_flight[slot.actor.run.remote(shard)] = attempt
+        ref = slot.actor.run_packed.remote(shard)
+        self.in_flight[ref] = attempt
+        slot.inflight.append(ref)
+        slot.fresh = False
+
+    def take_back(self, slot: _Slot) -> list[_Attempt]:
+        """Forget every shard still sent to the slot's actor (oldest first)."""
+        attempts = [self.in_flight.pop(ref) for ref in slot.inflight]
+        slot.inflight.clear()
+        return attempts
 
     def retire(self, slot: _Slot) -> None:
         if slot.actor is not None:
@@ -359,18 +400,25 @@ class _Run:
         return ready
 
     def collect(self, ref: Any) -> None:
+        # An actor runs its shards in order, so its oldest is settled first: if it failed,
+        # it is the one to blame, and the ones behind it go back to the queue unblamed.
+        slot = self.in_flight[ref].slot
+        ref = slot.inflight.popleft()
         attempt = self.in_flight.pop(ref)
-        slot, shard = attempt.slot, attempt.shard
+        shard = attempt.shard
         try:
-            table, telemetry = ray.get(ref)
-            table = complete_table(shard, table)
+            packed, packed_telemetry = ray.get(ref)
+            table = complete_table(shard, unpack_table(packed))
+            telemetry = None if packed_telemetry is None else unpack_table(packed_telemetry)
         except Exception as exc:  # any failure of the attempt is retried the same way
             self.failure(slot, shard, exc)
         else:
-            seconds = time.monotonic() - attempt.started
+            now = time.monotonic()
+            # a shard that waited behind another started when that one returned
+            seconds = now - max(attempt.started, slot.returned)
+            slot.returned = now
             cost = self.cost[shard.shard_id]
             self.clock.record(pair_of(shard.cell), seconds, cost, attempt.fresh)
-            slot.fresh = False
             self.finish(shard, table, telemetry)
         if not slot.parked:
             self.dispatch(slot)
@@ -420,10 +468,10 @@ class _Run:
 
     def abandon(self, error: str) -> None:
         """Record every shard not yet finished as error rows and stop every actor."""
-        for ref, attempt in list(self.in_flight.items()):
-            del self.in_flight[ref]
-            self.retire(attempt.slot)
-            self.give_up(attempt.shard, error)
+        for slot in self.slots:
+            for attempt in self.take_back(slot):
+                self.give_up(attempt.shard, error)
+            self.retire(slot)
         for pair in list(self.queues):
             while pair in self.queues:
                 self.give_up(self.pop(pair), error)
@@ -442,6 +490,8 @@ class _Run:
         pair = pair_of(shard.cell)
         error = f"{type(exc).__name__}: {exc}"
         self.retire(slot)  # the actor may be dead or half-broken; never reuse it
+        for waiting in reversed(self.take_back(slot)):  # queued behind it: not to blame
+            self.enqueue(waiting.shard, front=True)
         if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ObjectLostError):
             self.fit_to_cluster(slot)  # a dead process may mean a lost node
         if pair in self.broken:

@@ -27,6 +27,19 @@ class RunnerInitError(RuntimeError):
     """The runner could not be built (model or drafter failed to load) on this worker."""
 
 
+def pack_table(table: pa.Table) -> bytes:
+    """A table as one Arrow IPC stream, schema and its metadata included."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def unpack_table(data: bytes) -> pa.Table:
+    """The table `pack_table` packed."""
+    return pa.ipc.open_stream(data).read_all()
+
+
 class Worker:
     """Builds the runner once, then runs any number of shards of its pair.
 
@@ -76,3 +89,12 @@ class Worker:
             self._runner.last_telemetry = None
         table = rows_to_table(self._runner.run(shard))
         return table, getattr(self._runner, "last_telemetry", None)
+
+    def run_packed(self, shard: Shard) -> tuple[bytes, bytes | None]:
+        """`run` with both tables packed (`pack_table`): what the scheduler calls through Ray.
+
+        Pickled, a result table is hundreds of objects, ~2 ms of this worker's CPU per shard
+        spent between one shard and the next; one IPC buffer takes ~0.1 ms.
+        """
+        table, telemetry = self.run(shard)
+        return pack_table(table), None if telemetry is None else pack_table(telemetry)

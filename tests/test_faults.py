@@ -248,6 +248,21 @@ def test_worker_returns_the_runners_telemetry() -> None:
     assert telemetry is None
 
 
+def test_worker_results_cross_ray_as_arrow_ipc() -> None:
+    from mmspec.orchestrator.worker import unpack_table
+
+    first, second = make_shard(0), make_shard(1)
+    TelemetryRunner.skip = (second.shard_id,)
+    worker = Worker(TelemetryRunner, first.cell.model, "pld", {}, "cpu", 1)
+    table, telemetry = worker.run(first)
+    packed, packed_telemetry = worker.run_packed(first)
+    assert isinstance(packed, bytes) and isinstance(packed_telemetry, bytes)
+    got = unpack_table(packed)
+    assert got.equals(table) and got.schema.equals(table.schema, check_metadata=True)
+    assert telemetry is not None and unpack_table(packed_telemetry).equals(telemetry)
+    assert worker.run_packed(second)[1] is None
+
+
 # ---------------------------------------------------------------- grid and slot planning
 
 
@@ -340,3 +355,50 @@ def test_a_pair_gets_another_actor_only_if_that_finishes_it_sooner() -> None:
     while len(run.queues.get(pair, ())) > 1:
         run.pop(pair)
     assert run.next_pair() == pair
+
+
+def test_a_shard_waits_behind_the_running_one_only_while_the_pair_has_enough_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mmspec.orchestrator import scheduler
+    from mmspec.orchestrator.scheduler import SchedulerSettings, _Run, _Slot, expected_cost
+    from mmspec.orchestrator.worker import pair_of
+
+    class FakeActor:  # stands in for a Worker actor handle: `run.remote` gives a fresh ref
+        def __init__(self, *args: Any) -> None:
+            self.sent: list[str] = []
+            self.run_packed = self  # actor.run_packed.remote(shard)
+
+        def remote(self, shard: Shard) -> object:
+            self.sent.append(shard.shard_id)
+            return object()
+
+    def fail(ref: Any) -> Any:
+        raise RuntimeError("the runner failed")
+
+    monkeypatch.setattr(scheduler.ray, "kill", lambda *a, **k: None)
+    monkeypatch.setattr(scheduler.ray, "get", fail)
+    shards = [make_shard(i) for i in range(5)]
+    pair = pair_of(shards[0].cell)
+    run = _Run(SchedulerSettings(slots=2, prefetch=1), FakeRunner, lambda *a: None)
+    run.actor_cls = type("FakeActorClass", (), {"remote": staticmethod(FakeActor)})
+    first, second = FakeActor(), FakeActor()
+    run.slots = [_Slot(actor=first, pair=pair), _Slot(actor=second, pair=pair)]
+    for shard in shards:
+        run.cost[shard.shard_id] = expected_cost(shard)
+        run.enqueue(shard)
+    ids = [s.shard_id for s in shards]
+
+    run.dispatch(run.slots[0])  # one to run, one behind it: 3 left for 2 actors
+    assert first.sent == ids[:2]
+    run.dispatch(run.slots[1])  # one to run; 2 left for 2 actors: none waits behind it
+    assert second.sent == ids[2:3]
+    assert [s.shard_id for s in run.queues[pair]] == ids[3:]
+
+    # the running shard fails: it is blamed and retried, the one behind it is not
+    run.collect(run.slots[0].inflight[-1])  # whichever ref comes back, the oldest is settled
+    assert run.attempts == {ids[0]: 1} and run.retries == 1
+    replacement = run.slots[0].actor
+    assert replacement is not first and run.slots[0].pair == pair
+    assert replacement.sent == ids[:2]  # both again, in their order, on a fresh actor
+    assert [s.shard_id for s in run.queues[pair]] == ids[3:]
