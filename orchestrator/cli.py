@@ -162,7 +162,11 @@ def submit(
         todo = [s for s in shards if s.shard_id not in done]
         click.echo(f"run: {run_dir} ({len(todo)} of {len(shards)} shards to run)", err=True)
 
-        failed = _run_shards(todo, grid, run_dir, local, address, hooks) if todo else 0
+        try:
+            failed = _run_shards(todo, grid, run_dir, local, address, hooks) if todo else 0
+        except _Invalid as exc:
+            click.echo(str(exc), err=True)
+            ctx.exit(EXIT_INVALID)
         report_ok = _report(run_dir, echo_markdown=False)
         if failed or not report_ok:
             ctx.exit(EXIT_FAILED_SHARDS)
@@ -318,15 +322,26 @@ def _run_shards(
         _prepare_models(grid)
     with ray_session(local=local, address=address) as session:
         # imported here: Ray must be imported after ray_session chose the node address
-        from mmspec.orchestrator.scheduler import Scheduler, SchedulerSettings, plan_slots
-
-        slots, use_gpu = plan_slots(
-            session.resources,
-            grid.workers,
-            grid.threads_per_worker,
-            grid.gpus_per_worker,
-            session.nodes,
+        from mmspec.orchestrator.scheduler import (
+            Scheduler,
+            SchedulerSettings,
+            SchedulingError,
+            plan_slots,
         )
+
+        try:
+            slots, use_gpu = plan_slots(
+                session.resources,
+                grid.workers,
+                grid.threads_per_worker,
+                grid.gpus_per_worker,
+                session.nodes,
+            )
+        except SchedulingError as exc:
+            raise _Invalid(
+                f"{exc}. Nothing ran; the run directory {run_dir} is kept: "
+                f"`mmspec-orch submit --resume {run_dir}` on a cluster that fits"
+            ) from None
         log.info("ray %s: %d worker slot(s), %s", session.mode, slots, "GPU" if use_gpu else "CPU")
         settings = SchedulerSettings(
             slots, use_gpu, grid.threads_per_worker, gpus_per_worker=grid.gpus_per_worker

@@ -163,3 +163,22 @@ def test_resume_refuses_another_grid(tmp_path: Path, no_ray: None) -> None:
     result = invoke("submit", "--resume", str(run_dir))
     assert result.exit_code == 2
     assert "workloads changed" in result.stderr
+
+
+def test_a_cluster_that_cannot_hold_a_worker_exits_2_and_keeps_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contextlib import contextmanager
+
+    @contextmanager
+    def two_one_gpu_nodes(**kwargs: Any) -> Iterator[ray_session_module.RaySession]:
+        nodes = ({"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0})
+        yield ray_session_module.RaySession("existing", {"CPU": 16.0, "GPU": 2.0}, nodes)
+
+    monkeypatch.setattr(ray_session_module, "ray_session", two_one_gpu_nodes)
+    result = invoke("submit", str(small_grid(tmp_path, gpus_per_worker=2)), "--local")
+    assert result.exit_code == 2, result.output
+    assert "gpus_per_worker is 2" in result.stderr and "--resume" in result.stderr
+    [run_dir] = (tmp_path / "runs").iterdir()
+    assert read_manifest(run_dir)["run_id"] == run_dir.name
+    assert result_files(run_dir) == []
