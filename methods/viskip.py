@@ -17,10 +17,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome
+from mmspec.methods.names import VISKIP_PREFIX
 from mmspec.methods.target import Target
 from mmspec.methods.tree import DraftTree
 
-PREFIX = "viskip+"
+PREFIX = VISKIP_PREFIX
 
 
 class ViSkip(Drafter):

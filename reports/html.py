@@ -32,6 +32,9 @@ from mmspec.reports.markdown import (
 from mmspec.reports.metrics import ALL_TOPIC, RunDetails
 from mmspec.reports.paired import BASELINE
 from mmspec.reports.plots import Line, Segment, line_chart, method_colors, stacked_bars
+from mmspec.reports.viskip import HEADER as VISKIP_HEADER
+from mmspec.reports.viskip import NOTE as VISKIP_NOTE
+from mmspec.reports.viskip import PREFIX, grouped, table_cells, viskip_rows
 
 PHASES = [
     # (column of the merged cell frame, legend label, colour)
@@ -508,6 +511,23 @@ def _model_section(
     return "\n".join(parts), toc
 
 
+def _viskip(merged: pl.DataFrame, colors: dict[str, str]) -> str:
+    """The ViSkip section (empty for a run without `viskip+X` cells next to X)."""
+    rows = viskip_rows(merged)
+    if not rows:
+        return ""
+    parts = ['<section id="viskip"><h2>ViSkip</h2>']
+    for (model, temperature), part in grouped(rows).items():
+        body = []
+        for row in part:
+            cells = [_inline(c) for c in table_cells(row)]
+            body.append([_method_cell(PREFIX + row.method, colors), *cells[1:]])
+        caption = f"{escape(model)} · T={temperature:g}. {_inline(VISKIP_NOTE)}"
+        parts.append(_table(VISKIP_HEADER, body, caption))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
 def _legend() -> str:
     items = "".join(
         f"<dt>{escape(term)}</dt><dd>{_inline(text)}</dd>" for term, text in DEFINITIONS
@@ -599,6 +619,10 @@ def render_html(metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDet
             sections.append(errors)
             toc.append(("errors", "Errors", 0))
         merged = merged_cells(metrics, details)
+        viskip = _viskip(merged, colors)
+        if viskip:
+            sections.append(viskip)
+            toc.append(("viskip", "ViSkip", 0))
         pairs = metrics.select("model", "temperature").unique().sort(pl.all()).iter_rows()
         for index, (model, temperature) in enumerate(pairs):
             html, entries = _model_section(

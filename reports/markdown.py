@@ -13,6 +13,9 @@ import polars as pl
 
 from mmspec.reports.metrics import ALL_TOPIC, CELL_KEYS, RunDetails
 from mmspec.reports.paired import BASELINE
+from mmspec.reports.viskip import HEADER as VISKIP_HEADER
+from mmspec.reports.viskip import NOTE as VISKIP_NOTE
+from mmspec.reports.viskip import grouped, table_cells, viskip_rows
 
 DASH = "–"
 
@@ -370,6 +373,18 @@ def _sections(
     return lines
 
 
+def viskip_lines(merged: pl.DataFrame) -> list[str]:
+    """The ViSkip section (only for a run with `viskip+X` cells next to X)."""
+    rows = viskip_rows(merged)
+    if not rows:
+        return []
+    lines = ["## ViSkip", "", VISKIP_NOTE, ""]
+    for (model, temperature), part in grouped(rows).items():
+        lines += [f"{model} · T={temperature:g}:", ""]
+        lines += [*_table(VISKIP_HEADER, [table_cells(r) for r in part]), ""]
+    return lines
+
+
 def _metadata(manifest: dict[str, Any]) -> list[str]:
     fields = [
         ("Run id", manifest.get("run_id")),
@@ -404,6 +419,8 @@ def render_markdown(
         lines += error_lines(details)
     if metrics.height:
         lines += _speedup_by_batch(metrics, method_order(metrics, manifest))
+    if metrics.height and details is not None:
+        lines += viskip_lines(merged_cells(metrics, details))
     lines += _sections(metrics, manifest, details)
     lines += [LEGEND]
     lines += _metadata(manifest)

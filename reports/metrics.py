@@ -72,6 +72,7 @@ def _ok_aggregates(ok: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
             # Int32 sums stay Int32 in polars; a long run's token totals could overflow that.
             new_tokens=pl.col("new_tokens").cast(pl.Int64).sum(),
             steps_sum=pl.col("steps").cast(pl.Int64).sum(),
+            skipped_steps=pl.col("skipped_steps").cast(pl.Int64).sum(),
             accepted_tokens=pl.col("accepted_tokens").cast(pl.Int64).sum(),
             drafted_tokens=pl.col("drafted_tokens").cast(pl.Int64).sum(),
             total_s_sum=stable_sum(pl.col("total_s")),
@@ -100,6 +101,7 @@ METRIC_COLUMNS = [
     "errors",
     "new_tokens",
     "steps",
+    "skipped_steps",
     "accepted_tokens",
     "drafted_tokens",
     "MAT",
@@ -127,6 +129,7 @@ CELL_INPUTS = [
     "status",
     "new_tokens",
     "steps",
+    "skipped_steps",
     "accepted_tokens",
     "drafted_tokens",
     "total_s",
@@ -169,7 +172,9 @@ def _level_metrics(
         .join(paired_aggregates(paired, [level_id]), on=level_id, how="left")
         # Counts of a cell with no ok row are zero; its rates and times stay null (undefined).
         .with_columns(
-            pl.col("new_tokens", "steps", "accepted_tokens", "drafted_tokens").fill_null(0),
+            pl.col(
+                "new_tokens", "steps", "skipped_steps", "accepted_tokens", "drafted_tokens"
+            ).fill_null(0),
             samples=pl.col("samples").fill_null(0).cast(pl.UInt32),
             paired_keys=pl.col("paired_keys").fill_null(0).cast(pl.UInt32),
         )

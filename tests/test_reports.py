@@ -203,6 +203,7 @@ def reference(rows: list[ResultRow]) -> dict[tuple, dict[str, object]]:
             "errors": len(members) - len(ok),
             "new_tokens": sum(r.new_tokens for r in ok),
             "steps": steps,
+            "skipped_steps": sum(r.skipped_steps for r in ok),
             "accepted_tokens": acc,
             "drafted_tokens": drafted,
             "MAT": acc / steps if steps else None,
@@ -395,3 +396,35 @@ def test_duplicated_baseline_row_fails_loudly(tmp_path: Path) -> None:
     run = write_run(tmp_path / "dup", [*rows, dup])
     with pytest.raises(pl.exceptions.PolarsError):
         cell_metrics(load_rows(run))
+
+
+def test_viskip_section_sets_each_wrapped_cell_beside_its_method(tmp_path: Path) -> None:
+    from mmspec.reports.html import render_html
+    from mmspec.reports.metrics import run_details
+
+    rows = [_row(m, 1, 0.0, 0, i) for m in ("ar", "pld") for i in range(len(SAMPLES))]
+    # viskip+pld: the same work as pld, 40% slower per row, a third of its steps skipped
+    skip_rows = [_row("viskip+pld", 1, 0.0, 0, i) for i in range(len(SAMPLES))]
+    for r in skip_rows:
+        r.skipped_steps = r.steps // 3
+        r.total_s *= 1.4
+    run = write_run(tmp_path / "run", rows + skip_rows)
+    frame = load_rows(run)
+    metrics, details = cell_metrics(frame), run_details(frame)
+    text = render_markdown(metrics, MANIFEST, details)
+    section = text[text.index("## ViSkip") :].split("\n## ")[0]
+    [line] = [x for x in section.splitlines() if x.startswith("| viskip+pld |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    pooled = {
+        r["method"]: r for r in metrics.filter(pl.col("topic") == ALL_TOPIC).iter_rows(named=True)
+    }
+    share = sum(r.skipped_steps for r in skip_rows) / sum(r.steps for r in skip_rows)
+    assert cells[1] == "1" and cells[2] == f"{100 * share:.1f}%"
+    assert cells[3] == f"{pooled['pld']['MAT']:.2f} → {pooled['viskip+pld']['MAT']:.2f}"
+    assert cells[-1] == f"{1 / 1.4:.2f}×"  # same tokens in 1.4x the time
+    html = render_html(metrics, MANIFEST, details)
+    assert 'id="viskip"' in html and f"{1 / 1.4:.2f}×" in html
+    # a run without ViSkip cells has no such section
+    plain = write_run(tmp_path / "plain", rows)
+    frame = load_rows(plain)
+    assert "## ViSkip" not in render_markdown(cell_metrics(frame), MANIFEST, run_details(frame))
