@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 GRID ?= examples/grid.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench zoo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine_vs_hf.py
+
+# Retrain the committed tiny model zoo (models/zoo/) from scratch: both models side by side,
+# one thread each; ~30 min on 2 cores. CI never runs this.
+zoo: $(STAMP)
+	$(BIN)/python -m mmspec.models.train_tiny
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -58,6 +58,7 @@ class VisionProbe:
             attn.config = copy.copy(attn.config)
             attn.config._attn_implementation = PROBE_ATTENTION
             attn._mmspec_probe = self
+        self._attentions = [text_layers[i].self_attn for i in layers]
         self.armed = False
         self._vision_keys: torch.Tensor | None = None  # (batch, kv_len) bool
         self._last_only = False
@@ -65,6 +66,10 @@ class VisionProbe:
 
     def arm(self, vision_keys: torch.Tensor, last_only: bool) -> None:
         """Record the next forward: `vision_keys` marks image slots among all its keys."""
+        # several probes may share a model (engines of several methods on one target): the
+        # one armed last is the one its layers report to
+        for attn in self._attentions:
+            attn._mmspec_probe = self
         self.armed, self._vision_keys, self._last_only, self._mass = (
             True,
             vision_keys,

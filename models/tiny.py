@@ -1,8 +1,14 @@
-"""The project's own tiny VLMs: real transformers classes with CPU-sized configs.
+"""The project's own tiny VLMs: real transformers classes with CPU-sized configs, trained.
 
-They are built offline and deterministically (tokenizer trained with `tokenizers` on a
-built-in corpus, weights from a fixed seed), written with `save_pretrained`, and then loaded
-through exactly the `from_pretrained` path a real checkpoint takes.
+Two layers:
+
+* builders (`BUILDERS`) write the *untrained* initial checkpoint of each architecture
+  deterministically: a byte-level BPE tokenizer trained offline with `tokenizers` on a
+  built-in corpus (including the synthetic suite's training split), a config and weights from
+  a fixed seed. `tiny_init_path` caches that build in `$MMSPEC_HOME`.
+* the zoo (`models/zoo/<name>/`): the same checkpoints after training on the synthetic
+  suite's training split (`python -m mmspec.models.train_tiny`), committed with the repo.
+  `tiny_model_path` returns that directory; nothing is trained or built at load time.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -30,13 +36,16 @@ from transformers import (
 )
 
 from mmspec.workloads.sample import TOPICS
+from mmspec.workloads.synthetic import synthetic_scenes
 
 log = logging.getLogger(__name__)
 
-# Bump when a builder changes, so a stale cached build is never loaded.
-TINY_VERSION = 1
+# Bump when a builder changes, so a stale cached init is never loaded.
+TINY_VERSION = 4
 SEED = 1234
 VOCAB_SIZE = 1024
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+RETRAIN_COMMAND = "python -m mmspec.models.train_tiny --model all"
 
 QWEN_SPECIALS = [
     "<|endoftext|>",
@@ -62,16 +71,25 @@ QWEN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# LLaVA-1.5 style: "USER: <image>\n... ASSISTANT: ...</s>"
+# LLaVA-1.5 style: "USER: <image>\n... ASSISTANT: ...</s>". Text is trimmed because a decoded
+# LLaVA answer starts with a space (" The ...") and the runner feeds answers back verbatim:
+# trimming keeps later turns tokenised exactly as in training.
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
     "{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] | trim }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# Qwen2's pre-tokenizer split: digits one by one, words with their leading space.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 # prose is easier to extend than a list literal
@@ -101,6 +119,12 @@ def _corpus() -> list[str]:
         lines.append(f"What is the {w} in the image? The {w} is {_CORPUS_WORDS[(i * 7) % n]}.")
         lines.append(f"There are {i % 10} {w}s next to the {_CORPUS_WORDS[(i * 13) % n]}.")
     lines += [f"{n} {n * 3} {n}.{n % 10}% A) B) C) D)" for n in range(100)]
+    # the chat templates' own words, often enough to become single tokens
+    lines += ["system\nYou are a helpful assistant.\nuser\nassistant\n"] * 200
+    lines += ["USER: USER: question ASSISTANT: answer"] * 200
+    # the synthetic suite's training split, so its answer words are single tokens
+    for _, scene in synthetic_scenes(per_topic=300, seed=0, split="train"):
+        lines += [*scene.turns, *scene.references]
     return lines
 
 
@@ -109,7 +133,12 @@ def build_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Byte-level BPE: any text (the real MMSpec prompts too) encodes without unknown tokens."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -126,32 +155,42 @@ def build_tokenizer(
 
 
 def _init_weights(model: torch.nn.Module) -> None:
-    # A wider init than the default 0.02 spreads the logits, so greedy decoding of a random
-    # model rarely meets near-ties that float reordering (batched vs single) could flip.
+    # Explicit and seeded rather than the library's own init, so the starting point of
+    # training does not move with a transformers release. Norm scales are found by module
+    # type, not by name: Qwen's vision merger calls its norm `ln_q`, and a zero scale there
+    # would cut the image off from the language model.
+    norm_scales = {
+        id(m.weight)
+        for m in model.modules()
+        if "Norm" in type(m).__name__ and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
     gen = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
-            elif "norm" not in name:
+        for _, p in sorted(model.named_parameters()):
+            if id(p) in norm_scales:
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            else:
                 p.zero_()
 
 
 def build_tiny_qwen(out: Path) -> None:
+    """Untrained tiny Qwen2.5-VL: 4 x 128 text layers, a 2-block ViT, 16 image tokens."""
     tok = build_tokenizer(QWEN_SPECIALS, "<|im_end|>", "<|endoftext|>", QWEN_CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     text = {
         "vocab_size": len(tok),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 8192,
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
-            "mrope_section": [2, 3, 3],
+            "mrope_section": [4, 6, 6],  # head_dim 32: 16 rotary pairs over (t, h, w)
         },
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
@@ -160,10 +199,10 @@ def build_tiny_qwen(out: Path) -> None:
     }
     vision = {
         "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        "hidden_size": 64,
+        "intermediate_size": 128,
         "num_heads": 2,
-        "out_hidden_size": 64,
+        "out_hidden_size": 128,
         "patch_size": 14,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
@@ -195,23 +234,25 @@ def build_tiny_qwen(out: Path) -> None:
 
 
 def build_tiny_llava(out: Path) -> None:
+    """Untrained tiny LLaVA: 4 x 128 Llama layers, a 3-layer CLIP at 112 px, 16 image tokens."""
     tok = build_tokenizer(LLAVA_SPECIALS, "</s>", "<pad>", LLAVA_CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
     tok.bos_token, tok.unk_token = "<s>", "<unk>"
+    # 112 px in 28 px patches: a 4x4 grid, the same 16 image tokens as the tiny Qwen.
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
         num_attention_heads=2,
-        image_size=56,
-        patch_size=14,
-        projection_dim=32,
+        image_size=112,
+        patch_size=28,
+        projection_dim=64,
     )
     text = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=8192,
@@ -233,12 +274,12 @@ def build_tiny_llava(out: Path) -> None:
     model.generation_config.eos_token_id = ids["</s>"]
     model.generation_config.pad_token_id = ids["<pad>"]
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}
+        size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,
-        patch_size=14,
+        patch_size=28,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
         chat_template=LLAVA_CHAT_TEMPLATE,
@@ -257,17 +298,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("MMSPEC_HOME", Path.home() / ".cache" / "mmspec"))
 
 
-def tiny_model_path(name: str) -> Path:
-    """Directory of the tiny model `name`, built on first use (atomic, safe across processes)."""
+def _check_name(name: str) -> None:
     if name not in BUILDERS:
         raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(sorted(BUILDERS))}")
-    final = cache_root() / "models" / f"{name}-v{TINY_VERSION}"
+
+
+def tiny_init_path(name: str) -> Path:
+    """The untrained initial checkpoint of `name`, built on first use (atomic, process-safe)."""
+    _check_name(name)
+    final = cache_root() / "models" / f"{name}-init-v{TINY_VERSION}"
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
-        log.info("building tiny model %s in %s", name, final)
+        log.info("building untrained tiny model %s in %s", name, final)
         BUILDERS[name](tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the node's workers
         try:
@@ -278,3 +323,15 @@ def tiny_model_path(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def tiny_model_path(name: str) -> Path:
+    """The trained checkpoint of `name`, committed under models/zoo/; never trained here."""
+    _check_name(name)
+    path = ZOO_DIR / name
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"tiny model {name!r}: no trained checkpoint in {path}; retrain the zoo with "
+            f"`{RETRAIN_COMMAND}`"
+        )
+    return path

@@ -23,14 +23,16 @@ from mmspec.methods.tree import DraftTree
 from mmspec.models.loader import load_target
 
 N = 400
-TEMPERATURE = 0.1  # the random tiny models are near uniform at 1.0; drafts need peaked p
+# The trained tiny-llava on this prompt: at 0.1 one token takes all, at 1.0 the mass spreads
+# over hundreds; at 0.3 the top token has ~20% at the first position after prefill.
+TEMPERATURE = 0.3
 POSITIONS = (1, 2, 3)
 ALPHA = 1e-3
 
 
 @pytest.fixture(scope="module")
 def target() -> Target:
-    # tiny-llava at T=0.1 accepts prompt-lookup drafts often, so acceptance really matters
+    # acceptance must decide a lot of mass: drafts of a common token, several tokens likely
     return load_target("tiny-llava")
 
 
@@ -108,7 +110,8 @@ def _doubled_acceptance(tree: DraftTree, logits, temperature, generator) -> Acce
 
 
 def test_a_wrong_acceptance_rule_is_detected(target, reference, monkeypatch) -> None:
-    common = collections.Counter(t[2] for t in reference).most_common(2)[1][0]
+    # the top token where acceptance decides much mass (~20%): doubling it is plain to see
+    common = collections.Counter(t[1] for t in reference).most_common(1)[0][0]
     right = _sample(target, FixedChain(common), seed0=0)
     assert _min_p(right, reference) > ALPHA / len(POSITIONS)  # the drafter itself is fine
 

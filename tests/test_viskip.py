@@ -120,3 +120,19 @@ def test_bad_threshold_is_a_clear_error() -> None:
     drafter = get_drafter("viskip+sam")(viskip_threshold=0.2, threshold=3)
     assert (drafter.threshold, drafter.inner.threshold) == (0.2, 3)
     assert "ngram" in get_drafter("viskip+pld").arg_names()
+
+
+def test_several_viskip_engines_share_one_target() -> None:
+    """Engines of several ViSkip variants on one loaded target (as benchmarks build them):
+    each engine's probe is the one its forward reports to."""
+    target = load_target("tiny-llava")
+    engines = [
+        Engine(target, get_drafter("viskip+pld")(viskip_threshold=t)) for t in (0.0, 1.0, 0.0)
+    ]
+    ar = Engine(target, get_drafter("ar")())
+    args = ([_conv("What colour is it?")], [Image.new("RGB", (112, 112), (200, 20, 20))], 12)
+    want = ar.generate(*args)[0].tokens
+    results = [engine.generate(*args)[0] for engine in engines]
+    assert [r.tokens for r in results] == [want] * 3
+    # threshold 0 skips every step, 1.0 none: each engine read its own probe
+    assert results[0].skipped_steps == results[0].steps > 0 and results[1].skipped_steps == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from mmspec.workloads import (
     synthetic_references,
     synthetic_suite,
 )
+from mmspec.workloads.synthetic import Scene, scene_split, synthetic_scenes
 
 DATA = (Path(__file__).parents[1] / ".." / "shared" / "data" / "mmspec").resolve()
 TEST_SPLIT = DATA / "test"
@@ -348,7 +350,53 @@ def test_synthetic_references_match_turns() -> None:
         assert len(refs[s.id]) == len(s.turns)
         assert all(r for r in refs[s.id])
         if s.topic == "complex reasoning pro":
-            assert refs[s.id][0] in "ABCD"
+            assert refs[s.id][0].endswith(tuple(f"The answer is {k}." for k in "ABCD"))
+
+
+def test_synthetic_splits_are_disjoint_and_seeded() -> None:
+    eval_scenes = synthetic_scenes(per_topic=150, seed=0)
+    train_scenes = synthetic_scenes(per_topic=450, seed=0, split="train")
+    more_train = synthetic_scenes(per_topic=150, seed=7, split="train")
+
+    def key(scene: Scene) -> str:
+        return repr((scene.topic, scene.picture, scene.turns))
+
+    held_out = {key(s) for _, s in eval_scenes}
+    assert not held_out & {key(s) for _, s in train_scenes + more_train}
+    assert all(scene_split(s) == "eval" for _, s in eval_scenes)
+    assert all(sid.startswith("syn-train_") for sid, _ in train_scenes)
+    first_three = [x for x in train_scenes if x[0].endswith(("_000", "_001", "_002"))]
+    assert synthetic_scenes(per_topic=3, seed=0, split="train") == first_three
+    # the default suite is the eval split
+    assert [s.id for s in synthetic_suite(per_topic=2)] == [
+        s.id for s in synthetic_suite(per_topic=2, split="eval")
+    ]
+    with pytest.raises(WorkloadError, match="split"):
+        synthetic_suite(per_topic=1, split="test")  # type: ignore[arg-type]
+
+
+def test_synthetic_grounded_spans() -> None:
+    for _, scene in synthetic_scenes(per_topic=40, seed=3):
+        assert len(scene.grounded) == len(scene.references)
+        for ref, spans in zip(scene.references, scene.grounded, strict=True):
+            for start, end in spans:
+                assert 0 <= start < end <= len(ref)
+                assert ref[start:end].strip() == ref[start:end]
+        if scene.topic in ("general vqa", "text vqa", "image captioning", "chart understanding"):
+            assert all(scene.grounded), scene  # every answer reads something off the picture
+
+
+def test_synthetic_answer_lengths_keep_mmspec_proportions() -> None:
+    """Mean answer length per topic ~ MMSpec's (47, 63, 192, 69, 286, 748 tokens) / 8."""
+    mmspec = dict(zip(TOPICS, (47, 63, 192, 69, 286, 748)))
+    lengths: dict[str, list[int]] = {t: [] for t in TOPICS}
+    for _, scene in synthetic_scenes(per_topic=60, seed=0):
+        # a rough Qwen2-style count: words, single digits, punctuation runs
+        words = re.findall(r"\d|[A-Za-z]+|[^\sA-Za-z\d]+", " ".join(scene.references))
+        lengths[scene.topic].append(len(words))
+    for topic, values in lengths.items():
+        ratio = sum(values) / len(values) / (mmspec[topic] / 8)
+        assert 0.7 < ratio < 1.4, (topic, ratio)
 
 
 def test_synthetic_bad_per_topic() -> None:
