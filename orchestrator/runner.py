@@ -99,12 +99,21 @@ class ShardRunner:
             model.id, model.dtype, device, model.revision, model.trust_remote_code
         )
         self.engine = Engine(self.target, get_drafter(method)(**method_args))
+        self._warm_up()
         self.device = self._describe_device()
         # one sampler for the runner's life: a model serves many shards, each a window of it
         self._sampler = make_sampler(self.target.device, telemetry_hz)
         self._sampler.start()
         self.last_telemetry: pa.Table | None = None  # the last shard's series, for the store
         self.last_stats: WindowStats | None = None  # the last shard's totals
+
+    def _warm_up(self) -> None:
+        """One short generation before any shard, outside every timed window: the first calls
+        of a fresh process (kernel selection, allocator growth, lazy imports) would otherwise
+        be charged to whichever cell this worker happens to run first."""
+        image = Image.new("RGB", (224, 224), (128, 128, 128))
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+        self.engine.generate([turn], [image], max_new_tokens=4)
 
     def close(self) -> None:
         """Stop the telemetry thread; call when the runner is done (also done on collection)."""

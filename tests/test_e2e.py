@@ -68,3 +68,25 @@ def test_submit_local_real_models_with_bad_images(tmp_path: Path) -> None:
     assert ok.height == 2 * (len(expected) - errors.height // 2)
     report = (run_dir / "report.md").read_text()
     assert report.splitlines()[0].startswith("**Lossless: all")
+
+
+def test_runner_warms_up_before_its_first_shard(monkeypatch) -> None:
+    """A fresh worker's first generation (kernel selection, allocator growth) happens at
+    construction, outside every row's timing: no cell pays for being first."""
+    from mmspec.methods.engine import Engine
+    from mmspec.orchestrator.cells import ModelConfig
+    from mmspec.orchestrator.runner import ShardRunner
+
+    calls: list[int] = []
+    real = Engine.generate
+
+    def counting(self, conversations, *args, **kwargs):
+        calls.append(len(conversations))
+        return real(self, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", counting)
+    runner = ShardRunner(ModelConfig("tiny-llava"), "pld", {}, threads=1)
+    try:
+        assert calls == [1]
+    finally:
+        runner.close()

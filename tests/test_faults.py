@@ -69,6 +69,8 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setattr(runner_module, "load_target", lambda *a, **k: FakeTarget())
     monkeypatch.setattr(runner_module, "Engine", FakeEngine)
     runner = runner_module.ShardRunner(ModelConfig("tiny-llava"), "ar", {}, threads=1)
+    assert runner.engine.batches == [1]  # the warm-up generation, before any shard
+    runner.engine.batches.clear()
     yield runner
     close = getattr(runner, "close", None)
     if close is not None:
