@@ -21,7 +21,6 @@ from typing import Any
 
 import yaml
 
-from mmspec.methods.registry import UnknownMethodError, get_drafter, method_names
 from mmspec.models.registry import UnknownModelError, check_model_id
 from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
 from mmspec.orchestrator.naming import cell_id, safe_name, shard_id
@@ -399,6 +398,10 @@ class _Parser:
         return tuple(models)
 
     def methods(self, value: Any) -> tuple[str, ...]:
+        # the registry imports every drafter (and torch): only when a grid is validated, so
+        # `status`, `logs` and `cancel` start fast
+        from mmspec.methods.registry import method_names
+
         known = method_names()
         entries = self.items(value, "methods", _listing(known))
         for i, method in enumerate(entries):
@@ -436,6 +439,8 @@ class _Parser:
 
     def drafter_accepts(self, method: str, args: dict[str, Any], key: str) -> None:
         # Building the drafter now catches a bad argument before any worker starts.
+        from mmspec.methods.registry import UnknownMethodError, get_drafter
+
         try:
             drafter_cls = get_drafter(method)
         except UnknownMethodError as exc:

@@ -182,3 +182,13 @@ def test_a_cluster_that_cannot_hold_a_worker_exits_2_and_keeps_the_run(
     [run_dir] = (tmp_path / "runs").iterdir()
     assert read_manifest(run_dir)["run_id"] == run_dir.name
     assert result_files(run_dir) == []
+
+
+def test_the_cli_starts_without_torch() -> None:
+    """`status`, `logs`, `cancel` and `--help` must not wait for torch and every drafter."""
+    import subprocess
+    import sys
+
+    code = "import sys, mmspec.orchestrator.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
