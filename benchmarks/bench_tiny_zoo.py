@@ -32,7 +32,7 @@ from mmspec.methods.target import Target
 from mmspec.models.grounding import answer_token_scores, pooled, roc_auc
 from mmspec.models.loader import load_target, resolve_model_source
 from mmspec.models.tiny import BUILDERS, tiny_init_path
-from mmspec.models.train_tiny import SHORT_ANSWER_TOPICS
+from mmspec.models.train_tiny import SHORT_ANSWER_TOPICS, first_answers
 from mmspec.orchestrator.runner import conversation
 from mmspec.workloads.sample import TOPICS
 from mmspec.workloads.synthetic import SyntheticItem, synthetic_items, synthetic_scenes
@@ -43,19 +43,6 @@ START, END = f"<!-- {SECTION}: start -->", f"<!-- {SECTION}: end -->"
 
 
 # ---- 1. accuracy with the own image, another image, and chance --------------------------------
-
-
-def greedy_first_answers(
-    target: Target, items: Sequence[SyntheticItem], images: Sequence, batch_size: int = 16
-) -> list[str]:
-    engine = Engine(target, get_drafter("ar")())
-    answers: list[str] = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        convs = [conversation(it.sample, [], True) for it in chunk]
-        results = engine.generate(convs, list(images[i : i + batch_size]), max_new_tokens=32)
-        answers += [target.decode(r.tokens).strip() for r in results]
-    return answers
 
 
 def swapped_images(items: Sequence[SyntheticItem]) -> list:
@@ -146,8 +133,8 @@ def bench_model(model_id: str, per_topic: int, attn_per_topic: int, len_per_topi
     own = [it.sample.load_image() for it in short]
     refs = [it.scene.references[0] for it in short]
     t0 = time.perf_counter()
-    answers = greedy_first_answers(target, short, own)
-    swapped = greedy_first_answers(target, short, swapped_images(short))
+    answers = first_answers(target, short, own)
+    swapped = first_answers(target, short, swapped_images(short))
     acc_s = time.perf_counter() - t0
     hit = [a == r for a, r in zip(answers, refs, strict=True)]
     hit_swapped = [a == r for a, r in zip(swapped, refs, strict=True)]

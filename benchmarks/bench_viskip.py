@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from mmspec.methods.engine import Engine
+from mmspec.methods.engine import Engine, RowResult
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.target import Target
 from mmspec.models.grounding import answer_token_scores, pooled, roc_auc
@@ -63,7 +63,7 @@ class Tally:
     accepted: int = 0
     mismatches: int = 0
 
-    def add(self, seconds: float, result, reference: list[int]) -> None:
+    def add(self, seconds: float, result: RowResult, reference: list[int]) -> None:
         self.seconds += seconds
         self.tokens += len(result.tokens)
         self.steps += result.steps

@@ -57,8 +57,7 @@ class VisionProbe:
             # a private config copy: only this layer dispatches to the probe function
             attn.config = copy.copy(attn.config)
             attn.config._attn_implementation = PROBE_ATTENTION
-            attn._mmspec_probe = self
-        self._attentions = [text_layers[i].self_attn for i in layers]
+        self._attentions = [text_layers[i].self_attn for i in layers]  # `arm` attaches to them
         self.armed = False
         self._vision_keys: torch.Tensor | None = None  # (batch, kv_len) bool
         self._last_only = False

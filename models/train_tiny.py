@@ -43,7 +43,7 @@ from mmspec.methods.target import PromptBatch, QwenVLTarget, Target
 from mmspec.models.loader import load_target
 from mmspec.models.tiny import BUILDERS, ZOO_DIR, tiny_init_path
 from mmspec.workloads.sample import TOPICS
-from mmspec.workloads.synthetic import Scene, synthetic_items, synthetic_scenes
+from mmspec.workloads.synthetic import Scene, SyntheticItem, synthetic_items, synthetic_scenes
 
 log = logging.getLogger(__name__)
 
@@ -519,6 +519,26 @@ def token_accuracy(
 SHORT_ANSWER_TOPICS = ("general vqa", "text vqa")
 
 
+def first_answers(
+    target: Target,
+    items: Sequence[SyntheticItem],
+    images: Sequence[Image.Image],
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+) -> list[str]:
+    """Greedy answers to each item's first turn about `images` (its own, or others)."""
+    from mmspec.methods.engine import Engine
+    from mmspec.methods.registry import get_drafter
+
+    engine = Engine(target, get_drafter("ar")())
+    answers: list[str] = []
+    for i in range(0, len(items), batch_size):
+        convs = [training_messages(it.scene.turns[:1], []) for it in items[i : i + batch_size]]
+        results = engine.generate(convs, list(images[i : i + batch_size]), max_new_tokens)
+        answers += [target.decode(r.tokens).strip() for r in results]
+    return answers
+
+
 def eval_accuracy(
     target: Target,
     per_topic: int,
@@ -527,20 +547,11 @@ def eval_accuracy(
     batch_size: int = 16,
 ) -> dict[str, float]:
     """Exact-match accuracy of greedy answers on the eval split, per topic and overall."""
-    from mmspec.methods.engine import Engine
-    from mmspec.methods.registry import get_drafter
-
-    engine = Engine(target, get_drafter("ar")())
     items = synthetic_items(per_topic, seed, list(topics), "eval")
+    answers = first_answers(target, items, [it.sample.load_image() for it in items], batch_size)
     hits: dict[str, list[bool]] = {t: [] for t in topics}
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        convs = [training_messages(it.scene.turns[:1], []) for it in chunk]
-        images = [it.sample.load_image() for it in chunk]
-        results = engine.generate(convs, images, max_new_tokens=32)
-        for it, res in zip(chunk, results, strict=True):
-            answer = target.decode(res.tokens).strip()
-            hits[it.scene.topic].append(answer == it.scene.references[0])
+    for it, answer in zip(items, answers, strict=True):
+        hits[it.scene.topic].append(answer == it.scene.references[0])
     accuracy = {t: sum(h) / len(h) for t, h in hits.items()}
     accuracy["all"] = sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
     return accuracy

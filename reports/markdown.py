@@ -351,11 +351,10 @@ def run_summary(metrics: pl.DataFrame, details: RunDetails | None) -> str:
 
 
 def _sections(
-    metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDetails | None
+    metrics: pl.DataFrame, manifest: dict[str, Any], merged: pl.DataFrame | None
 ) -> list[str]:
     lines: list[str] = []
     methods = method_order(metrics, manifest)
-    merged = merged_cells(metrics, details) if details is not None else None
     for model, temperature, batch_size in blocks(metrics):
         block = block_rows(metrics, model, temperature, batch_size)
         present = [m for m in methods if m in set(block["method"].to_list())]
@@ -417,11 +416,12 @@ def render_markdown(
         lines += [run_summary(metrics, details), ""]
     if details is not None:
         lines += error_lines(details)
+    merged = merged_cells(metrics, details) if details is not None else None
     if metrics.height:
         lines += _speedup_by_batch(metrics, method_order(metrics, manifest))
-    if metrics.height and details is not None:
-        lines += viskip_lines(merged_cells(metrics, details))
-    lines += _sections(metrics, manifest, details)
+    if metrics.height and merged is not None:
+        lines += viskip_lines(merged)
+    lines += _sections(metrics, manifest, merged)
     lines += [LEGEND]
     lines += _metadata(manifest)
     return "\n".join(lines).rstrip() + "\n"
