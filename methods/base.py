@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from mmspec.methods.features import Feature
 from mmspec.methods.tree import DraftTree
 
 if TYPE_CHECKING:
@@ -27,7 +28,10 @@ class DraftContext:
     tokens: list[list[int]]  # (active, len_i)
     prompt_lens: list[int]  # (active,)
     temperature: float = 0.0
-    extras: dict[str, Any] = field(default_factory=dict)  # target features a drafter asked for
+    # what the engine measured for the drafter: "vision_score" (per row) when it asked for
+    # it; in `begin` only, "features": the prompt's `Drafter.features`, each (active, P, width)
+    # left padded like the prompt (row i's are the last prompt_lens[i] positions)
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,6 +43,8 @@ class StepOutcome:
     emitted: list[list[int]]  # (active,) accepted draft tokens, then the bonus token
     # (active, q, vocab) target logits after the root (q-index 0) and after each node i (i + 1)
     logits: torch.Tensor
+    # the drafter's `features` of the same q positions, each (active, q, width); None if none
+    features: dict[Feature, torch.Tensor] | None = None
 
 
 class Drafter:
@@ -55,6 +61,9 @@ class Drafter:
     # predicted the pending token) in ctx.extras["vision_score"], from `score_layers`
     needs_vision_score: ClassVar[bool] = False
     score_layers: tuple[int, ...] = (-1,)
+    # target features the drafter reads (methods/features.py), set by `load` at the latest:
+    # the engine taps them at prefill (-> begin) and at every verification (-> update)
+    features: tuple[Feature, ...] = ()
 
     @classmethod
     def arg_names(cls) -> list[str]:

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from mmspec.methods.accept import Acceptance, accept_greedy, accept_sampling
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome
+from mmspec.methods.features import Feature, FeatureTap
 from mmspec.methods.target import Message, Target
 from mmspec.methods.tree import DraftTree
 from mmspec.methods.vision_probe import VisionProbe
@@ -62,6 +63,8 @@ class _Live:
     # (active,) attention mass on image tokens of the position that predicted the pending
     # token; only when the drafter asked for it
     score: torch.Tensor | None = None
+    # the prompt's drafter features, until `begin` has them; each (active, P, width)
+    features: dict[Feature, torch.Tensor] | None = None
 
 
 class Engine:
@@ -86,6 +89,7 @@ class Engine:
             else None
         )
         drafter.load(target)
+        self.tap = FeatureTap(target, drafter.features) if drafter.features else None
 
     def generate(
         self,
@@ -107,8 +111,11 @@ class Engine:
         vision = (prompt.input_ids == self.target.image_token_id) & valid
         if self.probe:
             self.probe.arm(vision, last_only=True)
+        if self.tap:
+            self.tap.arm()
         logits, next_pos = self.target.prefill(prompt, cache)
         score = self.probe.take()[:, 0] if self.probe else None
+        features = self.tap.take() if self.tap else None
         first = self._first_tokens(logits, temperature, gens)
         self._sync()
         prefill_s = time.perf_counter() - start
@@ -122,13 +129,18 @@ class Engine:
             tokens=[[*t, f] for t, f in zip(prompt.tokens(), first)],
             prompt_lens=prompt.prompt_lens,
             score=score,
+            features=features,
         )
         for i, r in enumerate(results):
             r.prompt_tokens, r.prefill_s, r.tokens = live.prompt_lens[i], prefill_s, [first[i]]
         done = [self._finished(r, max_new_tokens) for r in results]
         self._drop(live, done, results, start)
         if live.rows:
-            self.drafter.begin(self._context(live, temperature))
+            ctx = self._context(live, temperature)
+            if live.features is not None:
+                ctx.extras["features"] = live.features
+            self.drafter.begin(ctx)
+        live.features = None
         while live.rows:
             done = self._step(live, results, max_new_tokens, temperature, gens)
             self._drop(live, done, results, start)
@@ -152,7 +164,10 @@ class Engine:
         if self.probe:
             new = torch.zeros_like(input_ids, dtype=torch.bool)
             self.probe.arm(torch.cat([live.vision, new], dim=1), last_only=False)
+        if self.tap:
+            self.tap.arm()
         logits = self.target.verify(input_ids, positions, mask, live.cache)
+        features = self.tap.take() if self.tap else None
         self._sync()
         t2 = time.perf_counter()
         if temperature == 0.0:
@@ -167,7 +182,9 @@ class Engine:
             mass = self.probe.take()
             last = torch.tensor([a.path[-1] + 1 if a.path else 0 for a in accs], device=mass.device)
             live.score = mass.gather(1, last[:, None])[:, 0]
-        outcome = StepOutcome(trees, [a.path for a in accs], [a.tokens for a in accs], logits)
+        outcome = StepOutcome(
+            trees, [a.path for a in accs], [a.tokens for a in accs], logits, features
+        )
         self.drafter.update(ctx, outcome)
         self._commit(live, accs, cache_len=mask.shape[-1] - input_ids.shape[1])
         self._sync()
@@ -302,6 +319,8 @@ class Engine:
         live.vision = live.vision.index_select(0, idx)
         if live.score is not None:
             live.score = live.score.index_select(0, idx)
+        if live.features is not None:
+            live.features = {k: v.index_select(0, idx) for k, v in live.features.items()}
         live.next_pos = live.next_pos.index_select(0, idx)
         live.pending = live.pending.index_select(0, idx)
         live.rows = [live.rows[i] for i in keep]

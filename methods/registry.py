@@ -36,7 +36,18 @@ def register(name: str) -> Callable[[D], D]:
 
 def _load_builtin() -> None:
     # importing the modules runs their @register decorators
-    from mmspec.methods import ar, lookahead, pld, recycling, sam  # noqa: F401
+    from mmspec.methods import (  # noqa: F401
+        ar,
+        eagle,
+        eagle2,
+        lookahead,
+        medusa,
+        msd,
+        pld,
+        recycling,
+        sam,
+        vispec,
+    )
 
     for ep in entry_points(group="mmspec.methods"):
         if ep.name not in _DRAFTERS:

@@ -40,7 +40,10 @@ class Target:
 
     family: ClassVar[str] = ""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, tokenizer: Any) -> None:
+    def __init__(
+        self, model: torch.nn.Module, processor: Any, tokenizer: Any, name: str = ""
+    ) -> None:
+        self.name = name  # the model id it was loaded as (drafters find their heads by it)
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = tokenizer

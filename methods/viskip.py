@@ -53,6 +53,7 @@ class ViSkip(Drafter):
 
     def load(self, target: Target) -> None:
         self.inner.load(target)
+        self.features = self.inner.features
 
     def begin(self, ctx: DraftContext) -> None:
         self.inner.begin(ctx)

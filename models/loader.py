@@ -109,4 +109,4 @@ def load_target(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model {model_id} ({source}): cannot load checkpoint: {exc}") from exc
     log.info("loaded %s (%s) on %s as %s", model_id, model_type, dev, dtype)
-    return target_cls(model, processor, tokenizer)
+    return target_cls(model, processor, tokenizer, name=model_id)

@@ -474,3 +474,20 @@ def _cli_logging() -> Iterator[None]:
 main.add_command(compare)
 main.add_command(history)
 main.add_command(export)
+
+
+@main.command(
+    "train-drafter",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def train_drafter(ctx: click.Context) -> None:
+    """Train a draft head (EAGLE, EAGLE-3, ViSpec, MSD, Medusa) on its target's own answers.
+
+    Options: see `mmspec-orch train-drafter --help`.
+    """
+    # imported here: the trainer loads torch, which every other command starts without
+    from mmspec.models.train_drafter import train_drafter_command
+
+    train_drafter_command.main(args=ctx.args, prog_name="mmspec-orch train-drafter")

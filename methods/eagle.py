@@ -1,0 +1,120 @@
+"""EAGLE-1: a one-layer head that extrapolates the target's last hidden state, static tree.
+
+Li et al., "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty" (ICML 2024);
+reference: SafeAILab/EAGLE `eagle/model/cnets1.py`, Spec-Bench `model/eagle`.
+
+At position t the head reads fc(cat(embedding of token t+1, feature f_t)) - f_t being the
+target's last hidden state after its final norm, the LM head's input - and one decoder layer
+(no input norm: the fc output is its input) predicts f_{t+1}; the target's own LM head turns
+that into tokens. Deeper tree levels feed the head's own outputs back as features. Prompt
+image slots are embedded with the projected image features the target saw.
+
+EAGLE-1 drafts a fixed tree (`EAGLE_TREE`, the reference's 25-node "mc_sim_7b_63"): the
+node (c1, c2, ...) is the c1-th likeliest token after the root, then the c2-th likeliest
+after that, and so on. EAGLE-2 (eagle2.py) runs the same weights with a dynamic tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmspec.methods.draft_head import DraftConfig, TreeSearch, decoder_layer, rotary
+from mmspec.methods.features import FINAL, Feature
+from mmspec.methods.head_drafter import HeadDrafter
+from mmspec.methods.head_training import TeacherBatch, eagle_loss
+from mmspec.methods.registry import register
+from mmspec.methods.target import Target
+from mmspec.methods.tree import DraftTree
+
+EAGLE_TREE: tuple[tuple[int, ...], ...] = (
+    (0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0),
+    (0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1), (1, 0, 0),
+    (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 2), (0, 0, 0, 0, 0), (0, 0, 0, 0, 1),
+)  # fmt: skip
+
+
+class EagleHead(nn.Module):
+    """fc(cat(embedding, feature)) -> one decoder layer; the target's LM head reads it.
+
+    State-dict keys as the reference saves them (`fc.*`, `layers.0.*`), minus the frozen
+    copy of the target's embedding table. `config.extra["input_norm"]` keeps the layer's
+    input norm (MSD's heads have one, EAGLE's do not).
+    """
+
+    target_features: tuple[Feature, ...] = (FINAL,)
+
+    def __init__(self, config: DraftConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=config.extra.get("fc_bias", True))
+        self.layers = nn.ModuleList([decoder_layer(config)])
+        if not config.extra.get("input_norm", False):
+            self.layers[0].input_layernorm = nn.Identity()
+        self.rotary = rotary(config)
+
+    def fuse(self, feats: dict[Feature, torch.Tensor]) -> torch.Tensor:
+        return feats[FINAL]
+
+    def combine(
+        self, embeds: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.fc(torch.cat([embeds, hidden], dim=-1))
+
+    def block(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: Any
+    ) -> torch.Tensor:
+        return self.layers[0](
+            x,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            position_embeddings=self.rotary(x, positions),
+        )
+
+    def logp(self, out: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        return torch.log_softmax(lm_head(out).float(), dim=-1)
+
+    def prompt_inputs(
+        self, embeds: torch.Tensor, hidden: torch.Tensor, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        positions = torch.arange(embeds.shape[0], device=embeds.device)
+        return self.combine(embeds, hidden, None), positions, None
+
+    def train_loss(
+        self, batch: TeacherBatch, embed: nn.Module, lm_head: nn.Module, noise: float = 0.0
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return eagle_loss(self, batch, embed, lm_head, noise)
+
+    @classmethod
+    def from_reference(
+        cls, raw: dict[str, Any], state: dict[str, torch.Tensor], target: Target, where: str
+    ) -> tuple[DraftConfig, dict[str, torch.Tensor]]:
+        """A reference EAGLE checkpoint (LLaMA-style config.json, `fc` + `layers.0`)."""
+        from mmspec.methods.draft_checkpoint import reference_config
+
+        extra = {"fc_bias": "fc.bias" in state}
+        if "layers.0.input_layernorm.weight" in state:
+            extra["input_norm"] = True
+        config = reference_config("eagle", raw, target, where, **extra)
+        state = {k: v for k, v in state.items() if k != "embed_tokens.weight"}
+        return config, state
+
+
+@register("eagle")
+class Eagle(HeadDrafter):
+    head_cls = EagleHead
+
+    def __init__(
+        self, checkpoint: str | None = None, tree: Sequence[Sequence[int]] = EAGLE_TREE
+    ) -> None:
+        super().__init__(checkpoint)
+        self.tree = [tuple(int(c) for c in path) for path in tree]
+
+    def grow(self, search: TreeSearch, logp: torch.Tensor, hidden: torch.Tensor) -> list[DraftTree]:
+        return search.static(logp, hidden, self.tree)
