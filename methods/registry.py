@@ -40,6 +40,7 @@ def _load_builtin() -> None:
         ar,
         eagle,
         eagle2,
+        eagle3,
         lookahead,
         medusa,
         msd,

@@ -85,7 +85,7 @@ class HeadTrainConfig:
 # per head: what differs from the defaults (the references' stage structure)
 RECIPES: dict[str, dict[str, Any]] = {
     "eagle": {},
-    "eagle3": {},
+    "eagle3": {"noise": 0.0},  # EAGLE-3 trains without feature noise
     "vispec": {"head_args": {"num_q": 2}},
     "msd": {"text_steps": 250, "ramp_steps": 400},
     "medusa": {"text_steps": 0, "noise": 0.0, "head_args": {"num_heads": 4, "num_layers": 1}},
@@ -163,6 +163,16 @@ class Batches:
         return [self.example(i, image) for i in self._queue[image].pop()]
 
 
+def answer_token_counts(batches: Batches, target: Target) -> torch.Tensor:
+    """How often each token id occurs in the distilled answers (V,)."""
+    counts = torch.zeros(target.model.config.get_text_config().vocab_size)
+    for i in range(len(batches.records)):
+        example = batches.example(i, False)
+        ids = torch.tensor(example.input_ids)[torch.tensor(example.kinds) != NO_LOSS]
+        counts += torch.bincount(ids, minlength=counts.numel())[: counts.numel()].float()
+    return counts
+
+
 @torch.no_grad()
 def teacher_batch(
     target: Target, encoder: Encoder, tap: FeatureTap, examples: list[Example]
@@ -211,10 +221,10 @@ def _lr_factor(step: int, c: HeadTrainConfig) -> float:
 def build_head(config: HeadTrainConfig, target: Target) -> torch.nn.Module:
     from mmspec.methods.registry import get_drafter
 
-    drafter = get_drafter(HEAD_METHODS[config.method][0])
-    head_cls = drafter.head_cls
-    draft_config = DraftConfig.for_target(config.method, target, **config.head_args)
-    return head_cls(draft_config)
+    head_cls = get_drafter(HEAD_METHODS[config.method][0]).head_cls
+    # a head whose shape depends on more of the target than its text config makes its own
+    make = getattr(head_cls, "draft_config", DraftConfig.for_target)
+    return head_cls(make(config.method, target, **config.head_args))
 
 
 def train_head(
@@ -241,6 +251,8 @@ def train_head(
     encoder = Encoder(target)
     rng = random.Random(f"mmspec-train-head:{config.seed}")
     batches = Batches(encoder, records, config.token_budget, rng)
+    if hasattr(head, "set_draft_vocab"):  # EAGLE-3: the commonest answer tokens of all data
+        head.set_draft_vocab(answer_token_counts(batches, target))
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
