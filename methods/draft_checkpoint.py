@@ -21,6 +21,20 @@ from mmspec.methods.target import Target
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
+# The heads MMSpec evaluated (collection "Cloudriver/multimodal-speculative-decoding"), used
+# when a grid names one of these targets and gives no checkpoint. EAGLE-2 runs EAGLE's head.
+_QWEN7B, _LLAVA7B = "Qwen/Qwen2.5-VL-7B-Instruct", "llava-hf/llava-1.5-7b-hf"
+OFFICIAL_HEADS: dict[tuple[str, str], str] = {
+    ("eagle", _QWEN7B): "Cloudriver/EAGLE-Qwen2.5-VL-7B-Instruct",
+    ("eagle3", _QWEN7B): "Cloudriver/EAGLE3-Qwen2.5-VL-7B-Instruct",
+    ("vispec", _QWEN7B): "Cloudriver/ViSpec-Qwen2.5-VL-7B-Instruct",
+    ("msd", _QWEN7B): "Cloudriver/MSD-Qwen2.5-VL-7B-Instruct",
+    ("eagle", _LLAVA7B): "Cloudriver/EAGLE-LLaVA-1.5-7B",
+    ("eagle3", _LLAVA7B): "Cloudriver/EAGLE3-LLaVA1.5-7B",
+    ("vispec", _LLAVA7B): "Cloudriver/ViSpec-LLaVA1.5-7B",
+    ("msd", _LLAVA7B): "Cloudriver/MSD-LLaVA1.5-7B",
+}
+
 
 class CheckpointError(ValueError):
     pass
@@ -34,7 +48,10 @@ def checkpoint_dir(weights: str, target_name: str) -> Path:
 
 
 def resolve(weights: str, target: Target, checkpoint: str | None) -> Path:
-    """The local folder of the head: the given path or hub id, else the zoo's."""
+    """The local folder of the head: the given path or hub id, else the zoo's or the official
+    one for the target."""
+    if checkpoint is None:
+        checkpoint = OFFICIAL_HEADS.get((weights, _hub_id(target.name)))
     if checkpoint is None:
         path = checkpoint_dir(weights, target.name or "?")
         if not (path / "config.json").is_file():
@@ -53,6 +70,13 @@ def resolve(weights: str, target: Target, checkpoint: str | None) -> Path:
 
     patterns = ["config.json", *WEIGHT_FILES, "medusa_lm_head.safetensors", "*.pt"]
     return Path(snapshot_download(checkpoint, allow_patterns=patterns))
+
+
+def _hub_id(model_id: str) -> str:
+    from mmspec.models.registry import REGISTRY
+
+    entry = REGISTRY.get(model_id)
+    return entry.source if entry is not None else model_id
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:

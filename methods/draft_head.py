@@ -28,6 +28,7 @@ from transformers import DynamicCache, LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
+from mmspec.methods.kv_slots import gather_slots, squeeze_order
 from mmspec.methods.target import Target
 from mmspec.methods.tree import DraftTree
 
@@ -179,16 +180,10 @@ class DraftKV:
 
     def maybe_compact(self) -> None:
         """Squeeze masked slots out once they cost more than `compact_slack` per row."""
-        longest = int(self.valid.sum(dim=1).max()) if self.valid.numel() else 0
-        if self.length - longest <= self.compact_slack:
-            return
-        order = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices[:, -longest:]
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                full = getattr(layer, name)
-                gather = order[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
-                setattr(layer, name, torch.gather(full, 2, gather))
-        self.valid = torch.gather(self.valid, 1, order)
+        order = squeeze_order(self.valid, self.compact_slack)
+        if order is not None:
+            gather_slots(self.cache, order)
+            self.valid = torch.gather(self.valid, 1, order)
 
 
 def ragged(

@@ -21,16 +21,13 @@ tree level; `lm_head(norm(output))` gives logits over a reduced draft vocabulary
 to target ids by `d2t` (target id = draft id + d2t[draft id]); `t2d` marks the target ids
 the draft vocabulary holds. The target's own LM head is not used.
 
-Draft vocabulary. The reference counts answer tokens over the whole training set and keeps
-the `draft_vocab_size` commonest (ids sorted ascending). Our trainer builds the head before
-it sees data, so on the first `train_loss` call (unless `set_draft_vocab` was called first)
-the head picks them from that first batch: answer tokens by count (they are the target's own
-greedy tokens), ties - and tokens the batch never shows - ordered by the target's summed
-next-token probability over every position of the batch. An approximation of the
-reference's whole-data count; call `set_draft_vocab(token_counts(...))` over all the data
-before training for the reference behaviour. Default size: the reference's 32000 for large
-vocabularies, half the vocabulary for tiny ones (<= 4096, so the mapping is exercised);
-`draft_vocab_size` >= the target vocabulary gives the identity map.
+Draft vocabulary. As the reference: the `draft_vocab_size` commonest answer tokens of the
+whole distilled data set, ids sorted ascending (`models/train_drafter.py` counts them and
+calls `set_draft_vocab` before the first step; used on its own, `train_loss` falls back to
+the first batch's counts, ties ordered by the target's summed next-token probability).
+Default size: the reference's 32000 for large vocabularies, half the vocabulary for tiny
+ones (<= 4096, so the mapping is exercised); `draft_vocab_size` >= the target vocabulary
+gives the identity map.
 
 Training-time test (`train_loss`), as the reference: step 0 is the usual EAGLE forward (at
 position t: embedding of token t+1 and fused feature g_t, predicting token t+2). Step j

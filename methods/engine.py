@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from mmspec.methods.accept import Acceptance, accept_greedy, accept_sampling
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome
 from mmspec.methods.features import Feature, FeatureTap
+from mmspec.methods.kv_slots import gather_slots, squeeze_order
 from mmspec.methods.target import Message, Target
 from mmspec.methods.tree import DraftTree
 from mmspec.methods.vision_probe import VisionProbe
@@ -265,17 +266,10 @@ class Engine:
 
     def _maybe_compact(self, live: _Live) -> None:
         """Squeeze masked slots out of the cache once they cost more than `compact_slack`."""
-        counts = live.valid.sum(dim=1)
-        longest = int(counts.max())
-        if live.valid.shape[1] - longest <= self.compact_slack:
+        order = squeeze_order(live.valid, self.compact_slack)
+        if order is None:
             return
-        # stable sort puts each row's valid slots last, in order: rows stay left padded
-        order = torch.sort(live.valid.to(torch.int8), dim=1, stable=True).indices[:, -longest:]
-        for layer in live.cache.layers:
-            for name in ("keys", "values"):
-                full = getattr(layer, name)
-                gather = order[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
-                setattr(layer, name, torch.gather(full, 2, gather))
+        gather_slots(live.cache, order)
         live.valid = torch.gather(live.valid, 1, order)
         live.vision = torch.gather(live.vision, 1, order)
 
