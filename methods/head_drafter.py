@@ -102,7 +102,7 @@ class HeadDrafter(Drafter):
         x, counts = ragged([t[0] for t in self.todo])
         positions, _ = ragged([t[1][:, None] for t in self.todo])
         out = feed(self.kv, self._block, x, positions[..., 0], counts)
-        self.todo = []
+        self.todo = [(x[i, :0], positions[i, :0, 0]) for i in range(len(counts))]
         last = last_real(out, counts)
         trees = self.grow(
             TreeSearch(self._expand, self.kv), self.head.logp(last, self.lm_head), last
@@ -113,17 +113,20 @@ class HeadDrafter(Drafter):
     @torch.inference_mode()
     def update(self, ctx: DraftContext, outcome: StepOutcome) -> None:
         assert outcome.features is not None
+        self._follow(ctx.rows)
         fused = self.head.fuse(outcome.features)  # (b, q, h)
         dev = fused.device
-        todo = []
         for i, (path, emitted) in enumerate(zip(outcome.paths, outcome.emitted)):
             q = torch.tensor([0] + [n + 1 for n in path], device=dev)
             embeds = self.embed(torch.tensor(emitted, device=dev))
             state = None if self.state is None else self.state[i]
             x = self.head.combine(embeds, fused[i, q], state)
-            positions = self.kv.next_pos[i] + torch.arange(len(emitted), device=dev)
-            todo.append((x, positions))
-        self.todo = todo
+            # a step without `propose` (ViSkip skipped every row) left inputs unfed: queue
+            # these behind them, so the head's cache never misses a position
+            old_x, old_pos = self.todo[i]
+            first = old_pos[-1] + 1 if len(old_pos) else self.kv.next_pos[i]
+            positions = first + torch.arange(len(emitted), device=dev)
+            self.todo[i] = (torch.cat([old_x, x]), torch.cat([old_pos, positions]))
 
     # ---- for subclasses --------------------------------------------------------------------
     def grow(self, search: TreeSearch, logp: torch.Tensor, hidden: torch.Tensor) -> list[DraftTree]:

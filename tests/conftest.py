@@ -28,3 +28,17 @@ def mmspec_split(name: str) -> Path:
     if not (path / "mmspec.jsonl").is_file():
         pytest.skip(f"MMSpec split not found at {path}")
     return path
+
+
+def contract_methods() -> list[str]:
+    """Every registered method but `ar`, for the lossless tests - ViSkip over the trained
+    heads only as `viskip+eagle2`: the wrapper does not depend on what it wraps (the
+    training-free methods cover it with every kind of drafter), and each trained head costs."""
+    from mmspec.methods.registry import get_drafter, method_names
+
+    return [
+        m
+        for m in method_names()
+        if m != "ar"
+        and (not m.startswith("viskip+") or get_drafter(m).training_free or m == "viskip+eagle2")
+    ]

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmspec.methods.base import Drafter
 from mmspec.methods.draft_checkpoint import CheckpointError
 from mmspec.methods.draft_head import DraftConfig, DraftKV, TreeSearch, feed, save_head
 from mmspec.methods.engine import Engine
 from mmspec.methods.features import EMBEDS, FINAL, FeatureTap
 from mmspec.methods.registry import get_drafter
+from mmspec.methods.tree import DraftTree
 from mmspec.models.loader import load_target
 from mmspec.orchestrator.runner import conversation
 from mmspec.workloads import synthetic_suite
@@ -196,6 +198,44 @@ def test_untrained_heads_are_lossless(targets, samples, tmp_path, model, method)
     assert [r.tokens for r in four] == [r.tokens for r in ref]
     # the head's batch is the sum of its rows: the same drafts, so the same acceptance
     assert [r.accept_lengths for r in four] == [r.accept_lengths for r in one]
+
+
+class _SkipSome(Drafter):
+    """Drafts with `inner` only every third step, as ViSkip does when every row skips; checks
+    that the head has read every position up to the pending token whenever it drafts."""
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner, self.step, self.checked = inner, 0, 0
+
+    def load(self, target) -> None:
+        self.inner.load(target)
+        self.features = self.inner.features
+
+    def begin(self, ctx) -> None:
+        self.inner.begin(ctx)
+
+    def propose(self, ctx):
+        self.step += 1
+        if self.step % 3:
+            return [DraftTree.empty(skipped=True) for _ in ctx.rows]
+        trees = self.inner.propose(ctx)
+        assert self.inner.kv.next_pos.tolist() == [len(t) - 1 for t in ctx.tokens]
+        self.checked += 1
+        return trees
+
+    def update(self, ctx, outcome) -> None:
+        self.inner.update(ctx, outcome)
+
+
+def test_steps_without_drafting_leave_no_gap_in_the_head(targets, samples, tmp_path) -> None:
+    target = targets["tiny-qwen2.5-vl"]
+    convs, images = samples
+    path = _random_head("eagle2", target, tmp_path / "h")
+    drafter = _SkipSome(get_drafter("eagle2")(checkpoint=str(path)))
+    ref = Engine(target, get_drafter("ar")()).generate(convs, images, 24)
+    got = Engine(target, drafter).generate(convs, images, 24)
+    assert [r.tokens for r in got] == [r.tokens for r in ref]
+    assert drafter.checked >= 3
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

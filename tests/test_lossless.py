@@ -11,12 +11,11 @@ from collections.abc import Callable
 
 import pytest
 
-from mmspec.methods.registry import method_names
 from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
 from mmspec.orchestrator.runner import ShardRunner
 from mmspec.orchestrator.schema import ResultRow
 from mmspec.workloads import Sample, load_mmspec, synthetic_suite
-from tests.conftest import mmspec_split
+from tests.conftest import contract_methods, mmspec_split
 
 MODELS = ["tiny-qwen2.5-vl", "tiny-llava"]
 BATCH_SIZES = (1, 2, 4)
@@ -68,7 +67,7 @@ def runs(request: pytest.FixtureRequest) -> Runs:
 
 
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
-@pytest.mark.parametrize("method", [m for m in method_names() if m != "ar"])
+@pytest.mark.parametrize("method", contract_methods())
 def test_greedy_output_equals_ar(runs: Runs, method: str, workload: str) -> None:
     base = {(r.sample_id, r.turn): r for r in runs.rows("ar", workload, 1)}
     samples = WORKLOADS[workload]()
