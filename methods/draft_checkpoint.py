@@ -40,6 +40,17 @@ class CheckpointError(ValueError):
     pass
 
 
+def check_checkpoint_arg(checkpoint: Any) -> str | None:
+    """A grid's `checkpoint` argument, checked where it can be without loading anything."""
+    if checkpoint is None:
+        return None
+    if not isinstance(checkpoint, str) or not checkpoint:
+        raise ValueError(f"checkpoint must be a folder or a hub id, got {checkpoint!r}")
+    if checkpoint.startswith((".", "/", "~")) and not Path(checkpoint).expanduser().is_dir():
+        raise ValueError(f"checkpoint {checkpoint} is not a folder")
+    return checkpoint
+
+
 def checkpoint_dir(weights: str, target_name: str) -> Path:
     """Where the project's trained head `weights` for a zoo target lives."""
     from mmspec.models.tiny import ZOO_DIR

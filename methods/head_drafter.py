@@ -60,7 +60,9 @@ class HeadDrafter(Drafter):
     weights: ClassVar[str] = ""  # whose trained weights it runs (default: its own name)
 
     def __init__(self, checkpoint: str | None = None) -> None:
-        self.checkpoint = checkpoint
+        from mmspec.methods.draft_checkpoint import check_checkpoint_arg
+
+        self.checkpoint = check_checkpoint_arg(checkpoint)
         self.head: Any = None
 
     # ---- loading -------------------------------------------------------------------------

@@ -222,7 +222,9 @@ class Medusa(Drafter):
     def __init__(
         self, checkpoint: str | None = None, tree: Sequence[Sequence[int]] = MEDUSA_TREE
     ) -> None:
-        self.checkpoint = checkpoint
+        from mmspec.methods.draft_checkpoint import check_checkpoint_arg
+
+        self.checkpoint = check_checkpoint_arg(checkpoint)
         self.tree = tree_paths(tree)
         self.head: Any = None
 

@@ -340,3 +340,9 @@ def test_a_few_training_steps_reduce_the_loss(targets, tmp_path, method) -> None
     assert any(m["image"] for m in result.metrics) and not all(m["image"] for m in result.metrics)
     # the distilled data is cached: a second run of another head reuses it
     assert len(list((tmp_path / "distill").iterdir())) == 1
+
+
+@pytest.mark.parametrize("method", ["eagle2", "medusa", "eagle3"])
+def test_a_checkpoint_folder_that_is_not_there_fails_at_grid_validation(method) -> None:
+    with pytest.raises(ValueError, match="is not a folder"):
+        get_drafter(method)(checkpoint="./no/such/head")
