@@ -3,9 +3,9 @@
 For each tiny target and method, greedy decoding (batch size 1) of the synthetic suite's eval
 split - the heads were trained on the target's own answers to the disjoint training split:
 
-1. MAT per topic: tokens per verification step, the bonus token included (Spec-Bench's
-   definition; `(new tokens - 1) / steps`, the first token coming from prefill), pooled over
-   the topic's samples and turns; every output is checked against plain AR decoding.
+1. MAT per topic, as the report defines it (MMSpec's acceptance length): accepted draft
+   tokens per verification step, the bonus token excluded (add 1 for Spec-Bench's tokens per
+   step), pooled over the topic's samples and turns; every output is checked against AR.
 2. Where the drafts land: on first-turn answers that equal the reference exactly (so each
    token's role is known from the scene), the share of grounded tokens (the first token of a
    colour, count, word or value read off the picture; every digit of a number) and of template
@@ -14,8 +14,8 @@ split - the heads were trained on the target's own answers to the disjoint train
 
     .venv/bin/python benchmarks/bench_drafters.py [--per-topic 10] [--methods eagle2,vispec]
 
-Timings are not the point here (the grid's report has speedups, latency CDFs and the
-draft/verify breakdown: examples/drafters.yaml); tokens/s is printed for reference only.
+Timings are not measured here: the grid's report has speedups, latency CDFs and the
+draft/verify breakdown (examples/drafters.yaml).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import platform
-import time
 from collections.abc import Sequence
 
 import torch
@@ -68,10 +67,10 @@ def token_roles(target: Target, item: SyntheticItem, tokens: list[int]) -> list[
 def run(
     target: Target, items: Sequence[SyntheticItem], methods: Sequence[str], max_new_tokens: int
 ) -> dict[str, dict]:
-    """Per method: MAT per topic, drafted shares of grounded/template tokens, tokens/s."""
+    """Per method: accepted drafts and steps per topic, drafted grounded/template tokens."""
     engines = {m: Engine(target, get_drafter(m)()) for m in ("ar", *methods)}
     stats: dict[str, dict] = {
-        m: {"tokens": collections.Counter(), "steps": collections.Counter(), "seconds": 0.0,
+        m: {"accepted": collections.Counter(), "steps": collections.Counter(),
             "roles": collections.Counter(), "mismatch": 0}
         for m in methods
     }  # fmt: skip
@@ -86,17 +85,14 @@ def run(
             ref: RowResult | None = None
             for m, engine in engines.items():
                 conv = conversation(item.sample, answers, True)
-                start = time.perf_counter()
                 (r,) = engine.generate([conv], [image], max_new_tokens)
-                seconds = time.perf_counter() - start
                 if m == "ar":
                     ref = r
                     continue
                 s = stats[m]
                 s["mismatch"] += r.tokens != ref.tokens
-                s["tokens"][item.scene.topic] += len(r.tokens) - 1
+                s["accepted"][item.scene.topic] += r.accepted
                 s["steps"][item.scene.topic] += r.steps
-                s["seconds"] += seconds
                 if turn == 0:
                     roles = token_roles(target, item, r.tokens)
                     for role, drafted in zip(roles or [], drafted_flags(r)):
@@ -116,10 +112,8 @@ def report(model: str, stats: dict[str, dict]) -> list[str]:
              "drafted | template tokens drafted | mismatches vs AR |",
              "|---|" + "---:|" * (len(topics) + 4)]  # fmt: skip
     for m, s in stats.items():
-        mats = [
-            f"{1 + s['tokens'][t] / s['steps'][t]:.2f}" if s["steps"][t] else "-" for t in topics
-        ]
-        total = 1 + sum(s["tokens"].values()) / max(1, sum(s["steps"].values()))
+        mats = [f"{s['accepted'][t] / s['steps'][t]:.2f}" if s["steps"][t] else "-" for t in topics]
+        total = sum(s["accepted"].values()) / max(1, sum(s["steps"].values()))
         lines.append(
             f"| {m} | " + " | ".join(mats) + f" | **{total:.2f}** | "
             f"{_share(s['roles'], GROUNDED)} | {_share(s['roles'], TEMPLATE)} | {s['mismatch']} |"
@@ -143,7 +137,7 @@ def main() -> None:
         f"transformers {transformers.__version__}; eval split, {args.per_topic} per topic, "
         f"greedy, batch size 1, max {args.max_new_tokens} new tokens per turn\n"
     )
-    print("MAT per topic (tokens per verification step, bonus included):\n")
+    print("MAT per topic (accepted draft tokens per verification step, bonus excluded):\n")
     for model in args.models.split(","):
         target = load_target(model, device="cpu")
         print("\n".join(report(model, run(target, items, methods, args.max_new_tokens))))

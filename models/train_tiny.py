@@ -74,10 +74,10 @@ POLISH_MIX: dict[str, float] = {
     "multi-turn conversation": 0.5,
 }
 
-# Main-stage steps per model: Qwen's steps cost ~30% more, so its main stage is shorter and
-# each model's whole recipe stays within 30 minutes on one core.
-MAIN_STEPS = {"tiny-llava": 2600, "tiny-qwen2.5-vl": 1800}
-POLISH_STEPS = 900
+# Steps per model and stage: Qwen's steps cost ~30% more, so its stages are shorter and each
+# model's whole recipe stays within about 30 minutes on one core.
+MAIN_STEPS = {"tiny-llava": 2600, "tiny-qwen2.5-vl": 2000}
+POLISH_STEPS = {"tiny-llava": 900, "tiny-qwen2.5-vl": 800}
 POLISH_LR = 4e-4
 POLISH_WARMUP = 20
 
@@ -521,7 +521,7 @@ def _train_stage(
 def recipe(
     model: str,
     steps: int | None = None,
-    polish_steps: int = POLISH_STEPS,
+    polish_steps: int | None = None,
     polish_lr: float = POLISH_LR,
     eval_per_topic: int = TrainConfig.eval_per_topic,
     **options: Any,
@@ -532,6 +532,7 @@ def recipe(
     own seeds, so it sees conversations the main stage did not); only the last stage is scored.
     """
     main = TrainConfig(model, steps=steps or MAIN_STEPS[model], **options)
+    polish_steps = POLISH_STEPS[model] if polish_steps is None else polish_steps
     if not polish_steps:
         return [replace(main, eval_per_topic=eval_per_topic)]
     polish = replace(
@@ -772,7 +773,7 @@ _FLAGS = {
 _DEFAULTS: dict[str, Any] = {
     **{k: getattr(TrainConfig, k) for k in _FLAGS.values() if hasattr(TrainConfig, k)},
     "steps": None,
-    "polish_steps": POLISH_STEPS,
+    "polish_steps": None,
     "polish_lr": POLISH_LR,
 }
 
@@ -809,7 +810,13 @@ def _option(flag: str, kind: Any, help_text: str) -> Any:
     f"Main-stage optimizer steps [default: {', '.join(f'{m} {n}' for m, n in MAIN_STEPS.items())}]",
 )
 @_option("--lr", click.FloatRange(min=0, min_open=True), f"Main-stage peak lr [{TrainConfig.lr}].")
-@_option("--polish-steps", click.IntRange(min=0), f"Polish-stage steps, 0: none [{POLISH_STEPS}].")
+@_option(
+    "--polish-steps",
+    click.IntRange(min=0),
+    "Polish-stage steps, 0: none [default: "
+    + ", ".join(f"{m} {n}" for m, n in POLISH_STEPS.items())
+    + "]",
+)
 @_option("--polish-lr", click.FloatRange(min=0, min_open=True), f"Polish peak lr [{POLISH_LR}].")
 @_option("--token-budget", click.IntRange(min=64), "Padded tokens per batch.")
 @_option("--grounded-weight", click.FloatRange(min=0), "Loss weight of grounded tokens.")
