@@ -13,6 +13,12 @@ split - the heads were trained on the target's own answers to the disjoint train
    vision-aware head should win on the grounded ones - the paper's claim, checked directly.
 
     .venv/bin/python benchmarks/bench_drafters.py [--per-topic 10] [--methods eagle2,vispec]
+        [--tree 5,10,59]   # one depth,top_k,total_token for every dynamic-tree method
+
+Each method runs with its defaults (MMSpec's: EAGLE-2/3 and ViSpec depth 3, top_k 8,
+total_token 30, EAGLE-2 with its confidence threshold 0.3; MSD 5, 10, 59) unless `--tree`
+sets one tree for all dynamic-tree methods (EAGLE-2's threshold off): the like-for-like
+comparison of the heads themselves.
 
 Timings are not measured here: the grid's report has speedups, latency CDFs and the
 draft/verify breakdown (examples/drafters.yaml).
@@ -64,11 +70,25 @@ def token_roles(target: Target, item: SyntheticItem, tokens: list[int]) -> list[
     return [token_kind(s, target.tokenizer.decode([t]), grounded) for s, t in zip(spans, body)]
 
 
+DYNAMIC_TREE = ("eagle2", "eagle3", "vispec", "msd")
+
+
 def run(
-    target: Target, items: Sequence[SyntheticItem], methods: Sequence[str], max_new_tokens: int
+    target: Target,
+    items: Sequence[SyntheticItem],
+    methods: Sequence[str],
+    max_new_tokens: int,
+    tree: dict[str, int] | None = None,
 ) -> dict[str, dict]:
     """Per method: accepted drafts and steps per topic, drafted grounded/template tokens."""
-    engines = {m: Engine(target, get_drafter(m)()) for m in ("ar", *methods)}
+
+    def args(m: str) -> dict:
+        if not tree or m not in DYNAMIC_TREE:
+            return {}
+        # the shared tree only: EAGLE-2's confidence threshold off
+        return {**tree, "threshold": 1.0} if m == "eagle2" else dict(tree)
+
+    engines = {m: Engine(target, get_drafter(m)(**args(m))) for m in ("ar", *methods)}
     stats: dict[str, dict] = {
         m: {"accepted": collections.Counter(), "steps": collections.Counter(),
             "roles": collections.Counter(), "mismatch": 0}
@@ -128,19 +148,27 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tree", help="depth,top_k,total_token for every dynamic-tree method")
     args = parser.parse_args()
+    tree = None
+    if args.tree:
+        depth, top_k, total = (int(x) for x in args.tree.split(","))
+        tree = {"depth": depth, "top_k": top_k, "total_token": total}
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     items = synthetic_items(args.per_topic, 0, None, "eval")
     print(
         f"{platform.machine()} CPU, {args.threads} thread(s), torch {torch.__version__}, "
         f"transformers {transformers.__version__}; eval split, {args.per_topic} per topic, "
-        f"greedy, batch size 1, max {args.max_new_tokens} new tokens per turn\n"
+        f"greedy, batch size 1, max {args.max_new_tokens} new tokens per turn; "
+        + (f"every dynamic tree {tree}" if tree else "each method's default tree")
+        + "\n"
     )
     print("MAT per topic (accepted draft tokens per verification step, bonus excluded):\n")
     for model in args.models.split(","):
         target = load_target(model, device="cpu")
-        print("\n".join(report(model, run(target, items, methods, args.max_new_tokens))))
+        stats = run(target, items, methods, args.max_new_tokens, tree)
+        print("\n".join(report(model, stats)))
 
 
 if __name__ == "__main__":

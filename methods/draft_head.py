@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -285,7 +286,13 @@ class TreeSearch:
         return lp, out, own
 
     def dynamic(
-        self, logp: torch.Tensor, hidden: torch.Tensor, depth: int, top_k: int, total_token: int
+        self,
+        logp: torch.Tensor,
+        hidden: torch.Tensor,
+        depth: int,
+        top_k: int,
+        total_token: int,
+        threshold: float = 1.0,
     ) -> list[DraftTree]:
         """EAGLE-2, from `logp` (b, V) and head output (b, h) after the pending token.
 
@@ -294,30 +301,41 @@ class TreeSearch:
         each brings its top_k children as the next level. The tree keeps the `total_token - 1`
         likeliest candidates (the root is the first of the total, as in the reference); an
         ancestor scores at least as high as its descendants, so they form a tree.
+
+        `threshold` < 1 is MMSpec's confidence variant: a row stops growing once no node of
+        its newest level has a cumulative probability above it, and keeps only the nodes
+        above it (but at least top_k, at most total_token - 1).
         """
         b, dev = logp.shape[0], logp.device
+        log_t = math.log(threshold) if threshold < 1.0 else None
         start = self.kv.length
         top = logp.topk(top_k, dim=-1)
         cands = [
             [_Node(int(t), -1, float(s), 1) for t, s in zip(top.indices[i], top.values[i])]
             for i in range(b)
         ]
+        grows = [log_t is None or max(n.score for n in c) >= log_t for c in cands]
         frontier = torch.arange(top_k, device=dev)[None].expand(b, -1)  # candidate indices
         tokens, scores = top.indices, top.values
         parent_hidden = hidden[:, None, :].expand(-1, top_k, -1)
         anc = torch.zeros(b, top_k, 0, dtype=torch.bool, device=dev)
         for d in range(1, depth + 1):
+            if not any(grows):
+                break
             lp, out, own = self._level(tokens, parent_hidden, anc, d)
             child = lp.topk(top_k, dim=-1)  # (b, k, k)
             cum = (scores[:, :, None] + child.values).flatten(1)  # (b, k * k)
             child_tokens = child.indices.flatten(1)
-            base = len(cands[0])  # every row has as many candidates
+            base = torch.tensor([len(c) for c in cands], device=dev)[:, None]
             for i in range(b):
+                if not grows[i]:  # stopped rows are computed along, never extended
+                    continue
                 parents = frontier[i].repeat_interleave(top_k).tolist()
                 cands[i] += [
                     _Node(t, p, s, d + 1)
                     for t, p, s in zip(child_tokens[i].tolist(), parents, cum[i].tolist())
                 ]
+                grows[i] = log_t is None or float(cum[i].max()) >= log_t
             if d == depth:
                 break
             best = cum.topk(top_k, dim=-1).indices  # (b, k) into this level's k * k
@@ -327,7 +345,14 @@ class TreeSearch:
             anc = own.gather(1, parent_of[:, :, None].expand(-1, -1, own.shape[-1]))
             parent_hidden = out.gather(1, parent_of[:, :, None].expand(-1, -1, out.shape[-1]))
         self.kv.crop(start)
-        return [_select(c, total_token - 1) for c in cands]
+        trees = []
+        for c in cands:
+            keep = total_token - 1
+            if log_t is not None:
+                above = sum(n.score > log_t for n in c)
+                keep = min(keep, max(above, top_k))
+            trees.append(_select(c, keep))
+        return trees
 
     def static(
         self, logp: torch.Tensor, hidden: torch.Tensor, choices: Sequence[Sequence[int]]

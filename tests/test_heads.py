@@ -166,6 +166,19 @@ def test_dynamic_tree_keeps_the_likeliest_nodes() -> None:
         assert any(d >= 3 for d in tree.depths)
 
 
+def test_confidence_threshold_keeps_only_likely_nodes() -> None:
+    fake = _FakeHead()
+    root = torch.log_softmax(torch.randn(2, 12, generator=torch.Generator().manual_seed(2)), -1)
+    full = _search(fake).dynamic(root, torch.zeros(2, 4), depth=3, top_k=3, total_token=10)
+    cut = _search(fake).dynamic(root, torch.zeros(2, 4), 3, 3, 10, threshold=0.2)
+    for i, tree in enumerate(cut):
+        scores = sorted((_score(tree, fake.table, root[i], n) for n in range(len(tree))))
+        above = [x for x in scores if x > torch.tensor(0.2).log()]
+        # at least top_k nodes, beyond those only nodes likelier than the threshold
+        assert len(tree) == max(3, len(above)) <= len(full[i])
+        assert len(tree) < len(full[i]) or len(above) >= 9
+
+
 def test_static_tree_follows_the_choices() -> None:
     fake = _FakeHead()
     search = _search(fake, batch=1)
