@@ -231,7 +231,20 @@ def build_head(config: HeadTrainConfig, target: Target) -> torch.nn.Module:
 def train_head(
     config: HeadTrainConfig, home: Path, target: Target | None = None
 ) -> tuple[torch.nn.Module, HeadTrainResult]:
-    """Distil (or reuse the cached data), then train the head; returns it and its log."""
+    """Distil (or reuse the cached data), then train the head; returns it and its log.
+
+    Trains on `config.threads` torch threads and gives the caller's thread count back.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train_head(config, home, target)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_head(
+    config: HeadTrainConfig, home: Path, target: Target | None
+) -> tuple[torch.nn.Module, HeadTrainResult]:
     from accelerate import Accelerator
 
     from mmspec.models.loader import load_target

@@ -42,3 +42,41 @@ def contract_methods() -> list[str]:
         if m != "ar"
         and (not m.startswith("viskip+") or get_drafter(m).training_free or m == "viskip+eagle2")
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_targets() -> dict:
+    """Both tiny targets on the CPU, loaded once for the draft-head tests."""
+    import torch
+
+    from mmspec.models.loader import load_target
+
+    torch.set_num_threads(1)
+    return {m: load_target(m, device="cpu") for m in ("tiny-llava", "tiny-qwen2.5-vl")}
+
+
+@pytest.fixture(scope="session")
+def head_samples() -> tuple[list, list]:
+    """Four synthetic first-turn conversations and their images."""
+    from mmspec.orchestrator.runner import conversation
+    from mmspec.workloads import synthetic_suite
+
+    picked = synthetic_suite(per_topic=1, seed=3)[:4]
+    return [conversation(s, [], True) for s in picked], [s.load_image() for s in picked]
+
+
+def reference_head_config(target, **extra) -> dict:
+    """A reference draft head's LLaMA-style config.json for `target`'s shapes."""
+    text = target.model.config.get_text_config()
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "num_hidden_layers": 1,
+        "vocab_size": text.vocab_size,
+        "rms_norm_eps": text.rms_norm_eps,
+        **extra,
+    }

@@ -13,9 +13,7 @@ from mmspec.methods.draft_checkpoint import CheckpointError
 from mmspec.methods.draft_head import DraftKV, feed, save_head
 from mmspec.methods.engine import Engine
 from mmspec.methods.registry import get_drafter
-from mmspec.models.loader import load_target
-from mmspec.orchestrator.runner import conversation
-from mmspec.workloads import synthetic_suite
+from tests.conftest import reference_head_config
 
 MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
 DRAFT_VOCAB = 512
@@ -31,15 +29,13 @@ def e3():
 
 
 @pytest.fixture(scope="module")
-def targets(e3) -> dict:
-    torch.set_num_threads(1)
-    return {m: load_target(m, device="cpu") for m in MODELS}
+def targets(e3, tiny_targets) -> dict:
+    return tiny_targets
 
 
 @pytest.fixture(scope="module")
-def samples() -> tuple[list, list]:
-    picked = synthetic_suite(per_topic=1, seed=3)[:4]
-    return [conversation(s, [], True) for s in picked], [s.load_image() for s in picked]
+def samples(head_samples) -> tuple[list, list]:
+    return head_samples
 
 
 def _random_head(target, seed: int = 0, **extra):
@@ -146,21 +142,13 @@ def test_an_untrained_head_is_lossless(targets, samples, tmp_path, model) -> Non
 def _reference_checkpoint(path: Path, target, state: dict, **extra) -> Path:
     from safetensors.torch import save_file
 
-    text = target.model.config.get_text_config()
-    config = {
-        "architectures": ["LlamaForCausalLMEagle3"],
-        "model_type": "llama",
-        "hidden_size": text.hidden_size,
-        "intermediate_size": text.intermediate_size,
-        "num_attention_heads": text.num_attention_heads,
-        "num_key_value_heads": text.num_key_value_heads,
-        "num_hidden_layers": 1,
-        "vocab_size": text.vocab_size,
-        "draft_vocab_size": DRAFT_VOCAB,
-        "rms_norm_eps": text.rms_norm_eps,
-        "rope_theta": 10000.0,
+    config = reference_head_config(
+        target,
+        architectures=["LlamaForCausalLMEagle3"],
+        draft_vocab_size=DRAFT_VOCAB,
+        rope_theta=10000.0,
         **extra,
-    }
+    )
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
     save_file(state, str(path / "model.safetensors"))
@@ -234,11 +222,7 @@ def test_a_few_training_steps_reduce_the_loss(targets, tmp_path) -> None:
         head_args={"ttt_steps": 3, "draft_vocab_size": DRAFT_VOCAB},
         distill=DistillConfig(per_topic=2, max_new_tokens=32),
     )
-    threads = torch.get_num_threads()
-    try:
-        head, result = train_head(config, tmp_path, targets["tiny-llava"])
-    finally:
-        torch.set_num_threads(threads)
+    head, result = train_head(config, tmp_path, targets["tiny-llava"])
     assert len(result.losses) == 12
     assert sum(result.losses[-4:]) / 4 < sum(result.losses[:4]) / 4, result.losses
     assert {"acc", "acc_1", "acc_2", "p_loss_0", "p_loss_2"} <= set(result.metrics[-1])

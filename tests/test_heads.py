@@ -21,24 +21,20 @@ from mmspec.methods.engine import Engine
 from mmspec.methods.features import EMBEDS, FINAL, FeatureTap
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.tree import DraftTree
-from mmspec.models.loader import load_target
-from mmspec.orchestrator.runner import conversation
-from mmspec.workloads import synthetic_suite
+from tests.conftest import reference_head_config
 
 MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
 HEADS = {"eagle": "eagle", "eagle2": "eagle", "vispec": "vispec", "msd": "msd"}
 
 
 @pytest.fixture(scope="module")
-def targets() -> dict:
-    torch.set_num_threads(1)
-    return {m: load_target(m, device="cpu") for m in MODELS}
+def targets(tiny_targets) -> dict:
+    return tiny_targets
 
 
 @pytest.fixture(scope="module")
-def samples() -> tuple[list, list]:
-    picked = synthetic_suite(per_topic=1, seed=3)[:4]
-    return [conversation(s, [], True) for s in picked], [s.load_image() for s in picked]
+def samples(head_samples) -> tuple[list, list]:
+    return head_samples
 
 
 def _random_head(method: str, target, out: Path, seed: int = 0) -> Path:
@@ -172,7 +168,7 @@ def test_confidence_threshold_keeps_only_likely_nodes() -> None:
     full = _search(fake).dynamic(root, torch.zeros(2, 4), depth=3, top_k=3, total_token=10)
     cut = _search(fake).dynamic(root, torch.zeros(2, 4), 3, 3, 10, threshold=0.2)
     for i, tree in enumerate(cut):
-        scores = sorted((_score(tree, fake.table, root[i], n) for n in range(len(tree))))
+        scores = sorted(_score(tree, fake.table, root[i], n) for n in range(len(tree)))
         above = [x for x in scores if x > torch.tensor(0.2).log()]
         # at least top_k nodes, beyond those only nodes likelier than the threshold
         assert len(tree) == max(3, len(above)) <= len(full[i])
@@ -281,22 +277,6 @@ def _reference_layout(head: torch.nn.Module, target) -> dict[str, torch.Tensor]:
     return state
 
 
-def _llama_config(target, **extra) -> dict:
-    text = target.model.config.get_text_config()
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": text.hidden_size,
-        "intermediate_size": text.intermediate_size,
-        "num_attention_heads": text.num_attention_heads,
-        "num_key_value_heads": text.num_key_value_heads,
-        "num_hidden_layers": 1,
-        "vocab_size": text.vocab_size,
-        "rms_norm_eps": text.rms_norm_eps,
-        **extra,
-    }
-
-
 @pytest.mark.parametrize("method", ["eagle", "vispec", "msd"])
 def test_reference_checkpoints_load_and_bad_keys_are_named(targets, tmp_path, method) -> None:
     from safetensors.torch import save_file
@@ -307,7 +287,7 @@ def test_reference_checkpoints_load_and_bad_keys_are_named(targets, tmp_path, me
     state = _reference_layout(head, target)
     ref = tmp_path / "ref"
     ref.mkdir()
-    (ref / "config.json").write_text(json.dumps(_llama_config(target)))
+    (ref / "config.json").write_text(json.dumps(reference_head_config(target)))
     torch.save(state, ref / "pytorch_model.bin")
     drafter = get_drafter(method)(checkpoint=str(ref))
     drafter.load(target)
@@ -315,7 +295,7 @@ def test_reference_checkpoints_load_and_bad_keys_are_named(targets, tmp_path, me
         assert torch.equal(drafter.head.state_dict()[k], v), k
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(_llama_config(target)))
+    (bad / "config.json").write_text(json.dumps(reference_head_config(target)))
     renamed = dict(state)
     renamed["layers.0.mlp.gate.weight"] = renamed.pop("layers.0.mlp.gate_proj.weight")
     save_file(renamed, str(bad / "model.safetensors"))
@@ -343,11 +323,7 @@ def test_a_few_training_steps_reduce_the_loss(targets, tmp_path, method) -> None
         ramp_steps=4 if method == "msd" else 0,
         distill=DistillConfig(per_topic=2, max_new_tokens=24),
     )
-    threads = torch.get_num_threads()
-    try:
-        _, result = train_head(config, tmp_path, targets["tiny-llava"])
-    finally:
-        torch.set_num_threads(threads)
+    _, result = train_head(config, tmp_path, targets["tiny-llava"])
     assert len(result.losses) == 16
     assert sum(result.losses[-4:]) / 4 < sum(result.losses[:4]) / 4, result.losses
     assert any(m["image"] for m in result.metrics) and not all(m["image"] for m in result.metrics)
