@@ -409,8 +409,14 @@ def train_drafter_command(
     }
     if per_topic is not None:
         overrides["distill"] = DistillConfig(per_topic=per_topic)
+    from mmspec.models.loader import ModelLoadError
+    from mmspec.models.registry import UnknownModelError
+
     config = recipe(method, target, **overrides)
-    head, result = train_head(config, cache_root())
+    try:
+        head, result = train_head(config, cache_root())
+    except (UnknownModelError, ModelLoadError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--target") from None
     dest = out or checkpoint_dir(method, target)
     args = [f"--method {method}", f"--target {target}"]
     given = {"steps": steps, "lr": lr, "per-topic": per_topic, "seed": seed}

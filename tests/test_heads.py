@@ -335,3 +335,15 @@ def test_a_few_training_steps_reduce_the_loss(targets, tmp_path, method) -> None
 def test_a_checkpoint_folder_that_is_not_there_fails_at_grid_validation(method) -> None:
     with pytest.raises(ValueError, match="is not a folder"):
         get_drafter(method)(checkpoint="./no/such/head")
+
+
+def test_train_drafter_names_a_target_that_is_not_there(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from mmspec.orchestrator.cli import main
+
+    args = ["train-drafter", "--method", "eagle", "--target", "./no/such/model"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "h")])
+    assert result.exit_code == 2
+    assert "--target" in result.output and "./no/such/model does not exist" in result.output
+    assert not (tmp_path / "h").exists()
