@@ -13,6 +13,12 @@ image features the target saw):
   position after the image: fc(cat(embedding, img_fc(cat(feature, g)))); img_fc starts as
   [I | 0], so an untrained adaptor changes nothing, and before any image g is 0.
 Tree: EAGLE-2's dynamic tree; MMSpec's defaults depth 3, top_k 8, total_token 30, num_q 2.
+
+Training (models/train_drafter.py) keeps the reference's two stages - text-only first (the
+adaptor idle), then multimodal - but uses EAGLE's loss in both (feature smooth-L1 + soft
+cross-entropy, head_training.eagle_loss). The reference's second stage switches to a
+probability-only loss (L1 between the draft's and the target's softmax plus a top-10 ranking
+term) with one unrolled multi-token step; that is not reproduced here.
 """
 
 from __future__ import annotations
