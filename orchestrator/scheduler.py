@@ -488,7 +488,11 @@ class _Run:
     def failure(self, slot: _Slot, shard: Shard, exc: Exception) -> None:
         """A failed attempt: retry on a fresh actor, or record error rows when out of tries."""
         pair = pair_of(shard.cell)
-        error = f"{type(exc).__name__}: {exc}"
+        cause = getattr(exc, "cause", None)  # Ray's RayTaskError wraps the worker's own
+        if isinstance(cause, RunnerInitError):  # without Ray's traceback of the call
+            error = f"{type(cause).__name__}: {cause}"
+        else:
+            error = f"{type(exc).__name__}: {exc}"
         self.retire(slot)  # the actor may be dead or half-broken; never reuse it
         for waiting in reversed(self.take_back(slot)):  # queued behind it: not to blame
             self.enqueue(waiting.shard, front=True)

@@ -63,13 +63,18 @@ class Worker:
     ) -> None:
         self._pair: PairKey = (model, method, json.dumps(method_args, sort_keys=True))
         self._runner: Any = None  # the ShardRunner (or a test double) once built
-        self._init_error: str | None = None  # traceback text if building it failed
+        self._init_error: str | None = None  # what went wrong if building it failed
         try:
             self._runner = runner_cls(
                 model, method, dict(method_args), device=device, threads=threads
             )
-        except Exception:
-            self._init_error = traceback.format_exc()
+        except Exception as exc:
+            # our own errors (no trained head, a bad model path) say what is wrong in one
+            # line, which is what the error rows should show; others keep their traceback
+            if type(exc).__module__.startswith("mmspec."):
+                self._init_error = f"{type(exc).__name__}: {exc}"
+            else:
+                self._init_error = traceback.format_exc()
 
     def pair(self) -> PairKey:
         return self._pair

@@ -272,3 +272,25 @@ def test_idle_actors_are_released_at_once(ray_local: None, tmp_path: Path) -> No
 
     summary, _ = run(shards, slots=2, on_result=on_result)
     assert summary.actors_started == 2 and first_dead == [True]
+
+
+def test_a_runner_that_cannot_load_reports_our_own_errors_in_one_line() -> None:
+    from mmspec.methods.draft_checkpoint import CheckpointError
+    from mmspec.orchestrator.worker import RunnerInitError
+
+    class NoHead:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise CheckpointError("no trained eagle head for target 'x'")
+
+    class Crashes:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise KeyError("deep inside")
+
+    cell = make_cells(models=("m-a",), batch_sizes=(2,))[0]
+    [shard] = make_shards([cell], {"w": SAMPLES[:2]}, "run", shard_size=2)
+    with pytest.raises(RunnerInitError) as err:
+        Worker(NoHead, cell.model, cell.method, cell.method_args, "cpu", 1).run(shard)
+    assert str(err.value) == "CheckpointError: no trained eagle head for target 'x'"
+    with pytest.raises(RunnerInitError) as err:  # a bug keeps its traceback
+        Worker(Crashes, cell.model, cell.method, cell.method_args, "cpu", 1).run(shard)
+    assert "Traceback" in str(err.value) and "deep inside" in str(err.value)
