@@ -27,7 +27,7 @@ from mmspec.methods.features import FINAL, Feature
 from mmspec.methods.head_drafter import HeadDrafter
 from mmspec.methods.head_training import TeacherBatch, eagle_loss
 from mmspec.methods.registry import register
-from mmspec.methods.target import Target
+from mmspec.methods.target import Target, cache_keyword
 from mmspec.methods.tree import DraftTree
 
 EAGLE_TREE: tuple[tuple[int, ...], ...] = (
@@ -72,9 +72,9 @@ class EagleHead(nn.Module):
             x,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=cache is not None,
             position_embeddings=self.rotary(x, positions),
+            **{cache_keyword(self.layers[0]): cache},
         )
 
     def logp(self, out: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:

@@ -60,7 +60,7 @@ from mmspec.methods.eagle2 import DynamicTreeDrafter
 from mmspec.methods.features import EMBEDS, Feature
 from mmspec.methods.head_training import TeacherBatch
 from mmspec.methods.registry import register
-from mmspec.methods.target import Target
+from mmspec.methods.target import Target, cache_keyword
 
 TTT_STEPS = 7
 TTT_DECAY = 0.8  # weight of unrolled step j: 0.8 ** j
@@ -151,7 +151,7 @@ class Eagle3Layer(nn.Module):
             hidden_states=x,
             position_embeddings=position_embeddings,
             attention_mask=mask,
-            past_key_values=cache,
+            **{cache_keyword(self.self_attn): cache},
         )
         hidden = hidden + attn
         return hidden + self.mlp(self.post_attention_layernorm(hidden))

@@ -35,6 +35,16 @@ class PromptBatch:
         return [ids[m.bool()].tolist() for ids, m in zip(self.input_ids, self.attention_mask)]
 
 
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The name `module.forward` takes its KV cache by.
+
+    transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns until
+    5.40); older releases silently ignore an unknown `cache` kwarg, so ask forward.
+    """
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class Target:
     """Base adapter. Subclasses set `family` and the two position hooks."""
 
@@ -56,10 +66,7 @@ class Target:
         self.pad_token_id: int = tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = min(self.eos_token_ids)
-        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns
-        # until 5.40); older releases silently ignore an unknown `cache` kwarg, so ask forward.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(model)
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(
