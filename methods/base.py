@@ -47,6 +47,12 @@ class StepOutcome:
     features: dict[Feature, torch.Tensor] | None = None
 
 
+def kept_rows(before: list[int], now: list[int]) -> list[int] | None:
+    """Where the rows of `now` were in `before` (the engine drops finished rows between
+    calls); None when nothing changed. For drafters keeping per-row state."""
+    return None if now == before else [before.index(r) for r in now]
+
+
 class Drafter:
     """Base class: propose draft trees, optionally learn from what was accepted.
 

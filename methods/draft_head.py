@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from transformers import DynamicCache, LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-from mmspec.methods.kv_slots import gather_slots, squeeze_order
+from mmspec.methods.kv_slots import additive_mask, gather_slots, select_rows, squeeze_order
 from mmspec.methods.target import Target
 from mmspec.methods.tree import DraftTree
 
@@ -101,22 +101,14 @@ class DraftConfig:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name in _REQUIRED)
+        missing = sorted(
+            f.name
+            for f in fields(cls)
+            if f.name not in data and f.default is MISSING and f.default_factory is MISSING
+        )
         if unknown or missing:
             raise ValueError(f"{where}: unexpected keys {unknown}, missing keys {missing}")
         return cls(**data)
-
-
-_REQUIRED = {
-    "method",
-    "block",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-}
 
 
 def decoder_layer(config: DraftConfig) -> nn.Module:
@@ -128,12 +120,6 @@ def decoder_layer(config: DraftConfig) -> nn.Module:
 def rotary(config: DraftConfig) -> nn.Module:
     hf = config.hf_config()
     return LlamaRotaryEmbedding(hf) if config.block == "llama" else Qwen2RotaryEmbedding(hf)
-
-
-def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(b, q, kv) bool -> (b, 1, q, kv) additive float mask (0 = attend)."""
-    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
 
 
 # ---- the head's cache over a ragged batch -----------------------------------------------------
@@ -172,10 +158,7 @@ class DraftKV:
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows `keep` (indices into the current rows)."""
-        for layer in self.cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                layer.keys = layer.keys.index_select(0, keep)
-                layer.values = layer.values.index_select(0, keep)
+        select_rows(self.cache, keep)
         self.valid = self.valid.index_select(0, keep)
         self.next_pos = self.next_pos.index_select(0, keep)
 
@@ -187,13 +170,10 @@ class DraftKV:
             self.valid = torch.gather(self.valid, 1, order)
 
 
-def ragged(
-    rows: Sequence[torch.Tensor], width: int | None = None
-) -> tuple[torch.Tensor, list[int]]:
-    """Right-pad per-row (n_i, d) tensors to (b, max n, d); returns the counts too."""
+def ragged(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Right-pad per-row (n_i, ...) tensors to (b, max n, ...); returns the counts too."""
     counts = [r.shape[0] for r in rows]
-    m = width or max(counts)
-    out = rows[0].new_zeros(len(rows), m, rows[0].shape[-1])
+    out = rows[0].new_zeros(len(rows), max(counts), *rows[0].shape[1:])
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
     return out, counts

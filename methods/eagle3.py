@@ -55,10 +55,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from mmspec.methods.draft_head import DraftConfig, additive_mask, decoder_layer, rotary
+from mmspec.methods.draft_head import DraftConfig, decoder_layer, rotary
 from mmspec.methods.eagle2 import DynamicTreeDrafter
 from mmspec.methods.features import EMBEDS, Feature
 from mmspec.methods.head_training import TeacherBatch
+from mmspec.methods.kv_slots import additive_mask
 from mmspec.methods.registry import register
 from mmspec.methods.target import Target, cache_keyword
 

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from mmspec.methods.accept import Acceptance, accept_greedy, accept_sampling
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome
 from mmspec.methods.features import Feature, FeatureTap
-from mmspec.methods.kv_slots import gather_slots, squeeze_order
+from mmspec.methods.kv_slots import additive_mask, gather_slots, select_rows, squeeze_order
 from mmspec.methods.target import Message, Target
 from mmspec.methods.tree import DraftTree
 from mmspec.methods.vision_probe import VisionProbe
@@ -229,10 +229,8 @@ class Engine:
                     tree_mask[i, j + 1] |= tree_mask[i, p + 1]
         tree_visible = torch.from_numpy(tree_mask).to(dev)
         visible = torch.cat([live.valid[:, None, :].expand(-1, q, -1), tree_visible], dim=-1)
-        mask = torch.zeros(visible.shape, dtype=self.target.dtype, device=dev)
-        mask.masked_fill_(~visible, torch.finfo(self.target.dtype).min)
         positions = live.next_pos[:, None] + torch.from_numpy(depth).to(dev)
-        return torch.from_numpy(ids).to(dev), positions, mask[:, None]
+        return torch.from_numpy(ids).to(dev), positions, additive_mask(visible, self.target.dtype)
 
     def _commit(self, live: _Live, accs: list[Acceptance], cache_len: int) -> None:
         """Keep the root and accepted nodes' slots; advance positions and pending tokens."""
@@ -306,9 +304,7 @@ class Engine:
         keep = [i for i, d in enumerate(done) if not d]
         idx = torch.tensor(keep, dtype=torch.long, device=self.target.device)
         if keep:
-            for layer in live.cache.layers:
-                layer.keys = layer.keys.index_select(0, idx)
-                layer.values = layer.values.index_select(0, idx)
+            select_rows(live.cache, idx)
         live.valid = live.valid.index_select(0, idx)
         live.vision = live.vision.index_select(0, idx)
         if live.score is not None:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from mmspec.methods.base import DraftContext, Drafter, StepOutcome
+from mmspec.methods.base import DraftContext, Drafter, StepOutcome, kept_rows
 from mmspec.methods.draft_head import DraftConfig, DraftKV, TreeSearch, feed, last_real, ragged
 from mmspec.methods.features import EMBEDS, Feature
 from mmspec.methods.target import Target
@@ -102,9 +102,9 @@ class HeadDrafter(Drafter):
     def propose(self, ctx: DraftContext) -> list[DraftTree]:
         self._follow(ctx.rows)
         x, counts = ragged([t[0] for t in self.todo])
-        positions, _ = ragged([t[1][:, None] for t in self.todo])
-        out = feed(self.kv, self._block, x, positions[..., 0], counts)
-        self.todo = [(x[i, :0], positions[i, :0, 0]) for i in range(len(counts))]
+        positions, _ = ragged([t[1] for t in self.todo])
+        out = feed(self.kv, self._block, x, positions, counts)
+        self.todo = [(x[i, :0], positions[i, :0]) for i in range(len(counts))]
         last = last_real(out, counts)
         trees = self.grow(
             TreeSearch(self._expand, self.kv), self.head.logp(last, self.lm_head), last
@@ -118,9 +118,12 @@ class HeadDrafter(Drafter):
         self._follow(ctx.rows)
         fused = self.head.fuse(outcome.features)  # (b, q, h)
         dev = fused.device
-        for i, (path, emitted) in enumerate(zip(outcome.paths, outcome.emitted)):
+        # every row's emitted tokens embedded in one call
+        flat = [t for emitted in outcome.emitted for t in emitted]
+        all_embeds = self.embed(torch.tensor(flat, device=dev))
+        per_row = all_embeds.split([len(e) for e in outcome.emitted])
+        for i, (path, emitted, embeds) in enumerate(zip(outcome.paths, outcome.emitted, per_row)):
             q = torch.tensor([0] + [n + 1 for n in path], device=dev)
-            embeds = self.embed(torch.tensor(emitted, device=dev))
             state = None if self.state is None else self.state[i]
             x = self.head.combine(embeds, fused[i, q], state)
             # a step without `propose` (ViSkip skipped every row) left inputs unfed: queue
@@ -154,9 +157,9 @@ class HeadDrafter(Drafter):
 
     def _follow(self, rows: list[int]) -> None:
         """Drop the state of rows the engine dropped since the last call."""
-        if rows == self.rows:
+        keep = kept_rows(self.rows, rows)
+        if keep is None:
             return
-        keep = [self.rows.index(r) for r in rows]
         idx = torch.tensor(keep, device=self.kv.valid.device)
         self.kv.select(idx)
         self.todo = [self.todo[k] for k in keep]

@@ -67,7 +67,7 @@ def eagle_loss(
         states.append(state)
         picks.append(rows.start)
     x, counts = ragged(xs)
-    positions = ragged([p[:, None] for p in ps])[0][..., 0]
+    positions, _ = ragged(ps)
     kv = DraftKV(x.shape[0], x.device)
     out = feed(kv, lambda a, p, m: head.block(a, p, m, kv.cache), x, positions, counts)
     # position t (row-relative) predicts feature t+1 and token t+2

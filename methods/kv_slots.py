@@ -10,6 +10,20 @@ import torch
 from transformers import DynamicCache
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(b, q, kv) bool -> (b, 1, q, kv) additive float mask (0 = attend)."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def select_rows(cache: DynamicCache, keep: torch.Tensor) -> None:
+    """Keep only the batch rows `keep` of every layer's keys and values."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(0, keep)
+            layer.values = layer.values.index_select(0, keep)
+
+
 def squeeze_order(valid: torch.Tensor, slack: int) -> torch.Tensor | None:
     """Per row, the slots to keep in order (b, longest), or None while masked slots <= slack.
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.methods.base import DraftContext, Drafter, StepOutcome
+from mmspec.methods.base import DraftContext, Drafter, StepOutcome, kept_rows
 from mmspec.methods.draft_head import DraftConfig
 from mmspec.methods.features import FINAL, Feature
 from mmspec.methods.head_training import TeacherBatch, uniform_noise
@@ -273,8 +273,9 @@ class Medusa(Drafter):
 
     def _follow(self, rows: list[int]) -> None:
         """Drop the state of rows the engine dropped since the last call."""
-        if rows == self.rows:
+        keep = kept_rows(self.rows, rows)
+        if keep is None:
             return
-        keep = torch.tensor([self.rows.index(r) for r in rows], device=self.hidden.device)
-        self.hidden = self.hidden.index_select(0, keep)
+        idx = torch.tensor(keep, device=self.hidden.device)
+        self.hidden = self.hidden.index_select(0, idx)
         self.rows = list(rows)

@@ -79,10 +79,15 @@ class Target:
         ]
         present = [im for im in images if im is not None]
         feats = self._process(texts, present)
+        inputs = self.place(feats)
+        return PromptBatch(inputs, inputs["input_ids"], inputs["attention_mask"])
+
+    def place(self, feats: Any) -> dict[str, torch.Tensor]:
+        """Processor outputs as model inputs: on the model's device, pixels in its dtype."""
         inputs = {k: v.to(self.device) for k, v in feats.items() if isinstance(v, torch.Tensor)}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return PromptBatch(inputs, inputs["input_ids"], inputs["attention_mask"])
+        return inputs
 
     def _process(self, texts: list[str], images: list[Image.Image]) -> BatchFeature:
         return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import sys
 import time
@@ -46,7 +45,7 @@ from mmspec.models.distill import (
     load_records,
     save_records,
 )
-from mmspec.models.train_tiny import NO_LOSS, Encoder, Example
+from mmspec.models.train_tiny import NO_LOSS, Encoder, Example, pack_by_length, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +146,12 @@ class Batches:
         if not self._queue[image]:
             order = list(range(len(self.records)))
             self.rng.shuffle(order)
+
+            def length(i: int) -> int:
+                return len(self.example(i, image).input_ids)
+
             for lo in range(0, len(order), 64):  # pools of 64, sorted by length
-                pool = sorted(
-                    order[lo : lo + 64], key=lambda i: len(self.example(i, image).input_ids)
-                )
-                batch: list[int] = []
-                for i in pool:
-                    n = len(self.example(i, image).input_ids)
-                    if batch and (len(batch) + 1) * n > self.budget:
-                        self._queue[image].append(batch)
-                        batch = []
-                    batch.append(i)
-                if batch:
-                    self._queue[image].append(batch)
+                self._queue[image] += pack_by_length(order[lo : lo + 64], length, self.budget)
             self.rng.shuffle(self._queue[image])
         return [self.example(i, image) for i in self._queue[image].pop()]
 
@@ -180,9 +172,7 @@ def teacher_batch(
 ) -> TeacherBatch:
     """Run the target over whole conversations and keep what the head learns from."""
     inputs, kinds = encoder.collate(examples)
-    inputs = {k: v.to(target.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(target.dtype)
+    inputs = target.place(inputs)
     tap.arm()
     logits = target.model(**inputs, use_cache=False).logits
     features = tap.take()
@@ -208,15 +198,6 @@ class HeadTrainResult:
     train_s: float
     distill_s: float
     records: int
-
-
-def _lr_factor(step: int, c: HeadTrainConfig) -> float:
-    if step < c.warmup_steps:
-        return (step + 1) / c.warmup_steps
-    progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
-    return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, progress))
-    )
 
 
 def build_head(config: HeadTrainConfig, target: Target) -> torch.nn.Module:
@@ -271,7 +252,10 @@ def _train_head(
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: warmup_cosine(s, config.steps, config.warmup_steps, config.min_lr_ratio),
+    )
     head, optimizer = accelerator.prepare(head, optimizer)
     losses: list[float] = []
     metrics: list[dict[str, float]] = []

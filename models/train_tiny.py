@@ -32,10 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import torch
@@ -339,18 +339,27 @@ def batches(
             examples = [encoder.encode(scene, image) for scene, image in stream.take(32)]
             pool += examples
             padded += sum(len(e.input_ids) for e in examples)
-        pool.sort(key=lambda e: len(e.input_ids))
-        out: list[list[Example]] = []
-        current: list[Example] = []
-        for e in pool:
-            if current and (len(current) + 1) * len(e.input_ids) > budget:
-                out.append(current)
-                current = []
-            current.append(e)
-        if current:
-            out.append(current)
+        out = pack_by_length(pool, lambda e: len(e.input_ids), budget)
         rng.shuffle(out)
         yield from out
+
+
+T = TypeVar("T")
+
+
+def pack_by_length(items: Sequence[T], length: Callable[[T], int], budget: int) -> list[list[T]]:
+    """Items sorted by length, cut into batches whose padded size (rows x longest) stays
+    within `budget` tokens (an item longer than the budget goes alone)."""
+    out: list[list[T]] = []
+    current: list[T] = []
+    for item in sorted(items, key=length):
+        if current and (len(current) + 1) * length(item) > budget:
+            out.append(current)
+            current = []
+        current.append(item)
+    if current:
+        out.append(current)
+    return out
 
 
 class BatchSource(torch.utils.data.IterableDataset):
@@ -374,12 +383,12 @@ def _as_is(batch: list[Example]) -> list[Example]:
 # ---- training -------------------------------------------------------------------------------
 
 
-def _lr_factor(step: int, config: TrainConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+def warmup_cosine(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """LR factor: linear warm-up over `warmup` steps, then cosine down to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def loss_on(
@@ -469,7 +478,10 @@ def _train_stage(
         prefetch_factor=8 if config.data_workers else None,
     )
     optimizer = _optimizer(model, config)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: warmup_cosine(s, config.steps, config.warmup_steps, config.min_lr_ratio),
+    )
     losses: list[float] = []
     ce: dict[str, list[float]] = {"grounded": [], "template": []}
     monitor: list[dict[str, float]] = []
