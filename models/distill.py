@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -91,7 +92,8 @@ def data_key(target_name: str, config: DistillConfig, weights_sha: str) -> str:
 
 def save_records(records: Sequence[Record], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # per process: two trainings of one target may distil at once (same bytes, own temp file)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
     tmp.replace(path)
 

@@ -82,6 +82,20 @@ def test_training_prompt_is_the_inference_prompt(init_target) -> None:
         assert not any(example.kinds[: len(ids)]) and example.kinds[len(ids)] != NO_LOSS
 
 
+def test_tiny_qwen_text_rope_tells_image_columns_apart() -> None:
+    """Qwen2.5-VL hands image columns to the language model only through the slowest rotary
+    pairs (mrope's w section). At head_dim 32 and the usual theta they barely turn, and the
+    trained model could not say which colour sits left or right (benchmarks/RESULTS.md)."""
+    target = load_target(str(tiny_init_path("tiny-qwen2.5-vl")), device="cpu")
+    rotary = target.model.model.language_model.rotary_emb
+    # one token per cell column (merged-token columns 0 and 2), same time step and row
+    positions = torch.tensor([[[5, 5]], [[5, 5]], [[5, 7]]])
+    cos, sin = rotary(torch.zeros(1, 2, 1), positions)
+    turn = (torch.atan2(sin[0, 1], cos[0, 1]) - torch.atan2(sin[0, 0], cos[0, 0])).abs()
+    turn = torch.minimum(turn, 2 * torch.pi - turn)
+    assert turn.max() >= 0.5, turn
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_a_few_training_steps_reduce_the_loss(model: str) -> None:
     config = TrainConfig(
