@@ -190,8 +190,8 @@ def build_tiny_qwen(out: Path) -> None:
         # head_dim 32: 16 rotary pairs over (t, h, w), the slowest six for w. At the usual
         # theta 1e4 those turn 2e-4..3e-3 rad per column, so the language model cannot tell
         # left from right, and the 2-block ViT (relative RoPE only, no absolute position
-        # embedding) cannot tell it either on a plain background: colour-at-position questions
-        # stayed near chance. Theta 3 turns w by 0.36..0.50 rad per column (text positions
+        # embedding) has little to mark columns with on a plain background: questions about a
+        # cell stayed near chance. Theta 3 turns w by 0.36..0.50 rad per column (text positions
         # keep a 1 rad/token fastest pair). Measured in benchmarks/RESULTS.md (tiny zoo).
         "rope_parameters": {
             "rope_type": "default",

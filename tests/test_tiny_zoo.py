@@ -82,11 +82,12 @@ def test_training_prompt_is_the_inference_prompt(init_target) -> None:
         assert not any(example.kinds[: len(ids)]) and example.kinds[len(ids)] != NO_LOSS
 
 
-def test_tiny_qwen_text_rope_tells_image_columns_apart() -> None:
+@pytest.mark.parametrize("where", [tiny_init_path, tiny_model_path])
+def test_tiny_qwen_text_rope_tells_image_columns_apart(where) -> None:
     """Qwen2.5-VL hands image columns to the language model only through the slowest rotary
     pairs (mrope's w section). At head_dim 32 and the usual theta they barely turn, and the
     trained model could not say which colour sits left or right (benchmarks/RESULTS.md)."""
-    target = load_target(str(tiny_init_path("tiny-qwen2.5-vl")), device="cpu")
+    target = load_target(str(where("tiny-qwen2.5-vl")), device="cpu")
     rotary = target.model.model.language_model.rotary_emb
     # one token per cell column (merged-token columns 0 and 2), same time step and row
     positions = torch.tensor([[[5, 5]], [[5, 5]], [[5, 7]]])
