@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tree", help="depth,top_k,total_token for every dynamic-tree method")
+    parser.add_argument("--device", default="cpu", help="torch device of the target and heads")
     args = parser.parse_args()
     tree = None
     if args.tree:
@@ -157,8 +158,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     items = synthetic_items(args.per_topic, 0, None, "eval")
+    where = f"{platform.machine()} CPU, {args.threads} thread(s)"
+    if args.device != "cpu":
+        where = f"{torch.cuda.get_device_name(args.device)} ({where})"
     print(
-        f"{platform.machine()} CPU, {args.threads} thread(s), torch {torch.__version__}, "
+        f"{where}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}; eval split, {args.per_topic} per topic, "
         f"greedy, batch size 1, max {args.max_new_tokens} new tokens per turn; "
         + (f"every dynamic tree {tree}" if tree else "each method's default tree")
@@ -166,7 +170,7 @@ def main() -> None:
     )
     print("MAT per topic (accepted draft tokens per verification step, bonus excluded):\n")
     for model in args.models.split(","):
-        target = load_target(model, device="cpu")
+        target = load_target(model, device=args.device)
         stats = run(target, items, methods, args.max_new_tokens, tree)
         print("\n".join(report(model, stats)))
 
