@@ -83,20 +83,21 @@ def run_variant(
         train_s = time.perf_counter() - start
     items = synthetic_items(per_topic, 0, ["general vqa", "text vqa"], "eval")
     answers = first_answers(target, items, [it.sample.load_image() for it in items])
-    hits: dict[str, list[bool]] = collections.defaultdict(list)
+    by_topic: dict[str, list[bool]] = collections.defaultdict(list)
+    by_kind: dict[str, list[bool]] = collections.defaultdict(list)
     for item, answer in zip(items, answers, strict=True):
         ok = answer == item.scene.references[0]
-        hits[question_kind(item)].append(ok)
-        hits[item.scene.topic + " (all)"].append(ok)
-    acc = {k: sum(v) / len(v) for k, v in hits.items()}
+        by_topic[item.scene.topic].append(ok)
+        by_kind[question_kind(item)].append(ok)
+    general, text = (sum(by_topic[t]) / len(by_topic[t]) for t in ("general vqa", "text vqa"))
     return {
         "variant": variant.text(),
         "device": device,
         "train_s": round(train_s),
-        "general vqa": acc["general vqa (all)"],
-        "text vqa": acc["text vqa (all)"],
-        "all": (acc["general vqa (all)"] + acc["text vqa (all)"]) / 2,
-        "kinds": {k: f"{sum(hits[k])}/{len(hits[k])}" for k in [*KINDS.values(), "where"]},
+        "general vqa": general,
+        "text vqa": text,
+        "all": (general + text) / 2,
+        "kinds": {k: f"{sum(by_kind[k])}/{len(by_kind[k])}" for k in [*KINDS.values(), "where"]},
         "held-out grounded token accuracy": results[-1].monitor[-1]["grounded"],
     }
 

@@ -45,7 +45,14 @@ from mmspec.models.distill import (
     load_records,
     save_records,
 )
-from mmspec.models.train_tiny import NO_LOSS, Encoder, Example, pack_by_length, warmup_cosine
+from mmspec.models.train_tiny import (
+    NO_LOSS,
+    Encoder,
+    Example,
+    pack_by_length,
+    torch_threads,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +178,7 @@ def teacher_batch(
     target: Target, encoder: Encoder, tap: FeatureTap, examples: list[Example]
 ) -> TeacherBatch:
     """Run the target over whole conversations and keep what the head learns from."""
-    inputs, kinds = encoder.collate(examples)
-    inputs = target.place(inputs)
+    inputs, kinds = encoder.collate(examples)  # on the target's device, pixels in its dtype
     tap.arm()
     logits = target.model(**inputs, use_cache=False).logits
     features = tap.take()
@@ -180,7 +186,7 @@ def teacher_batch(
     return TeacherBatch(
         input_ids=ids,
         real=inputs["attention_mask"].bool(),
-        answer=(kinds != NO_LOSS).to(ids.device),
+        answer=kinds != NO_LOSS,
         image=ids == target.image_token_id,
         features={k: v.detach() for k, v in features.items()},
         logits=logits.detach(),
@@ -216,11 +222,8 @@ def train_head(
 
     Trains on `config.threads` torch threads and gives the caller's thread count back.
     """
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(config.threads):
         return _train_head(config, home, target)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_head(
@@ -230,7 +233,6 @@ def _train_head(
 
     from mmspec.models.loader import load_target
 
-    torch.set_num_threads(config.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if target is None:
         target = load_target(config.target, device=str(accelerator.device))

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -445,24 +446,37 @@ def train(config: TrainConfig, init_dir: Path | None = None) -> tuple[Target, Tr
     return target, result
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on `n` torch threads, then give the caller's count back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_stages(
     stages: Sequence[TrainConfig], init_dir: Path | None = None
 ) -> tuple[Target, list[TrainResult]]:
     """Run `stages` one after another on one model (a fresh optimizer each), from `init_dir`
-    or the model's untrained build; a stage with `eval_per_topic` is scored at its end."""
+    or the model's untrained build; a stage with `eval_per_topic` is scored at its end.
+    Runs on the stages' thread count and gives the caller's back."""
     if not stages or len({c.model for c in stages}) != 1:
         raise ValueError("stages must be one or more configs of one model")
-    torch.set_num_threads(stages[0].threads)
-    target = load_target(str(init_dir or tiny_init_path(stages[0].model)), device=stages[0].device)
-    encoder = Encoder(target)
-    monitor_set = _monitor_set(encoder) if any(c.monitor_every for c in stages) else []
-    results = []
-    for config in stages:
-        result = _train_stage(target, encoder, config, monitor_set)
-        target.model.eval()
-        if config.eval_per_topic:
-            result.eval_accuracy = eval_accuracy(target, config.eval_per_topic)
-        results.append(result)
+    with torch_threads(stages[0].threads):
+        init = str(init_dir or tiny_init_path(stages[0].model))
+        target = load_target(init, device=stages[0].device)
+        encoder = Encoder(target)
+        monitor_set = _monitor_set(encoder) if any(c.monitor_every for c in stages) else []
+        results = []
+        for config in stages:
+            result = _train_stage(target, encoder, config, monitor_set)
+            target.model.eval()
+            if config.eval_per_topic:
+                result.eval_accuracy = eval_accuracy(target, config.eval_per_topic)
+            results.append(result)
     return target, results
 
 
