@@ -36,7 +36,7 @@ bench: $(STAMP)
 # Retrain the committed tiny model zoo (models/zoo/) from scratch: both models side by side,
 # one thread each; ~30 min on 2 cores. CI never runs this.
 zoo: $(STAMP)
-	$(BIN)/python -m mmspec.models.train_tiny
+	$(BIN)/python -m mmspec.training.train_tiny
 
 # Retrain the committed draft heads (models/zoo/drafters/): every head for both tiny models,
 # two at a time (one thread each); the first two distil their target's answers, which the

@@ -34,12 +34,12 @@ from collections.abc import Sequence
 import torch
 import transformers
 
-from mmspec.methods.engine import Engine, RowResult
+from mmspec.methods.engine import Engine, Generation
 from mmspec.methods.registry import get_drafter
-from mmspec.methods.target import Target
 from mmspec.models.loader import load_target
-from mmspec.models.train_tiny import GROUNDED, TEMPLATE, answer_token_spans, token_kind
+from mmspec.models.target import Target
 from mmspec.orchestrator.runner import conversation
+from mmspec.training.train_tiny import GROUNDED, TEMPLATE, answer_token_spans, token_kind
 from mmspec.workloads.sample import TOPICS
 from mmspec.workloads.synthetic import SyntheticItem, synthetic_items
 
@@ -48,7 +48,7 @@ METHODS = ("pld", "sam", "lookahead", "recycling", "medusa", "eagle", "eagle2", 
            "vispec", "msd")  # fmt: skip
 
 
-def drafted_flags(result: RowResult) -> list[bool]:
+def drafted_flags(result: Generation) -> list[bool]:
     """Per output token: did it arrive as an accepted draft (not prefill's, not a bonus)?"""
     flags = [False]  # the first token comes from prefill
     for accepted in result.accept_lengths:
@@ -102,7 +102,7 @@ def run(
         image = item.sample.load_image()
         answers: list[str] = []  # AR's (every method's, as they are lossless)
         for turn in range(len(item.sample.turns)):
-            ref: RowResult | None = None
+            ref: Generation | None = None
             for m, engine in engines.items():
                 conv = conversation(item.sample, answers, True)
                 (r,) = engine.generate([conv], [image], max_new_tokens)

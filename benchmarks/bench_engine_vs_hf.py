@@ -21,8 +21,8 @@ import torch
 
 from mmspec.methods.engine import Engine
 from mmspec.methods.registry import get_drafter
-from mmspec.methods.target import Target
 from mmspec.models.loader import load_target
+from mmspec.models.target import Target
 from mmspec.orchestrator.runner import conversation
 from mmspec.workloads import Sample, load_mmspec, synthetic_suite
 

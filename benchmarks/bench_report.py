@@ -30,9 +30,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from mmspec.orchestrator.naming import cell_id, safe_name, shard_id
-from mmspec.orchestrator.schema import RESULT_SCHEMA
 from mmspec.reports import write_report
+from mmspec.results.ids import cell_id, safe_name, shard_id
+from mmspec.results.schema import RESULT_SCHEMA
 from mmspec.workloads.sample import TOPICS
 
 MODELS = {

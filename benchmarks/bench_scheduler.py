@@ -56,12 +56,13 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from mmspec.orchestrator.cells import ModelConfig, Shard
 from mmspec.orchestrator.grid import Grid, expand, make_shards
 from mmspec.orchestrator.ray_session import keep_on_loopback
-from mmspec.orchestrator.schema import ResultRow
 from mmspec.orchestrator.shard_rows import expected_keys
-from mmspec.orchestrator.workload_io import WorkloadConfig
+from mmspec.orchestrator.shards import Shard
+from mmspec.orchestrator.workload_config import WorkloadConfig
+from mmspec.results.cells import ModelConfig
+from mmspec.results.schema import ResultRow
 from mmspec.workloads.sample import TOPICS, Sample
 
 # ---- the simulated workload ---------------------------------------------------------------

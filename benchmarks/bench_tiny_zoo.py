@@ -3,7 +3,7 @@
 1. Exact-match accuracy of greedy answers on general vqa + text vqa, with the sample's own
    image and with another sample's image (same topic), next to the chance level of answering
    from the question alone.
-2. Last-layer attention mass on image tokens (head mean; ViSkip's score, `models/grounding.py`)
+2. Last-layer attention mass on image tokens (head mean; ViSkip's score, `training/grounding.py`)
    at the step that emits a grounded token (a colour, count, word or value read off the
    picture) vs a template token, over all six topics with teacher forcing on the reference
    answers: both means and the ROC AUC.
@@ -28,12 +28,12 @@ import transformers
 
 from mmspec.methods.engine import Engine
 from mmspec.methods.registry import get_drafter
-from mmspec.methods.target import Target
-from mmspec.models.grounding import answer_token_scores, pooled, roc_auc
 from mmspec.models.loader import load_target, resolve_model_source
+from mmspec.models.target import Target
 from mmspec.models.tiny import BUILDERS, tiny_init_path
-from mmspec.models.train_tiny import SHORT_ANSWER_TOPICS, first_answers
 from mmspec.orchestrator.runner import conversation
+from mmspec.training.grounding import answer_token_scores, pooled, roc_auc
+from mmspec.training.train_tiny import SHORT_ANSWER_TOPICS, first_answers
 from mmspec.workloads.sample import TOPICS
 from mmspec.workloads.synthetic import SyntheticItem, synthetic_items, synthetic_scenes
 

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from mmspec.methods.engine import Engine, RowResult
+from mmspec.methods.engine import Engine, Generation
 from mmspec.methods.registry import get_drafter
-from mmspec.methods.target import Target
-from mmspec.models.grounding import answer_token_scores, pooled, roc_auc
 from mmspec.models.loader import load_target
+from mmspec.models.target import Target
 from mmspec.orchestrator.runner import conversation
+from mmspec.training.grounding import answer_token_scores, pooled, roc_auc
 from mmspec.workloads.synthetic import SyntheticItem, synthetic_items
 
 MODELS = ("tiny-qwen2.5-vl", "tiny-llava")
@@ -63,7 +63,7 @@ class Tally:
     accepted: int = 0
     mismatches: int = 0
 
-    def add(self, seconds: float, result: RowResult, reference: list[int]) -> None:
+    def add(self, seconds: float, result: Generation, reference: list[int]) -> None:
         self.seconds += seconds
         self.tokens += len(result.tokens)
         self.steps += result.steps

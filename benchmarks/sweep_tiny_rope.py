@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmspec.models.tiny import tiny_init_path
-from mmspec.models.train_tiny import first_answers, recipe, train_stages
+from mmspec.training.train_tiny import first_answers, recipe, train_stages
 from mmspec.workloads.synthetic import SyntheticItem, synthetic_items
 
 MODEL = "tiny-qwen2.5-vl"

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from mmspec.methods.features import Feature
 from mmspec.methods.tree import DraftTree
+from mmspec.models.feature_taps import Feature
 
 if TYPE_CHECKING:
-    from mmspec.methods.target import Target
+    from mmspec.models.target import Target
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Drafter:
     # predicted the pending token) in ctx.extras["vision_score"], from `score_layers`
     needs_vision_score: ClassVar[bool] = False
     score_layers: tuple[int, ...] = (-1,)
-    # target features the drafter reads (methods/features.py), set by `load` at the latest:
+    # target features the drafter reads (models/feature_taps.py), set by `load` at the latest:
     # the engine taps them at prefill (-> begin) and at every verification (-> update)
     features: tuple[Feature, ...] = ()
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmspec.methods.draft_head import DraftConfig, load_state
-from mmspec.methods.target import Target
+from mmspec.methods.head_config import DraftConfig, load_state
+from mmspec.models.target import Target
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmspec.methods.draft_head import DraftConfig, TreeSearch, decoder_layer, rotary
-from mmspec.methods.features import FINAL, Feature
+from mmspec.methods.head_config import DraftConfig, decoder_layer, rotary
 from mmspec.methods.head_drafter import HeadDrafter
 from mmspec.methods.head_training import TeacherBatch, eagle_loss
 from mmspec.methods.registry import register
-from mmspec.methods.target import Target, cache_keyword
 from mmspec.methods.tree import DraftTree
+from mmspec.methods.tree_search import TreeSearch
+from mmspec.models.feature_taps import FINAL, Feature
+from mmspec.models.target import Target, cache_keyword
 
 EAGLE_TREE: tuple[tuple[int, ...], ...] = (
     (0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0),

@@ -22,7 +22,7 @@ to target ids by `d2t` (target id = draft id + d2t[draft id]); `t2d` marks the t
 the draft vocabulary holds. The target's own LM head is not used.
 
 Draft vocabulary. As the reference: the `draft_vocab_size` commonest answer tokens of the
-whole distilled data set, ids sorted ascending (`models/train_drafter.py` counts them and
+whole distilled data set, ids sorted ascending (`training/train_drafter.py` counts them and
 calls `set_draft_vocab` before the first step; used on its own, `train_loss` falls back to
 the first batch's counts, ties ordered by the target's summed next-token probability).
 Default size: the reference's 32000 for large vocabularies, half the vocabulary for tiny
@@ -55,13 +55,13 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from mmspec.methods.draft_head import DraftConfig, decoder_layer, rotary
-from mmspec.methods.eagle2 import DynamicTreeDrafter
-from mmspec.methods.features import EMBEDS, Feature
+from mmspec.methods.dynamic_tree import DynamicTreeDrafter
+from mmspec.methods.head_config import DraftConfig, decoder_layer, rotary
 from mmspec.methods.head_training import TeacherBatch
 from mmspec.methods.kv_slots import additive_mask
 from mmspec.methods.registry import register
-from mmspec.methods.target import Target, cache_keyword
+from mmspec.models.feature_taps import EMBEDS, Feature
+from mmspec.models.target import Target, cache_keyword
 
 TTT_STEPS = 7
 TTT_DECAY = 0.8  # weight of unrolled step j: 0.8 ** j

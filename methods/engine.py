@@ -23,15 +23,15 @@ from transformers import DynamicCache
 
 from mmspec.methods.accept import Acceptance, accept_greedy, accept_sampling
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome
-from mmspec.methods.features import Feature, FeatureTap
 from mmspec.methods.kv_slots import additive_mask, gather_slots, select_rows, squeeze_order
-from mmspec.methods.target import Message, Target
 from mmspec.methods.tree import DraftTree
-from mmspec.methods.vision_probe import VisionProbe
+from mmspec.models.feature_taps import Feature, FeatureTap
+from mmspec.models.target import Message, Target
+from mmspec.models.vision_probe import VisionProbe
 
 
 @dataclass
-class RowResult:
+class Generation:
     """What one row of a batch produced, with its share of the batch's timings."""
 
     tokens: list[int] = field(default_factory=list)  # generated ids (EOS included if emitted)
@@ -99,10 +99,10 @@ class Engine:
         max_new_tokens: int,
         temperature: float = 0.0,
         seeds: list[int] | None = None,
-    ) -> list[RowResult]:
+    ) -> list[Generation]:
         """Generate one answer per conversation (a batch); lossless w.r.t. the target."""
         n = len(conversations)
-        results = [RowResult() for _ in range(n)]
+        results = [Generation() for _ in range(n)]
         gens = [torch.Generator().manual_seed(s) for s in (seeds or [0] * n)]
         self._sync()
         start = time.perf_counter()
@@ -151,7 +151,7 @@ class Engine:
     def _step(
         self,
         live: _Live,
-        results: list[RowResult],
+        results: list[Generation],
         max_new_tokens: int,
         temperature: float,
         gens: list[torch.Generator],
@@ -280,7 +280,7 @@ class Engine:
         probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
         return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, gens)]
 
-    def _finished(self, r: RowResult, max_new_tokens: int) -> bool:
+    def _finished(self, r: Generation, max_new_tokens: int) -> bool:
         """Truncate at the first EOS or at max_new_tokens; say whether the row is done."""
         for i, tok in enumerate(r.tokens[:max_new_tokens]):
             if tok in self.target.eos_token_ids:
@@ -293,7 +293,7 @@ class Engine:
             return True
         return False
 
-    def _drop(self, live: _Live, done: list[bool], results: list[RowResult], start: float) -> None:
+    def _drop(self, live: _Live, done: list[bool], results: list[Generation], start: float) -> None:
         """Remove finished rows from the batch so later steps cost nothing for them."""
         if not any(done):
             return

@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome, kept_rows
-from mmspec.methods.draft_head import DraftConfig, DraftKV, TreeSearch, feed, last_real, ragged
-from mmspec.methods.features import EMBEDS, Feature
-from mmspec.methods.target import Target
+from mmspec.methods.head_cache import DraftKV, feed, last_real, ragged
+from mmspec.methods.head_config import DraftConfig
 from mmspec.methods.tree import DraftTree
+from mmspec.methods.tree_search import TreeSearch
+from mmspec.models.feature_taps import EMBEDS, Feature
+from mmspec.models.target import Target
 
 
 class Head(Protocol):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.methods.draft_head import DraftKV, feed, ragged
-from mmspec.methods.features import EMBEDS, FINAL, Feature
+from mmspec.methods.head_cache import DraftKV, feed, ragged
+from mmspec.models.feature_taps import EMBEDS, FINAL, Feature
 
 
 @dataclass

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome, kept_rows
-from mmspec.methods.draft_head import DraftConfig
-from mmspec.methods.features import FINAL, Feature
+from mmspec.methods.head_config import DraftConfig
 from mmspec.methods.head_training import TeacherBatch, uniform_noise
 from mmspec.methods.registry import register
-from mmspec.methods.target import Target
 from mmspec.methods.tree import DraftTree
+from mmspec.models.feature_taps import FINAL, Feature
+from mmspec.models.target import Target
 
 # Medusa's `mc_sim_7b_63` (medusa/model/medusa_choices.py): found by simulating acceptance
 # of Vicuna-7B's heads on held-out data; listed in the reference's order.

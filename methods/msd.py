@@ -9,7 +9,7 @@ target saw - straight into its layer, with no target feature mixed in: the refer
 that fusing a visual embedding with a language-model feature through one fc confuses the
 head. MSD's heads keep the layer's input norm (EAGLE's first layer drops it), since visual
 embeddings and fc outputs live on different scales. Training follows a text-to-visual
-curriculum (models/train_drafter.py: text-only steps, then a linear ramp of multimodal
+curriculum (training/train_drafter.py: text-only steps, then a linear ramp of multimodal
 batches). Tree: EAGLE-2's dynamic tree, MMSpec's defaults total_token 59, depth 5, top_k 10.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from mmspec.methods.draft_head import DraftConfig
+from mmspec.methods.dynamic_tree import DynamicTreeDrafter
 from mmspec.methods.eagle import EagleHead
-from mmspec.methods.eagle2 import DynamicTreeDrafter
+from mmspec.methods.head_config import DraftConfig
 from mmspec.methods.registry import register
-from mmspec.methods.target import Target
+from mmspec.models.target import Target
 
 
 class MSDHead(EagleHead):

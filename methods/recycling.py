@@ -36,7 +36,7 @@ from mmspec.methods.registry import register
 from mmspec.methods.tree import DraftTree
 
 if TYPE_CHECKING:
-    from mmspec.methods.target import Target
+    from mmspec.models.target import Target
 
 UNSEEN = -1  # adjacency entry of a token the target has never been verified after
 

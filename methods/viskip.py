@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome
-from mmspec.methods.names import VISKIP_PREFIX
-from mmspec.methods.target import Target
 from mmspec.methods.tree import DraftTree
+from mmspec.models.target import Target
+from mmspec.results.ids import VISKIP_PREFIX
 
 PREFIX = VISKIP_PREFIX
 

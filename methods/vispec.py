@@ -14,7 +14,7 @@ image features the target saw):
   [I | 0], so an untrained adaptor changes nothing, and before any image g is 0.
 Tree: EAGLE-2's dynamic tree; MMSpec's defaults depth 3, top_k 8, total_token 30, num_q 2.
 
-Training (models/train_drafter.py) keeps the reference's two stages - text-only first (the
+Training (training/train_drafter.py) keeps the reference's two stages - text-only first (the
 adaptor idle), then multimodal - but uses EAGLE's loss in both (feature smooth-L1 + soft
 cross-entropy, head_training.eagle_loss). The reference's second stage switches to a
 probability-only loss (L1 between the draft's and the target's softmax plus a top-10 ranking
@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.methods.draft_head import DraftConfig
+from mmspec.methods.dynamic_tree import DynamicTreeDrafter
 from mmspec.methods.eagle import EagleHead
-from mmspec.methods.eagle2 import DynamicTreeDrafter
+from mmspec.methods.head_config import DraftConfig
 from mmspec.methods.registry import register
-from mmspec.methods.target import Target
+from mmspec.models.target import Target
 
 
 class ImageAdaptor(nn.Module):

@@ -17,8 +17,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
-from mmspec.methods.target import LlavaTarget, QwenPromptProcessor, QwenVLTarget, Target
 from mmspec.models.registry import REGISTRY, check_model_id
+from mmspec.models.target import LlavaTarget, QwenPromptProcessor, QwenVLTarget, Target
 from mmspec.models.tiny import tiny_model_path
 
 log = logging.getLogger(__name__)

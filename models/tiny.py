@@ -7,7 +7,7 @@ Two layers:
   built-in corpus (including the synthetic suite's training split), a config and weights from
   a fixed seed. `tiny_init_path` caches that build in `$MMSPEC_HOME`.
 * the zoo (`models/zoo/<name>/`): the same checkpoints after training on the synthetic
-  suite's training split (`python -m mmspec.models.train_tiny`), committed with the repo.
+  suite's training split (`python -m mmspec.training.train_tiny`), committed with the repo.
   `tiny_model_path` returns that directory; nothing is trained or built at load time.
 """
 
@@ -45,7 +45,7 @@ TINY_VERSION = 5
 SEED = 1234
 VOCAB_SIZE = 1024
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
-RETRAIN_COMMAND = "python -m mmspec.models.train_tiny --model all"
+RETRAIN_COMMAND = "python -m mmspec.training.train_tiny --model all"
 
 QWEN_SPECIALS = [
     "<|endoftext|>",

@@ -22,9 +22,10 @@ from typing import Any
 import yaml
 
 from mmspec.models.registry import UnknownModelError, check_model_id
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
-from mmspec.orchestrator.naming import cell_id, safe_name, shard_id
-from mmspec.orchestrator.workload_io import WorkloadConfig, builtin_workloads
+from mmspec.orchestrator.shards import Shard
+from mmspec.orchestrator.workload_config import WorkloadConfig, builtin_workloads
+from mmspec.results.cells import Cell, ModelConfig
+from mmspec.results.ids import cell_id, safe_name, shard_id
 from mmspec.workloads.sample import TOPICS, Sample
 
 log = logging.getLogger(__name__)

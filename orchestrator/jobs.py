@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from mmspec.orchestrator.grid import Grid, grid_sha256
-from mmspec.orchestrator.naming import safe_name
-from mmspec.orchestrator.store import TIMESTAMP
+from mmspec.results.ids import safe_name
+from mmspec.results.layout import TIMESTAMP
 
 log = logging.getLogger(__name__)
 

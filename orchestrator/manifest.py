@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from mmspec.orchestrator.grid import Grid, grid_sha256, to_dict
-from mmspec.orchestrator.schema import SCHEMA_VERSION
-from mmspec.orchestrator.workload_io import workload_sha256
+from mmspec.results.schema import SCHEMA_VERSION
+from mmspec.workloads.fingerprint import workload_sha256
 from mmspec.workloads.sample import Sample
 
 MANIFEST_VERSION = 1

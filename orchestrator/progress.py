@@ -17,7 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from mmspec.orchestrator.cells import Shard
+from mmspec.orchestrator.shards import Shard
 
 
 class ShardProgress:

@@ -18,20 +18,21 @@ import torch
 from PIL import Image
 from transformers.utils import logging as hf_logging
 
-from mmspec.methods.engine import Engine, RowResult
+from mmspec.methods.engine import Engine, Generation
 from mmspec.methods.registry import get_drafter
-from mmspec.methods.target import Message
 from mmspec.models.loader import load_target
-from mmspec.orchestrator.cells import ModelConfig, Shard
+from mmspec.models.target import Message
 from mmspec.orchestrator.oom import (
     generate_unless_oom,
     halves,
     reduced_batch_note,
     release_memory,
 )
-from mmspec.orchestrator.schema import ResultRow
 from mmspec.orchestrator.shard_rows import base_row
+from mmspec.orchestrator.shards import Shard
 from mmspec.orchestrator.telemetry import DEFAULT_HZ, WindowStats, make_sampler, shard_table
+from mmspec.results.cells import ModelConfig
+from mmspec.results.schema import ResultRow
 from mmspec.workloads.sample import Sample, SampleError
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ class ShardRunner:
         shard: Shard,
         sample: Sample,
         turn: int,
-        res: RowResult,
+        res: Generation,
         text: str,
         batch_index: int,
         batch_s: float,

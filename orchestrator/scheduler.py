@@ -42,9 +42,8 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from mmspec.orchestrator.cells import Shard
-from mmspec.orchestrator.runner import ShardRunner
 from mmspec.orchestrator.shard_rows import complete_table, error_table, expected_keys
+from mmspec.orchestrator.shards import Shard
 from mmspec.orchestrator.worker import PairKey, RunnerInitError, Worker, pair_of, unpack_table
 
 log = logging.getLogger(__name__)
@@ -236,7 +235,13 @@ class Scheduler:
         summary = Scheduler(settings, runner_cls=ShardRunner).run(shards, sink=write_tables)
     """
 
-    def __init__(self, settings: SchedulerSettings, runner_cls: type = ShardRunner) -> None:
+    def __init__(self, settings: SchedulerSettings, runner_cls: type | None = None) -> None:
+        if runner_cls is None:
+            # Imported here, not at module level: the runner pulls in torch and transformers,
+            # which the driver needs only when it really schedules model work.
+            from mmspec.orchestrator.runner import ShardRunner
+
+            runner_cls = ShardRunner
         self._settings = settings  # resources, ordering and retry policy
         self._runner_cls = runner_cls  # built inside each actor; tests pass a fake
 

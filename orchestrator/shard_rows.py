@@ -10,8 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from mmspec.orchestrator.cells import Shard
-from mmspec.orchestrator.schema import ResultRow, rows_to_table
+from mmspec.orchestrator.shards import Shard
+from mmspec.results.schema import ResultRow, rows_to_table
 from mmspec.workloads.sample import Sample
 
 MAX_ERROR_CHARS = 4000  # Ray errors carry whole remote tracebacks; the end says what failed

@@ -1,16 +1,9 @@
-"""The run directory: manifest first, then one Arrow IPC file per finished shard.
+"""Writes a run directory (layout: `mmspec.results.layout`): manifest first, then one Arrow
+IPC file per finished shard, each written atomically (temp file, fsync, rename).
 
-```
-<out>/<name>-<UTC timestamp>/          run_id = this folder's name
-    manifest.json                      written before any result
-    results/model=<m>/method=<m>/batch_size=<b>/temperature=<t>/repeat=<r>/part-<shard_id>.arrow
-    telemetry/<the same partitions>/part-<shard_id>.arrow    the shard's sampler time series
-```
-A result file appears only when complete (temp file, fsync, rename), so its presence is what
-"shard done" means for `--resume`: it is the completion marker. Writing a shard again replaces
-it, never duplicates it. A shard's telemetry is written before its result file, so a finished
-shard always has its telemetry; a telemetry file without a result file is simply overwritten
-when the shard is rerun. Telemetry lives outside results/, so reports never scan it.
+Writing a shard again replaces it, never duplicates it. A shard's telemetry is written before
+its result file (the completion marker), so a finished shard always has its telemetry; a
+telemetry file without a result file is simply overwritten when the shard is rerun.
 """
 
 from __future__ import annotations
@@ -24,19 +17,22 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
-from mmspec.orchestrator.cells import Cell, Shard
-from mmspec.orchestrator.naming import safe_name
-from mmspec.orchestrator.schema import RESULT_SCHEMA
+from mmspec.orchestrator.shards import Shard
+from mmspec.results.layout import (
+    MANIFEST,
+    RESULTS,
+    TELEMETRY,
+    TIMESTAMP,
+    TMP_SUFFIX,
+    LayoutError,
+    shard_path,
+    telemetry_path,
+)
+from mmspec.results.schema import RESULT_SCHEMA
 
-MANIFEST = "manifest.json"
-RESULTS = "results"
-TELEMETRY = "telemetry"
-TIMESTAMP = "%Y%m%dT%H%M%SZ"
-_PREFIX, _SUFFIX, _TMP = "part-", ".arrow", ".tmp"
 
-
-class StoreError(RuntimeError):
-    """A run directory or result file that is not what the store writes."""
+class StoreError(LayoutError):
+    """A write the run directory's layout does not allow."""
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -66,38 +62,7 @@ def write_manifest(run_dir: Path, manifest: Mapping[str, Any]) -> Path:
     return path
 
 
-def read_manifest(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoreError(f"{run_dir} is not a run directory: {MANIFEST} is missing") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{path}: cannot read the manifest: {exc}") from None
-
-
 # ----------------------------------------------------------------------------- results
-
-
-def _partition(cell: Cell) -> Path:
-    # hive-style folders, one per cell; results and telemetry share them
-    return (
-        Path(f"model={safe_name(cell.model.id)}")
-        / f"method={cell.method}"
-        / f"batch_size={cell.batch_size}"
-        / f"temperature={float(cell.temperature)!r}"
-        / f"repeat={cell.repeat}"
-    )
-
-
-def shard_path(run_dir: str | Path, cell: Cell, shard_id: str) -> Path:
-    """Where a shard's result file lives (hive-style partitions, one folder per cell)."""
-    return Path(run_dir) / RESULTS / _partition(cell) / f"{_PREFIX}{shard_id}{_SUFFIX}"
-
-
-def telemetry_path(run_dir: str | Path, cell: Cell, shard_id: str) -> Path:
-    """Where a shard's telemetry series lives: the result file's place, under telemetry/."""
-    return Path(run_dir) / TELEMETRY / _partition(cell) / f"{_PREFIX}{shard_id}{_SUFFIX}"
 
 
 def write_shard(
@@ -141,37 +106,9 @@ def _write_table(path: Path, table: pa.Table) -> None:
     _write_atomic(path, write)
 
 
-def completed_shards(run_dir: str | Path) -> set[str]:
-    """Ids of shards whose result file exists (temp files never count)."""
-    results = Path(run_dir) / RESULTS
-    return {p.name[len(_PREFIX) : -len(_SUFFIX)] for p in results.rglob(f"{_PREFIX}*{_SUFFIX}")}
-
-
-def result_files(run_dir: str | Path) -> list[Path]:
-    return sorted((Path(run_dir) / RESULTS).rglob(f"{_PREFIX}*{_SUFFIX}"))
-
-
-def check_result_file(path: str | Path) -> None:
-    """Raise StoreError unless `path` is an Arrow IPC file whose schema is RESULT_SCHEMA."""
-    try:
-        with pa.OSFile(str(path), "rb") as f:
-            schema = pa.ipc.open_file(f).schema
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise StoreError(f"{path}: not a readable Arrow IPC file: {exc}") from None
-    if not schema.equals(RESULT_SCHEMA, check_metadata=True):
-        raise StoreError(
-            f"{path}: schema differs from RESULT_SCHEMA\n"
-            f"found:\n{schema}\nexpected:\n{RESULT_SCHEMA}"
-        )
-
-
-def telemetry_files(run_dir: str | Path) -> list[Path]:
-    return sorted((Path(run_dir) / TELEMETRY).rglob(f"{_PREFIX}*{_SUFFIX}"))
-
-
 def remove_stale_tmp(run_dir: str | Path) -> int:
     """Delete temp files a crashed writer left behind; returns how many."""
-    stale = [p for d in (RESULTS, TELEMETRY) for p in (Path(run_dir) / d).rglob(f"*{_TMP}")]
+    stale = [p for d in (RESULTS, TELEMETRY) for p in (Path(run_dir) / d).rglob(f"*{TMP_SUFFIX}")]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
@@ -186,7 +123,7 @@ def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     Same folder, so the rename never crosses file systems; the folder is fsynced too, so
     after a crash the file is either absent or complete.
     """
-    tmp = path.with_name(path.name + _TMP)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -12,8 +12,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
-from mmspec.orchestrator.schema import rows_to_table
+from mmspec.orchestrator.shards import Shard
+from mmspec.results.cells import Cell, ModelConfig
+from mmspec.results.schema import rows_to_table
 
 PairKey = tuple[ModelConfig, str, str]  # (model, method, method_args as canonical JSON)
 

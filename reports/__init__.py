@@ -1,6 +1,6 @@
 """Reports of a run: Polars metrics per cell, report.md, metrics tables."""
 
-from mmspec.reports.build import load_manifest, write_report
+from mmspec.reports.build import write_report
 from mmspec.reports.markdown import render_markdown
 from mmspec.reports.metrics import ALL_TOPIC, METRIC_COLUMNS, cell_metrics, load_rows
 
@@ -8,7 +8,6 @@ __all__ = [
     "ALL_TOPIC",
     "METRIC_COLUMNS",
     "cell_metrics",
-    "load_manifest",
     "load_rows",
     "render_markdown",
     "write_report",

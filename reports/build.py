@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from mmspec.reports.html import render_html
 from mmspec.reports.markdown import render_markdown
 from mmspec.reports.metrics import REPORT_INPUTS, cell_metrics, collect_rows, load_rows, run_details
-
-
-def load_manifest(run_dir: str | Path) -> dict[str, Any]:
-    """The run's manifest.json, or {} when it is missing (the report still renders)."""
-    path = Path(run_dir) / "manifest.json"
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+from mmspec.results.layout import (
+    METRICS_ARROW,
+    METRICS_CSV,
+    REPORT_HTML,
+    REPORT_MD,
+    manifest_or_empty,
+)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -30,11 +27,11 @@ def write_report(run_dir: str | Path) -> Path:
     metrics = cell_metrics(rows)
     details = run_details(rows)
     # Arrow keeps types for compare/regression tooling; CSV is for a quick look or a spreadsheet.
-    metrics.write_ipc(run_dir / "metrics.arrow")
-    metrics.write_csv(run_dir / "metrics.csv")
-    manifest = load_manifest(run_dir)
-    _write_text(run_dir / "report.html", render_html(metrics, manifest, details))
-    report = run_dir / "report.md"
+    metrics.write_ipc(run_dir / METRICS_ARROW)
+    metrics.write_csv(run_dir / METRICS_CSV)
+    manifest = manifest_or_empty(run_dir)
+    _write_text(run_dir / REPORT_HTML, render_html(metrics, manifest, details))
+    report = run_dir / REPORT_MD
     _write_text(report, render_markdown(metrics, manifest, details))
     return report
 

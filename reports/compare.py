@@ -27,7 +27,6 @@ the comparison whatever the timings say.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +40,7 @@ import polars as pl
 
 from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, load_rows
 from mmspec.reports.paired import BASELINE, SAME_WORK
+from mmspec.results.layout import manifest_or_empty
 
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_MIN_SAMPLES = 10
@@ -361,8 +361,7 @@ def _array(frame: pl.DataFrame, column: str) -> np.ndarray:
 
 
 def _run_label(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "manifest.json"
-    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    manifest = manifest_or_empty(run_dir)
     return {
         "path": str(run_dir),
         "run_id": manifest.get("run_id") or run_dir.name,

@@ -34,8 +34,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from mmspec.orchestrator.naming import safe_name
 from mmspec.reports.metrics import load_rows
+from mmspec.results.ids import safe_name
+from mmspec.results.layout import manifest_or_empty
 
 FORMATS = ("specbench", "mmspec")
 GROUP_COLUMNS = ["model", "method", "batch_size", "temperature", "repeat", "workload"]
@@ -159,8 +160,7 @@ def iter_groups(
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
-    path = run_dir / "manifest.json"
-    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    manifest = manifest_or_empty(run_dir)
     run = {
         "run_id": manifest.get("run_id") or run_dir.name,
         "tstamp": _epoch(manifest.get("started_at")),

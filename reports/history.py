@@ -21,7 +21,6 @@ is flagged the morning after.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -33,9 +32,10 @@ from typing import Any
 
 import polars as pl
 
-from mmspec.orchestrator.naming import safe_name
 from mmspec.reports.compare import DASH, markdown_table
 from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, cell_metrics, load_rows
+from mmspec.results.ids import safe_name
+from mmspec.results.layout import manifest_or_empty
 
 RUN_COLUMNS = [
     "run_id",
@@ -110,8 +110,7 @@ assert list(_IDENTITY_SCHEMA) == RUN_COLUMNS
 def run_identity(run_dir: str | Path, machine: str | None = None) -> dict[str, Any]:
     """The RUN_COLUMNS of a run, from its manifest (and its rows, for the device name)."""
     run_dir = Path(run_dir)
-    path = run_dir / "manifest.json"
-    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    manifest = manifest_or_empty(run_dir)
     grid = manifest.get("grid")
     return {
         "run_id": manifest.get("run_id") or run_dir.name,

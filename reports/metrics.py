@@ -16,22 +16,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from mmspec.orchestrator.schema import RESULT_SCHEMA, SCHEMA_VERSION
-from mmspec.reports.keys import row_ids
+from mmspec.reports.float_sums import stable_mean, stable_sum
 from mmspec.reports.paired import SAME_WORK, pair_with_ar, paired_aggregates
-from mmspec.reports.stable import stable_mean, stable_sum
+from mmspec.reports.row_ids import row_ids
+from mmspec.results.layout import result_files
+from mmspec.results.schema import RESULT_SCHEMA, SCHEMA_VERSION
 
 ALL_TOPIC = "all"
 GROUP_KEYS = ["model", "method", "batch_size", "temperature", "topic"]
 CELL_KEYS = GROUP_KEYS[:-1]  # a cell of the grid, topics pooled
 _VERSION_KEY = b"mmspec.schema_version"
-
-
-def result_files(run_dir: str | Path) -> list[Path]:
-    """The finished shard files of a run, in a stable order."""
-    results = Path(run_dir) / "results"
-    # Only finished shards (part-*.arrow): a shard still being written sits under a temp name.
-    return sorted(results.rglob("part-*.arrow"))
 
 
 def _check_schema_version(path: Path) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from mmspec.reports.keys import row_ids
-from mmspec.reports.stable import stable_mean, stable_sum
+from mmspec.reports.float_sums import stable_mean, stable_sum
+from mmspec.reports.row_ids import row_ids
 
 BASELINE = "ar"
 # What identifies "the same work" across methods (a sample has one topic, so topic never splits

@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from mmspec.methods.names import VISKIP_PREFIX as PREFIX
+from mmspec.results.ids import VISKIP_PREFIX as PREFIX
 
 HEADER = [
     "Method",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from mmspec.orchestrator.cli import Hooks, main
+from mmspec.cli.main import Hooks, main
 from tests.fake_runner import ship_to_ray, with_controls
 
 CONTROLS_ENV = "MMSPEC_TEST_FAKE_CONTROLS"

@@ -33,9 +33,10 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from mmspec.orchestrator.cells import ModelConfig, Shard
-from mmspec.orchestrator.schema import ResultRow
 from mmspec.orchestrator.shard_rows import base_row
+from mmspec.orchestrator.shards import Shard
+from mmspec.results.cells import ModelConfig
+from mmspec.results.schema import ResultRow
 from mmspec.workloads.sample import TOPICS, Sample
 
 CONTROL_KEYS = (

@@ -11,11 +11,11 @@ import yaml
 from click.testing import CliRunner
 
 import mmspec.reports
+from mmspec.cli.main import Hooks, main
 from mmspec.methods.registry import method_names
 from mmspec.orchestrator import ray_session as ray_session_module
-from mmspec.orchestrator.cli import Hooks, main
 from mmspec.orchestrator.grid import expand, load_grid
-from mmspec.orchestrator.store import completed_shards, read_manifest, result_files
+from mmspec.results.layout import completed_shards, read_manifest, result_files
 from tests.fake_runner import FakeRunner, ship_to_ray
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grid.yaml"
@@ -189,6 +189,6 @@ def test_the_cli_starts_without_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, mmspec.orchestrator.cli; print('torch' in sys.modules)"
+    code = "import sys, mmspec.cli.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

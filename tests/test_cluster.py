@@ -29,23 +29,17 @@ import pytest
 import yaml
 from polars.testing import assert_frame_equal
 
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
 from mmspec.orchestrator.grid import expand, make_shards, parse_grid
-from mmspec.orchestrator.naming import cell_id
 from mmspec.orchestrator.ray_session import keep_on_loopback, ray_session
-from mmspec.orchestrator.schema import rows_to_table
 from mmspec.orchestrator.shard_rows import expected_keys
-from mmspec.orchestrator.store import (
-    completed_shards,
-    create_run_dir,
-    read_manifest,
-    result_files,
-    telemetry_files,
-    write_manifest,
-    write_shard,
-)
-from mmspec.orchestrator.workload_io import load_samples
+from mmspec.orchestrator.shards import Shard
+from mmspec.orchestrator.store import create_run_dir, write_manifest, write_shard
+from mmspec.orchestrator.workload_config import load_samples
 from mmspec.reports import cell_metrics, load_rows
+from mmspec.results.cells import Cell, ModelConfig
+from mmspec.results.ids import cell_id
+from mmspec.results.layout import completed_shards, read_manifest, result_files, telemetry_files
+from mmspec.results.schema import rows_to_table
 from tests.fake_cli import CONTROLS_ENV
 from tests.fake_runner import FakeRunner, make_samples, ship_to_ray
 

@@ -17,7 +17,6 @@ import pyarrow.ipc as ipc
 import pytest
 from click.testing import CliRunner
 
-from mmspec.orchestrator.schema import RESULT_SCHEMA, ResultRow, rows_to_table
 from mmspec.reports.commands import compare
 from mmspec.reports.compare import (
     ANALYTIC_MIN_ROWS,
@@ -31,6 +30,7 @@ from mmspec.reports.compare import (
     compare_runs,
     render_comparison,
 )
+from mmspec.results.schema import RESULT_SCHEMA, ResultRow, rows_to_table
 
 MODEL = "org/tiny-vl"
 TOPICS = ("general vqa", "text vqa")

@@ -14,7 +14,7 @@ import polars as pl
 import yaml
 from click.testing import CliRunner
 
-from mmspec.orchestrator.cli import main
+from mmspec.cli.main import main
 from mmspec.reports import load_rows
 from tests.conftest import mmspec_split
 
@@ -74,8 +74,8 @@ def test_runner_warms_up_before_its_first_shard(monkeypatch) -> None:
     """A fresh worker's first generation (kernel selection, allocator growth) happens at
     construction, outside every row's timing: no cell pays for being first."""
     from mmspec.methods.engine import Engine
-    from mmspec.orchestrator.cells import ModelConfig
     from mmspec.orchestrator.runner import ShardRunner
+    from mmspec.results.cells import ModelConfig
 
     calls: list[int] = []
     real = Engine.generate

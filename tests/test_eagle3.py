@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mmspec.methods.draft_checkpoint import CheckpointError
-from mmspec.methods.draft_head import DraftKV, feed, save_head
 from mmspec.methods.engine import Engine
+from mmspec.methods.head_cache import DraftKV, feed
+from mmspec.methods.head_config import save_head
 from mmspec.methods.registry import get_drafter
 from tests.conftest import reference_head_config
 
@@ -64,7 +65,7 @@ def test_feature_layers_follow_the_reference_and_stay_distinct_when_shallow(e3) 
 
 
 def test_a_bare_config_resolves_and_records_the_layers(e3, targets) -> None:
-    from mmspec.methods.draft_head import DraftConfig
+    from mmspec.methods.head_config import DraftConfig
 
     # how the trainer builds heads: DraftConfig.for_target, then the class
     head = e3.Eagle3Head(DraftConfig.for_target("eagle3", targets["tiny-qwen2.5-vl"]))
@@ -210,8 +211,8 @@ def test_reference_checkpoints_load_and_bad_keys_are_named(targets, tmp_path) ->
 
 
 def test_a_few_training_steps_reduce_the_loss(targets, tmp_path) -> None:
-    from mmspec.models.distill import DistillConfig
-    from mmspec.models.train_drafter import recipe, train_head
+    from mmspec.training.distill import DistillConfig
+    from mmspec.training.train_drafter import recipe, train_head
 
     config = recipe(
         "eagle3",

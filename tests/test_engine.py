@@ -14,8 +14,9 @@ from mmspec.methods.engine import Engine
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.tree import DraftTree
 from mmspec.models.loader import load_target
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
 from mmspec.orchestrator.runner import ShardRunner
+from mmspec.orchestrator.shards import Shard
+from mmspec.results.cells import Cell, ModelConfig
 from mmspec.workloads.sample import Sample
 from mmspec.workloads.synthetic import synthetic_suite
 

@@ -16,14 +16,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mmspec.methods.engine import RowResult
+from mmspec.methods.engine import Generation
 from mmspec.orchestrator import store
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
 from mmspec.orchestrator.grid import GridError, parse_grid, to_dict
 from mmspec.orchestrator.oom import halves, is_out_of_memory, reduced_batch_note
-from mmspec.orchestrator.schema import rows_to_table
 from mmspec.orchestrator.shard_rows import expected_keys
+from mmspec.orchestrator.shards import Shard
 from mmspec.orchestrator.worker import Worker
+from mmspec.results import layout
+from mmspec.results.cells import Cell, ModelConfig
+from mmspec.results.schema import rows_to_table
 from mmspec.workloads.synthetic import synthetic_suite
 from tests.fake_runner import FakeRunner, make_samples
 
@@ -50,7 +52,7 @@ class FakeEngine:
 
     def generate(
         self, conversations: list[Any], images: list[Any], max_new_tokens: int, *args: Any
-    ) -> list[RowResult]:
+    ) -> list[Generation]:
         self.batches.append(len(conversations))
         if self.limit is not None and len(conversations) > self.limit:
             raise self.error("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -58,7 +60,7 @@ class FakeEngine:
         for conv in conversations:
             digest = hashlib.sha256(json.dumps(conv, sort_keys=True).encode()).digest()
             tokens = list(digest[:max_new_tokens])
-            results.append(RowResult(tokens=tokens, steps=len(tokens), total_s=0.001))
+            results.append(Generation(tokens=tokens, steps=len(tokens), total_s=0.001))
         return results
 
 
@@ -178,15 +180,15 @@ def results_of(shard: Shard) -> pa.Table:
 def test_telemetry_sits_beside_results_not_under_them(run_dir: Path) -> None:
     shard = make_shard()
     path = store.write_shard(run_dir, shard, results_of(shard), telemetry_for(shard))
-    tele = store.telemetry_path(run_dir, shard.cell, shard.shard_id)
+    tele = layout.telemetry_path(run_dir, shard.cell, shard.shard_id)
     assert tele.relative_to(run_dir / "telemetry") == path.relative_to(run_dir / "results")
-    assert store.telemetry_files(run_dir) == [tele]
-    assert store.result_files(run_dir) == [path]  # what reports scan: no telemetry
+    assert layout.telemetry_files(run_dir) == [tele]
+    assert layout.result_files(run_dir) == [path]  # what reports scan: no telemetry
     with pa.memory_map(str(tele)) as source:
         assert pa.ipc.open_file(source).read_all().equals(telemetry_for(shard))
     # written again (a retried shard): replaced, never duplicated
     store.write_shard(run_dir, shard, results_of(shard), telemetry_for(shard, (1.0,)))
-    assert store.telemetry_files(run_dir) == [tele]
+    assert layout.telemetry_files(run_dir) == [tele]
     with pa.memory_map(str(tele)) as source:
         assert pa.ipc.open_file(source).read_all().num_rows == 1
 
@@ -213,13 +215,13 @@ def test_bad_telemetry_writes_nothing(run_dir: Path) -> None:
         store.write_shard(run_dir, shard, results_of(shard), telemetry_for(other))
     with pytest.raises(store.StoreError, match="not an Arrow table"):
         store.write_shard(run_dir, shard, results_of(shard), {"ts": [1.0]})  # type: ignore[arg-type]
-    assert store.completed_shards(run_dir) == set()
-    assert store.telemetry_files(run_dir) == []
+    assert layout.completed_shards(run_dir) == set()
+    assert layout.telemetry_files(run_dir) == []
 
 
 def test_stale_telemetry_temp_files_are_removed(run_dir: Path) -> None:
     shard = make_shard()
-    tmp = store.telemetry_path(run_dir, shard.cell, shard.shard_id)
+    tmp = layout.telemetry_path(run_dir, shard.cell, shard.shard_id)
     tmp = tmp.with_name(tmp.name + ".tmp")
     tmp.parent.mkdir(parents=True)
     tmp.write_bytes(b"half")

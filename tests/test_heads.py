@@ -16,11 +16,13 @@ import torch
 
 from mmspec.methods.base import Drafter
 from mmspec.methods.draft_checkpoint import CheckpointError
-from mmspec.methods.draft_head import DraftConfig, DraftKV, TreeSearch, feed, save_head
 from mmspec.methods.engine import Engine
-from mmspec.methods.features import EMBEDS, FINAL, FeatureTap
+from mmspec.methods.head_cache import DraftKV, feed
+from mmspec.methods.head_config import DraftConfig, save_head
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.tree import DraftTree
+from mmspec.methods.tree_search import TreeSearch
+from mmspec.models.feature_taps import EMBEDS, FINAL, FeatureTap
 from tests.conftest import reference_head_config
 
 MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
@@ -310,8 +312,8 @@ def test_reference_checkpoints_load_and_bad_keys_are_named(targets, tmp_path, me
 
 @pytest.mark.parametrize("method", ["eagle", "vispec", "msd"])
 def test_a_few_training_steps_reduce_the_loss(targets, tmp_path, method) -> None:
-    from mmspec.models.distill import DistillConfig
-    from mmspec.models.train_drafter import recipe, train_head
+    from mmspec.training.distill import DistillConfig
+    from mmspec.training.train_drafter import recipe, train_head
 
     config = recipe(
         method,
@@ -340,7 +342,7 @@ def test_a_checkpoint_folder_that_is_not_there_fails_at_grid_validation(method) 
 def test_train_drafter_names_a_target_that_is_not_there(tmp_path) -> None:
     from click.testing import CliRunner
 
-    from mmspec.orchestrator.cli import main
+    from mmspec.cli.main import main
 
     args = ["train-drafter", "--method", "eagle", "--target", "./no/such/model"]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "h")])

@@ -29,10 +29,10 @@ import requests
 import yaml
 from click.testing import CliRunner
 
+from mmspec.cli.main import Hooks, main
 from mmspec.methods.registry import method_names
 from mmspec.orchestrator import jobs
 from mmspec.orchestrator import ray_session as ray_session_module
-from mmspec.orchestrator.cli import Hooks, main
 from mmspec.orchestrator.grid import load_grid
 from tests.conftest import mmspec_split
 from tests.fake_runner import FakeRunner

@@ -11,9 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
 from mmspec.orchestrator.runner import ShardRunner
-from mmspec.orchestrator.schema import ResultRow
+from mmspec.orchestrator.shards import Shard
+from mmspec.results.cells import Cell, ModelConfig
+from mmspec.results.schema import ResultRow
 from mmspec.workloads import Sample, load_mmspec, synthetic_suite
 from tests.conftest import contract_methods, mmspec_split
 

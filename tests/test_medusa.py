@@ -12,12 +12,12 @@ import torch
 import mmspec.methods.medusa  # noqa: F401 (runs @register("medusa"))
 from mmspec.methods.base import DraftContext, StepOutcome
 from mmspec.methods.draft_checkpoint import CheckpointError
-from mmspec.methods.draft_head import DraftConfig, save_head
 from mmspec.methods.engine import Engine
-from mmspec.methods.features import FINAL
+from mmspec.methods.head_config import DraftConfig, save_head
 from mmspec.methods.medusa import MEDUSA_TREE, Medusa, MedusaHeads, tree_paths
 from mmspec.methods.registry import get_drafter
-from mmspec.methods.target import Target
+from mmspec.models.feature_taps import FINAL
+from mmspec.models.target import Target
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +229,8 @@ def test_fresh_heads_start_from_the_lm_head(target: Target) -> None:
 def test_training_lowers_the_loss(
     target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mmspec.models.distill import DistillConfig
-    from mmspec.models.train_drafter import recipe, train_head
+    from mmspec.training.distill import DistillConfig
+    from mmspec.training.train_drafter import recipe, train_head
 
     monkeypatch.setenv("MMSPEC_HOME", str(tmp_path))
     config = recipe(

@@ -23,9 +23,9 @@ import pyarrow.ipc as ipc
 import pytest
 from PIL import Image
 
-from mmspec.orchestrator.schema import ResultRow
 from mmspec.reports import load_rows, write_report
 from mmspec.reports.metrics import CDF_QUANTILES, CELL_KEYS, run_details
+from mmspec.results.schema import ResultRow
 from tests.conftest import mmspec_split
 from tests.test_reports import _quantile, synthetic_rows, write_run
 
@@ -265,9 +265,9 @@ def test_small_real_run_renders_in_chromium(browser: str, tmp_path: Path) -> Non
     from mmspec.orchestrator.grid import expand, make_shards, parse_grid
     from mmspec.orchestrator.manifest import build_manifest
     from mmspec.orchestrator.runner import ShardRunner
-    from mmspec.orchestrator.schema import rows_to_table
     from mmspec.orchestrator.store import write_manifest, write_shard
-    from mmspec.orchestrator.workload_io import load_samples
+    from mmspec.orchestrator.workload_config import load_samples
+    from mmspec.results.schema import rows_to_table
 
     grid = parse_grid(
         {

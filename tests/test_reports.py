@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from mmspec.orchestrator.schema import RESULT_SCHEMA, ResultRow, rows_to_table
 from mmspec.reports import (
     ALL_TOPIC,
     METRIC_COLUMNS,
@@ -21,6 +20,7 @@ from mmspec.reports import (
     render_markdown,
     write_report,
 )
+from mmspec.results.schema import RESULT_SCHEMA, ResultRow, rows_to_table
 
 MODEL = "org/tiny-vl"
 RUN_ID = "synthetic-run"

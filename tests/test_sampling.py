@@ -18,9 +18,9 @@ from mmspec.methods.accept import Acceptance
 from mmspec.methods.base import DraftContext, Drafter
 from mmspec.methods.engine import Engine
 from mmspec.methods.registry import get_drafter
-from mmspec.methods.target import Target
 from mmspec.methods.tree import DraftTree
 from mmspec.models.loader import load_target
+from mmspec.models.target import Target
 from tests.conftest import contract_methods
 
 N = 400

@@ -12,13 +12,14 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
 from mmspec.orchestrator.grid import make_shards
-from mmspec.orchestrator.naming import cell_id
 from mmspec.orchestrator.ray_session import ray_session
-from mmspec.orchestrator.schema import rows_to_table
 from mmspec.orchestrator.shard_rows import ShardResultError, complete_table, expected_keys
+from mmspec.orchestrator.shards import Shard
 from mmspec.orchestrator.worker import Worker, pair_of
+from mmspec.results.cells import Cell, ModelConfig
+from mmspec.results.ids import cell_id
+from mmspec.results.schema import rows_to_table
 from tests.fake_runner import FakeRunner, make_samples, ship_to_ray
 
 SAMPLES = make_samples(10)  # sample 5 has two turns

@@ -13,11 +13,13 @@ import pyarrow.ipc as ipc
 import pytest
 
 from mmspec.orchestrator import store
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
 from mmspec.orchestrator.grid import grid_sha256, parse_grid
 from mmspec.orchestrator.manifest import build_manifest
-from mmspec.orchestrator.schema import RESULT_SCHEMA, SCHEMA_VERSION, rows_to_table
-from mmspec.orchestrator.workload_io import workload_sha256
+from mmspec.orchestrator.shards import Shard
+from mmspec.results import layout
+from mmspec.results.cells import Cell, ModelConfig
+from mmspec.results.schema import RESULT_SCHEMA, SCHEMA_VERSION, rows_to_table
+from mmspec.workloads.fingerprint import workload_sha256
 from tests.fake_runner import FakeRunner, make_samples
 
 NOW = datetime(2026, 3, 1, 12, 30, 5, tzinfo=UTC)
@@ -79,7 +81,7 @@ def test_manifest_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     run_dir = store.create_run_dir(tmp_path, grid.name, now=NOW)
     manifest = build_manifest(run_dir.name, grid, samples, "name: demo\n", started_at=NOW)
     store.write_manifest(run_dir, manifest)
-    saved = store.read_manifest(run_dir)
+    saved = layout.read_manifest(run_dir)
     assert saved == json.loads(json.dumps(manifest))
     assert saved["run_id"] == run_dir.name
     assert saved["grid"]["methods"] == ["ar", "pld"]
@@ -114,7 +116,7 @@ def test_workload_hash_covers_ids_and_image_bytes() -> None:
 
 def test_shard_path_layout(run_dir: Path) -> None:
     shard = make_shard(3)
-    path = store.shard_path(run_dir, shard.cell, shard.shard_id)
+    path = layout.shard_path(run_dir, shard.cell, shard.shard_id)
     assert path.relative_to(run_dir).parts == (
         "results",
         "model=Qwen--Qwen2.5-VL-7B-Instruct",
@@ -130,12 +132,12 @@ def test_write_and_read_back(run_dir: Path) -> None:
     shard = make_shard()
     table = table_for(shard)
     path = store.write_shard(run_dir, shard, table)
-    store.check_result_file(path)
+    layout.check_result_file(path)
     with pa.memory_map(str(path)) as source:
         back = ipc.open_file(source).read_all()  # IPC *file* format, footer and all
     assert back.equals(table)
     assert back.schema.metadata[b"mmspec.schema_version"] == str(SCHEMA_VERSION).encode()
-    assert store.completed_shards(run_dir) == {shard.shard_id}
+    assert layout.completed_shards(run_dir) == {shard.shard_id}
     assert not list(path.parent.glob("*.tmp"))
 
 
@@ -144,7 +146,7 @@ def test_rewrite_is_idempotent(run_dir: Path) -> None:
     first = store.write_shard(run_dir, shard, table_for(shard))
     second = store.write_shard(run_dir, shard, table_for(shard))
     assert first == second
-    assert store.result_files(run_dir) == [first]
+    assert layout.result_files(run_dir) == [first]
     assert len(os.listdir(first.parent)) == 1
 
 
@@ -157,9 +159,9 @@ def test_failed_write_leaves_nothing(run_dir: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(store.os, "fsync", crash)
     with pytest.raises(OSError, match="disk gone"):
         store.write_shard(run_dir, shard, table_for(shard))
-    folder = store.shard_path(run_dir, shard.cell, shard.shard_id).parent
+    folder = layout.shard_path(run_dir, shard.cell, shard.shard_id).parent
     assert list(folder.iterdir()) == []  # neither the part file nor its temp file
-    assert store.completed_shards(run_dir) == set()
+    assert layout.completed_shards(run_dir) == set()
 
 
 def test_a_previous_file_survives_a_failed_rewrite(
@@ -183,7 +185,7 @@ def test_rejects_wrong_tables(run_dir: Path) -> None:
     narrow = pa.table({"run_id": ["x"]})
     with pytest.raises(store.StoreError, match="does not match RESULT_SCHEMA"):
         store.write_shard(run_dir, shard, narrow)
-    assert store.completed_shards(run_dir) == set()
+    assert layout.completed_shards(run_dir) == set()
 
 
 def test_schema_check(run_dir: Path, tmp_path: Path) -> None:
@@ -191,25 +193,25 @@ def test_schema_check(run_dir: Path, tmp_path: Path) -> None:
     schema = RESULT_SCHEMA.remove(RESULT_SCHEMA.get_field_index("host"))
     with pa.OSFile(str(wrong), "wb") as sink, ipc.new_file(sink, schema) as writer:
         writer.write_table(schema.empty_table())
-    with pytest.raises(store.StoreError, match="schema differs"):
-        store.check_result_file(wrong)
+    with pytest.raises(layout.LayoutError, match="schema differs"):
+        layout.check_result_file(wrong)
     garbage = tmp_path / "garbage.arrow"
     garbage.write_bytes(b"not arrow")
-    with pytest.raises(store.StoreError, match="not a readable Arrow IPC file"):
-        store.check_result_file(garbage)
+    with pytest.raises(layout.LayoutError, match="not a readable Arrow IPC file"):
+        layout.check_result_file(garbage)
 
 
 def test_completed_shards_ignores_temp_files(run_dir: Path) -> None:
     done, pending = make_shard(0), make_shard(1)
     store.write_shard(run_dir, done, table_for(done))
-    stale = store.shard_path(run_dir, pending.cell, pending.shard_id)
+    stale = layout.shard_path(run_dir, pending.cell, pending.shard_id)
     stale = stale.with_name(stale.name + ".tmp")
     stale.write_bytes(b"half a file")
-    assert store.completed_shards(run_dir) == {done.shard_id}
+    assert layout.completed_shards(run_dir) == {done.shard_id}
     assert store.remove_stale_tmp(run_dir) == 1
     assert not stale.exists()
 
 
 def test_read_manifest_of_a_non_run(tmp_path: Path) -> None:
-    with pytest.raises(store.StoreError, match="not a run directory"):
-        store.read_manifest(tmp_path)
+    with pytest.raises(layout.LayoutError, match="not a run directory"):
+        layout.read_manifest(tmp_path)

@@ -14,8 +14,8 @@ import pytest
 
 from mmspec.orchestrator import runner as runner_module
 from mmspec.orchestrator import telemetry
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
 from mmspec.orchestrator.runner import ShardRunner
+from mmspec.orchestrator.shards import Shard
 from mmspec.orchestrator.telemetry import (
     SHARD_TELEMETRY_SCHEMA,
     TELEMETRY_SCHEMA,
@@ -24,6 +24,7 @@ from mmspec.orchestrator.telemetry import (
     RaplCounter,
     make_sampler,
 )
+from mmspec.results.cells import Cell, ModelConfig
 from mmspec.workloads.synthetic import synthetic_suite
 
 TARGET_UUID = "1b2c3d4e-0000-1111-2222-333344445555"  # as torch reports it: no "GPU-"

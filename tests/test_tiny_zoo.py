@@ -11,7 +11,8 @@ import torch
 
 from mmspec.models.loader import load_target
 from mmspec.models.tiny import BUILDERS, ZOO_DIR, tiny_init_path, tiny_model_path
-from mmspec.models.train_tiny import (
+from mmspec.orchestrator.runner import conversation
+from mmspec.training.train_tiny import (
     GROUNDED,
     NO_LOSS,
     Encoder,
@@ -20,7 +21,6 @@ from mmspec.models.train_tiny import (
     train,
     training_messages,
 )
-from mmspec.orchestrator.runner import conversation
 from mmspec.workloads.synthetic import synthetic_items
 
 MODELS = sorted(BUILDERS)
@@ -155,7 +155,7 @@ def test_zoo_model_reads_the_image(model: str) -> None:
 def test_roc_auc_is_the_pairwise_win_rate() -> None:
     import random
 
-    from mmspec.models.grounding import roc_auc
+    from mmspec.training.grounding import roc_auc
 
     rng = random.Random(0)
     pos = [rng.choice([0.1, 0.2, 0.3, 0.5]) for _ in range(40)]

@@ -10,10 +10,11 @@ from transformers import DynamicCache
 from mmspec.methods.engine import Engine, _Live
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.tree import DraftTree
-from mmspec.methods.vision_probe import VisionProbe
 from mmspec.models.loader import load_target
-from mmspec.orchestrator.cells import Cell, ModelConfig, Shard
+from mmspec.models.vision_probe import VisionProbe
 from mmspec.orchestrator.runner import ShardRunner
+from mmspec.orchestrator.shards import Shard
+from mmspec.results.cells import Cell, ModelConfig
 from mmspec.workloads import synthetic_suite
 
 MODELS = ["tiny-qwen2.5-vl", "tiny-llava"]

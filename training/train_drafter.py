@@ -3,7 +3,7 @@
     mmspec-orch train-drafter --method eagle --target tiny-llava          # into the zoo
     mmspec-orch train-drafter --method vispec --target ./my-qwen --out heads/vispec
 
-1. Self-distillation (models/distill.py): the target answers training-split conversations;
+1. Self-distillation (training/distill.py): the target answers training-split conversations;
    cached per target and config in $MMSPEC_HOME/distill/, so one pass serves every head.
 2. Each step the target runs teacher-forced over a batch of those conversations (no grad)
    and the feature tap hands its features and logits to the head's `train_loss`.
@@ -12,7 +12,7 @@
    share of multimodal batches linearly in between (its text-to-visual curriculum).
 
 One code path through `accelerate`: on this CPU a single process; on GPUs
-`accelerate launch -m mmspec.models.train_drafter ...` gives data parallelism (each process
+`accelerate launch -m mmspec.training.train_drafter ...` gives data parallelism (each process
 loads the target on its own device). The head is saved with `save_head` (safetensors +
 config.json) and a TRAINING.md with the command, seed and loss curve.
 """
@@ -33,11 +33,11 @@ import click
 import torch
 
 from mmspec.methods.draft_checkpoint import checkpoint_dir
-from mmspec.methods.draft_head import DraftConfig, save_head
-from mmspec.methods.features import EMBEDS, FeatureTap
+from mmspec.methods.head_config import DraftConfig, save_head
 from mmspec.methods.head_training import TeacherBatch
-from mmspec.methods.target import Target
-from mmspec.models.distill import (
+from mmspec.models.feature_taps import EMBEDS, FeatureTap
+from mmspec.models.target import Target
+from mmspec.training.distill import (
     DistillConfig,
     Record,
     data_key,
@@ -45,7 +45,7 @@ from mmspec.models.distill import (
     load_records,
     save_records,
 )
-from mmspec.models.train_tiny import (
+from mmspec.training.train_tiny import (
     NO_LOSS,
     Encoder,
     Example,

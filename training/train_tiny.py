@@ -1,7 +1,7 @@
 """Train the tiny model zoo on the synthetic suite's training split (plain PyTorch, CPU).
 
-    python -m mmspec.models.train_tiny --model all          # both models into models/zoo/
-    python -m mmspec.models.train_tiny --model tiny-llava --steps 20 --polish-steps 0 --out /tmp/x
+    python -m mmspec.training.train_tiny --model all          # both models into models/zoo/
+    python -m mmspec.training.train_tiny --model tiny-llava --steps 20 --polish-steps 0 --out /tmp/x
 
 Each model starts from its deterministic untrained build (`tiny_init_path`), sees a fresh
 stream of training-split conversations (the eval split is disjoint by construction) and learns
@@ -43,8 +43,8 @@ import torch
 import transformers
 from PIL import Image
 
-from mmspec.methods.target import PromptBatch, QwenVLTarget, Target
 from mmspec.models.loader import load_target
+from mmspec.models.target import PromptBatch, QwenVLTarget, Target
 from mmspec.models.tiny import BUILDERS, ZOO_DIR, tiny_init_path
 from mmspec.workloads.sample import TOPICS
 from mmspec.workloads.synthetic import Scene, SyntheticItem, synthetic_items, synthetic_scenes
@@ -877,7 +877,7 @@ def train_tiny_command(model_name: str, out: Path | None, **options: Any) -> Non
         init_dir = tiny_init_path(name)
         target, results = train_stages(recipe(name, **options), init_dir)
         dest = (out or ZOO_DIR) / name
-        command = " ".join(["python -m mmspec.models.train_tiny", *_cli_args(name, options)])
+        command = " ".join(["python -m mmspec.training.train_tiny", *_cli_args(name, options)])
         write_zoo_entry(target, results, init_dir, dest, command)
         wall = sum(r.train_s for r in results) / 60
         click.echo(
@@ -891,7 +891,9 @@ def _train_in_parallel(names: list[str], out: Path | None, options: dict[str, An
     if out is not None:
         args.append(f"--out={out}")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "mmspec.models.train_tiny", "--model", name, *args])
+        subprocess.Popen(
+            [sys.executable, "-m", "mmspec.training.train_tiny", "--model", name, *args]
+        )
         for name in names
     ]
     failed = [name for name, proc in zip(names, procs, strict=True) if proc.wait() != 0]

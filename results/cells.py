@@ -1,11 +1,9 @@
-"""Cells and shards: the units the scheduler hands to workers."""
+"""Cells: the points of a grid, as every result row and run folder names them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-from mmspec.workloads.sample import Sample
 
 
 @dataclass(frozen=True)
@@ -32,13 +30,3 @@ class Cell:
     seed: int
     max_new_tokens: int
     workload: str  # name of the workload the samples come from
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A cell and a chunk of its samples: the unit of scheduling, retry and resume."""
-
-    run_id: str
-    shard_id: str  # unique in a run; names the result file
-    cell: Cell
-    samples: tuple[Sample, ...] = field(repr=False)

@@ -1,4 +1,4 @@
-"""How grid values become ids and path parts (cell ids, shard ids, result folders).
+"""How grid values become ids and path parts (cell ids, shard ids, result folders, method names).
 
 One place, so a cell id, its shard ids and its result path always agree.
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+VISKIP_PREFIX = "viskip+"  # `viskip+<method>`: ViSkip wrapped around a registered method
 
 
 def safe_name(value: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mmspec.methods.target import Target
+from mmspec.models.target import Target
 
 Feature = int | str
 EMBEDS = "embeds"

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from mmspec.methods.target import Target
-from mmspec.methods.vision_probe import VisionProbe
-from mmspec.models.train_tiny import GROUNDED, TEMPLATE, Encoder
+from mmspec.models.target import Target
+from mmspec.models.vision_probe import VisionProbe
+from mmspec.training.train_tiny import GROUNDED, TEMPLATE, Encoder
 from mmspec.workloads.synthetic import SyntheticItem
 
 KINDS = {GROUNDED: "grounded", TEMPLATE: "template"}

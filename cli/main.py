@@ -26,7 +26,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from mmspec.orchestrator import jobs
-from mmspec.orchestrator.cells import Shard
 from mmspec.orchestrator.grid import (
     Grid,
     GridError,
@@ -38,18 +37,12 @@ from mmspec.orchestrator.grid import (
     parse_grid,
 )
 from mmspec.orchestrator.manifest import build_manifest
-from mmspec.orchestrator.store import (
-    MANIFEST,
-    StoreError,
-    completed_shards,
-    create_run_dir,
-    read_manifest,
-    remove_stale_tmp,
-    write_manifest,
-    write_shard,
-)
-from mmspec.orchestrator.workload_io import load_samples, workload_error_types, workload_sha256
+from mmspec.orchestrator.shards import Shard
+from mmspec.orchestrator.store import create_run_dir, remove_stale_tmp, write_manifest, write_shard
+from mmspec.orchestrator.workload_config import load_samples, workload_error_types
 from mmspec.reports.commands import compare, export, history
+from mmspec.results.layout import MANIFEST, LayoutError, completed_shards, read_manifest
+from mmspec.workloads.fingerprint import workload_sha256
 from mmspec.workloads.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -139,7 +132,7 @@ def submit(
                     f"{resume_dir}: the workloads changed since the run started "
                     "(workload_sha256 differs); start a new run instead"
                 )
-        except (_Invalid, GridError, StoreError) as exc:
+        except (_Invalid, GridError, LayoutError) as exc:
             click.echo(str(exc), err=True)
             ctx.exit(EXIT_INVALID)
 
@@ -488,6 +481,6 @@ def train_drafter(ctx: click.Context) -> None:
     Options: see `mmspec-orch train-drafter --help`.
     """
     # imported here: the trainer loads torch, which every other command starts without
-    from mmspec.models.train_drafter import train_drafter_command
+    from mmspec.training.train_drafter import train_drafter_command
 
     train_drafter_command.main(args=ctx.args, prog_name="mmspec-orch train-drafter")

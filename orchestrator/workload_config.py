@@ -6,8 +6,6 @@ grows, and lets tests swap the loaders with a monkeypatch.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mmspec.workloads.sample import Sample
@@ -52,24 +50,3 @@ def workload_error_types() -> tuple[type[BaseException], ...]:
 
     error = getattr(workloads, "WorkloadError", None)
     return (error,) if isinstance(error, type) else ()
-
-
-def workload_sha256(samples_by_workload: Mapping[str, Sequence[Sample]]) -> str:
-    """Hash of what was measured: workload names, sample ids, turns and image bytes, in order.
-
-    Every part is length-prefixed so two different workloads can never hash alike by shifting
-    bytes from one field to the next.
-    """
-    digest = hashlib.sha256()
-
-    def put(data: bytes) -> None:
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-
-    for name in sorted(samples_by_workload):
-        put(name.encode())
-        for sample in samples_by_workload[name]:
-            put(sample.id.encode())
-            put("\x1f".join(sample.turns).encode())
-            put(sample.image_bytes or b"")
-    return digest.hexdigest()

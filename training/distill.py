@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from mmspec.methods.target import Target
-from mmspec.models.train_tiny import training_messages
+from mmspec.models.target import Target
+from mmspec.training.train_tiny import training_messages
 from mmspec.workloads.sample import TOPICS
 from mmspec.workloads.synthetic import Scene, synthetic_scenes
 

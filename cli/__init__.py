@@ -1,0 +1,1 @@
+"""The command line: the one module that imports every layer."""
