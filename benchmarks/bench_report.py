@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from mmspec.reports import write_report
-from mmspec.results.ids import cell_id, safe_name, shard_id
+from mmspec.results import layout
+from mmspec.results.ids import cell_id, shard_id
 from mmspec.results.schema import RESULT_SCHEMA
 from mmspec.workloads.sample import TOPICS
 
@@ -234,7 +235,7 @@ def synthesise_run(run_dir: Path, spec: Spec) -> int:
         "python": "3.11",
         "started_at": "2025-01-01T00:00:00+00:00",
     }
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (run_dir / layout.MANIFEST).write_text(json.dumps(manifest, indent=2))
     rng = np.random.default_rng(spec.seed)
     base = _sample_table(spec.samples_per_cell, rng)
     rows = 0
@@ -245,23 +246,17 @@ def synthesise_run(run_dir: Path, spec: Spec) -> int:
                 table, shard_of_row = _cell_table(
                     model, method, batch_size, spec.shard_samples, base, outputs, rng
                 )
-                partition = (
-                    Path(f"model={safe_name(model)}")
-                    / f"method={method}"
-                    / f"batch_size={batch_size}"
-                    / "temperature=0.0"
-                    / "repeat=0"
-                )
+                folders = layout.partition(model, method, batch_size, 0.0, 0)
                 # rows of a shard are contiguous (samples in order), so a shard is a slice
                 bounds = np.flatnonzero(np.diff(shard_of_row)) + 1
                 starts = [0, *bounds.tolist()]
                 stops = [*bounds.tolist(), len(shard_of_row)]
                 for start, stop in zip(starts, stops):
                     part = table.slice(start, stop - start)
-                    name = f"part-{part.column('shard_id')[0].as_py()}.arrow"
-                    _write_ipc(run_dir / "results" / partition / name, part)
+                    name = layout.part_name(part.column("shard_id")[0].as_py())
+                    _write_ipc(run_dir / layout.RESULTS / folders / name, part)
                     # each shard's sampler series sits beside results/; reports must skip it
-                    _write_ipc(run_dir / "telemetry" / partition / name, _telemetry(rng))
+                    _write_ipc(run_dir / layout.TELEMETRY / folders / name, _telemetry(rng))
                 rows += table.num_rows
     (run_dir / "spec.json").write_text(json.dumps(asdict(spec)))
     return rows
@@ -302,9 +297,9 @@ def main() -> None:
     args = parser.parse_args()
     spec = Spec(rows=args.rows, shard_samples=args.shard_samples, seed=args.seed)
     ensure_run(args.dir, spec)
-    rows = pl.scan_ipc(sorted((args.dir / "results").rglob("*.arrow"))).select(pl.len())
+    rows = pl.scan_ipc(layout.result_files(args.dir)).select(pl.len())
     n_rows = rows.collect().item()
-    n_files = sum(1 for _ in (args.dir / "results").rglob("*.arrow"))
+    n_files = len(layout.result_files(args.dir))
     load = os.getloadavg()[0]
     times = time_report(args.dir, args.repeats)
     cores = len(os.sched_getaffinity(0))

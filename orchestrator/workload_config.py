@@ -1,7 +1,7 @@
-"""The orchestrator's one doorway into `mmspec.workloads` (imported lazily, at call time).
+"""A grid's workload entries as the grid parser (grid.py, the one place that reads them) leaves
+them, and the driver's one doorway into `mmspec.workloads`.
 
-Looking the names up on each call keeps grid parsing importable while the workloads package
-grows, and lets tests swap the loaders with a monkeypatch.
+The loaders are looked up at call time, so tests can swap them with a monkeypatch.
 """
 
 from __future__ import annotations

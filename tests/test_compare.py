@@ -5,15 +5,11 @@ The helpers here (make_rows, write_run) also build the runs of test_history and 
 
 from __future__ import annotations
 
-import json
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.ipc as ipc
 import pytest
 from click.testing import CliRunner
 
@@ -30,7 +26,8 @@ from mmspec.reports.compare import (
     compare_runs,
     render_comparison,
 )
-from mmspec.results.schema import RESULT_SCHEMA, ResultRow, rows_to_table
+from mmspec.results.schema import ResultRow
+from tests import run_dirs
 
 MODEL = "org/tiny-vl"
 TOPICS = ("general vqa", "text vqa")
@@ -112,7 +109,6 @@ def make_rows(
 
 def write_run(run_dir: Path, rows: list[ResultRow], **manifest: Any) -> Path:
     """The orchestrator's layout: manifest.json, then one part file per shard."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "run_id": run_dir.name,
         "started_at": "2026-01-01T02:30:00+00:00",
@@ -123,25 +119,7 @@ def write_run(run_dir: Path, rows: list[ResultRow], **manifest: Any) -> Path:
         "grid_sha256": "gridsha",
         **manifest,
     }
-    (run_dir / "manifest.json").write_text(json.dumps(meta))
-    shards: dict[tuple[Any, ...], list[ResultRow]] = defaultdict(list)
-    for r in rows:
-        shards[(r.model, r.method, r.batch_size, r.temperature, r.repeat, r.shard_id)].append(r)
-    for (model, method, bs, temp, repeat, shard), part in shards.items():
-        folder = (
-            run_dir
-            / "results"
-            / f"model={model.replace('/', '--')}"
-            / f"method={method}"
-            / f"batch_size={bs}"
-            / f"temperature={temp!r}"
-            / f"repeat={repeat}"
-        )
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"part-{shard}.arrow"
-        with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, RESULT_SCHEMA) as writer:
-            writer.write_table(rows_to_table(part))
-    return run_dir
+    return run_dirs.write_run(run_dir, rows, meta)
 
 
 def invoke(*args: Any) -> Any:

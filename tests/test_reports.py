@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +19,8 @@ from mmspec.reports import (
     render_markdown,
     write_report,
 )
-from mmspec.results.schema import RESULT_SCHEMA, ResultRow, rows_to_table
+from mmspec.results.schema import ResultRow
+from tests import run_dirs
 
 MODEL = "org/tiny-vl"
 RUN_ID = "synthetic-run"
@@ -130,28 +130,7 @@ def synthetic_rows() -> list[ResultRow]:
 
 
 def write_run(run_dir: Path, rows: list[ResultRow], manifest: dict | None = None) -> Path:
-    """Lay rows out as the orchestrator does: one part file per shard, under the cell's folders."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "manifest.json").write_text(json.dumps(manifest or MANIFEST))
-    shards: dict[tuple, list[ResultRow]] = defaultdict(list)
-    for r in rows:
-        shards[(r.model, r.method, r.batch_size, r.temperature, r.repeat, r.shard_id)].append(r)
-    for (model, method, bs, temp, repeat, shard), part in shards.items():
-        folder = (
-            run_dir
-            / "results"
-            / f"model={model.replace('/', '--')}"
-            / f"method={method}"
-            / f"batch_size={bs}"
-            / f"temperature={temp}"
-            / f"repeat={repeat}"
-        )
-        folder.mkdir(parents=True, exist_ok=True)
-        table = rows_to_table(part)
-        path = folder / f"part-{shard}.arrow"
-        with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, RESULT_SCHEMA) as writer:
-            writer.write_table(table)
-    return run_dir
+    return run_dirs.write_run(run_dir, rows, manifest or MANIFEST)
 
 
 # ---------------------------------------------------------------- independent reference

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import WorkloadError
 from .mmspec_jsonl import load_mmspec
@@ -83,25 +82,6 @@ class WorkloadSpec:
         if p.name in ("", ".", ".."):
             p = p.resolve()
         return p.name
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> WorkloadSpec:
-        """Build from a grid entry, rejecting unknown keys (a typo must not be ignored)."""
-        if not isinstance(data, Mapping):
-            raise WorkloadError(f"a workload entry must be a mapping, got {data!r}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise WorkloadError(f"unknown workload key(s) {unknown}; allowed: {known}")
-        topics = data.get("topics")
-        if isinstance(topics, list):
-            topics = tuple(topics)
-        return cls(
-            builtin=data.get("builtin"),
-            path=data.get("path"),
-            limit=data.get("limit"),
-            topics=topics,
-        )
 
 
 def load_workload(spec: WorkloadSpec, base_dir: str | Path | None = None) -> list[Sample]:
