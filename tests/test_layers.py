@@ -7,6 +7,8 @@ so a lazy import cannot sneak an edge upwards.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +100,14 @@ def test_relative_imports_resolve_to_their_layer() -> None:
     source = "from ..orchestrator import grid\nfrom .sample import Sample"
     found = list(imported_layers(source, "mmspec.workloads.registry"))
     assert found == [(1, "orchestrator"), (2, "workloads")]
+
+
+@pytest.mark.parametrize(
+    "module", ["mmspec.orchestrator.scheduler", "mmspec.reports", "mmspec.results.layout"]
+)
+def test_driver_side_modules_start_without_torch(module: str) -> None:
+    """The scheduler builds the runner (torch, transformers) only inside a worker; reports and
+    the results format never need it."""
+    code = f"import sys, {module}; print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
