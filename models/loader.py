@@ -17,6 +17,11 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
+from mmspec.models.prompting import (
+    check_prompt_style,
+    default_prompt_style,
+    qwen_image_processor_kwargs,
+)
 from mmspec.models.registry import REGISTRY, check_model_id
 from mmspec.models.target import LlavaTarget, QwenPromptProcessor, QwenVLTarget, Target
 from mmspec.models.tiny import tiny_model_path
@@ -72,12 +77,19 @@ def load_target(
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    prompt_style: str | None = None,
 ) -> Target:
     """Load model + processor through `from_pretrained` and wrap them in the family adapter.
 
     A local directory (the tiny models included) is loaded with `local_files_only`, so it
-    never reaches the network; only a hub id the user wrote may download.
+    never reaches the network; only a hub id the user wrote may download. `prompt_style`
+    (models/prompting.py) defaults to MMSpec's setup, the tiny zoo's to its chat template.
     """
+    style = default_prompt_style(model_id) if prompt_style is None else prompt_style
+    try:
+        check_prompt_style(style)
+    except ValueError as exc:
+        raise ModelLoadError(f"model {model_id}: {exc}") from None
     if dtype not in DTYPES:
         raise ModelLoadError(f"model {model_id}: dtype {dtype!r} not one of {sorted(DTYPES)}")
     source, local = resolve_model_source(model_id)
@@ -100,7 +112,8 @@ def load_target(
         ).to(dev)
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", **common)
         if target_cls is QwenVLTarget:
-            image_processor = AutoImageProcessor.from_pretrained(source, **common)
+            pixels = qwen_image_processor_kwargs(style, model_id, str(source))
+            image_processor = AutoImageProcessor.from_pretrained(source, **common, **pixels)
             processor = QwenPromptProcessor(tokenizer, image_processor, model.config.image_token_id)
         else:
             processor = AutoProcessor.from_pretrained(source, **common)
@@ -109,4 +122,4 @@ def load_target(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model {model_id} ({source}): cannot load checkpoint: {exc}") from exc
     log.info("loaded %s (%s) on %s as %s", model_id, model_type, dev, dtype)
-    return target_cls(model, processor, tokenizer, name=model_id)
+    return target_cls(model, processor, tokenizer, name=model_id, prompt_style=style)

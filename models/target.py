@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
+from mmspec.models.prompting import system_messages
+
 Message = dict[str, Any]  # HF chat format: {"role": ..., "content": [{"type": "text", ...}]}
 
 
@@ -51,9 +53,15 @@ class Target:
     family: ClassVar[str] = ""
 
     def __init__(
-        self, model: torch.nn.Module, processor: Any, tokenizer: Any, name: str = ""
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        tokenizer: Any,
+        name: str = "",
+        prompt_style: str = "chat_template",
     ) -> None:
         self.name = name  # the model id it was loaded as (drafters find their heads by it)
+        self.prompt_style = prompt_style  # models/prompting.py: what goes before each chat
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = tokenizer
@@ -73,8 +81,11 @@ class Target:
         self, conversations: list[list[Message]], images: list[Image.Image | None]
     ) -> PromptBatch:
         """Chat-template and tokenise a batch; `images[i]` goes with conversation i's first turn."""
+        system = system_messages(self.prompt_style)
         texts = [
-            self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+            self.tokenizer.apply_chat_template(
+                [*system, *c], add_generation_prompt=True, tokenize=False
+            )
             for c in conversations
         ]
         present = [im for im in images if im is not None]

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from mmspec.models.prompting import PROMPT_STYLES, default_prompt_style
 from mmspec.models.registry import UnknownModelError, check_model_id
 from mmspec.orchestrator.shards import Shard
 from mmspec.orchestrator.workload_config import WorkloadConfig, builtin_workloads
@@ -53,7 +54,7 @@ GRID_KEYS = (
 )
 REQUIRED_KEYS = ("name", "workloads", "models", "methods")
 WORKLOAD_KEYS = ("builtin", "path", "name", "limit", "topics")
-MODEL_KEYS = ("id", "dtype", "revision", "trust_remote_code")
+MODEL_KEYS = ("id", "dtype", "revision", "trust_remote_code", "prompt_style")
 EXCLUDE_KEYS = ("model", "method", "batch_size", "temperature", "repeat", "workload")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -393,9 +394,16 @@ class _Parser:
             trust = entry.get("trust_remote_code", False)
             if not isinstance(trust, bool):
                 raise self.error(f"{key}.trust_remote_code", f"got {trust!r}", "true, false")
+            style = entry.get("prompt_style", default_prompt_style(model_id))
+            if style not in PROMPT_STYLES:
+                raise self.error(
+                    f"{key}.prompt_style",
+                    f"unknown prompt style {style!r}",
+                    _listing(PROMPT_STYLES),
+                )
             if any(safe_name(m.id) == safe_name(model_id) for m in models):
                 raise self.error(f"{key}.id", f"model {model_id!r} appears twice", "each once")
-            models.append(ModelConfig(model_id, dtype, revision, trust))
+            models.append(ModelConfig(model_id, dtype, revision, trust, style))
         return tuple(models)
 
     def methods(self, value: Any) -> tuple[str, ...]:

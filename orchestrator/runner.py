@@ -97,7 +97,12 @@ class ShardRunner:
         self.model_config = model
         self.method = method
         self.target = load_target(
-            model.id, model.dtype, device, model.revision, model.trust_remote_code
+            model.id,
+            model.dtype,
+            device,
+            model.revision,
+            model.trust_remote_code,
+            prompt_style=model.prompt_style,
         )
         self.engine = Engine(self.target, get_drafter(method)(**method_args))
         self._warm_up()

@@ -14,6 +14,8 @@ class ModelConfig:
     dtype: str = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
+    # "mmspec" | "chat_template" (mmspec.models.prompting); None: the model's default
+    prompt_style: str | None = None
 
 
 @dataclass(frozen=True)
