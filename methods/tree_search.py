@@ -83,9 +83,10 @@ class TreeSearch:
         likeliest candidates (the root is the first of the total, as in the reference); an
         ancestor scores at least as high as its descendants, so they form a tree.
 
-        `threshold` < 1 is MMSpec's confidence variant: a row stops growing once no node of
-        its newest level has a cumulative probability above it, and keeps only the nodes
-        above it (but at least top_k, at most total_token - 1).
+        `threshold` < 1 is MMSpec's confidence variant: level 1 is always expanded; after each
+        expansion a row stops growing once no node of the newest level has a cumulative
+        probability above it, and keeps only the nodes above it (but at least top_k, at most
+        total_token - 1).
         """
         b, dev = logp.shape[0], logp.device
         log_t = math.log(threshold) if threshold < 1.0 else None
@@ -95,7 +96,8 @@ class TreeSearch:
             [_Node(int(t), -1, float(s), 1) for t, s in zip(top.indices[i], top.values[i])]
             for i in range(b)
         ]
-        grows = [log_t is None or max(n.score for n in c) >= log_t for c in cands]
+        # MMSpec expands level 1 whatever its scores, then tests the threshold after each level
+        grows = [True] * b
         frontier = torch.arange(top_k, device=dev)[None].expand(b, -1)  # candidate indices
         tokens, scores = top.indices, top.values
         parent_hidden = hidden[:, None, :].expand(-1, top_k, -1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,30 @@ def test_confidence_threshold_keeps_only_likely_nodes() -> None:
         # at least top_k nodes, beyond those only nodes likelier than the threshold
         assert len(tree) == max(3, len(above)) <= len(full[i])
         assert len(tree) < len(full[i]) or len(above) >= 9
+
+
+def test_confidence_threshold_expands_once_then_tests_each_level() -> None:
+    """MMSpec's EAGLE-2 (`method/eagle2/cnets.py` `topK_genrate`) feeds level 1 to the head
+    whatever its scores, and stops after the first level whose best node is below the
+    threshold; a threshold of 1.0 never stops before `depth`."""
+    fake = _FakeHead()
+    calls: list[int] = []
+
+    def counted(tokens, parent_hidden, mask, positions):
+        calls.append(tokens.shape[1])
+        return fake.expand(tokens, parent_hidden, mask, positions)
+
+    def expansions(root: torch.Tensor, threshold: float) -> int:
+        calls.clear()
+        kv = DraftKV(1, torch.device("cpu"))
+        kv.valid = torch.ones(1, 5, dtype=torch.bool)
+        TreeSearch(counted, kv).dynamic(root, torch.zeros(1, 4), 3, 3, 10, threshold)
+        return len(calls)
+
+    flat = torch.full((1, 12), -math.log(12))  # every child of the root at p = 1/12
+    assert expansions(flat, 0.5) == 1  # below the threshold already, expanded once all the same
+    assert expansions(flat, 1.0) == 3
+    assert expansions(flat, 1e-9) == 3
 
 
 def test_static_tree_follows_the_choices() -> None:
