@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from mmspec.reports.formatting import DASH, num, signed_pct, transition
+from mmspec.reports.markdown import markdown_table
 from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, load_rows
 from mmspec.reports.paired import BASELINE, SAME_WORK
 from mmspec.results.layout import manifest_or_empty
@@ -48,7 +50,6 @@ DEFAULT_RESAMPLES = 1000
 # From this many rows on, a side's standard error is closed-form instead of bootstrapped.
 ANALYTIC_MIN_ROWS = 500
 DEFAULT_CONFIDENCE = 0.95
-DASH = "–"
 
 # Verdicts of one metric in one cell.
 REGRESSION = "regression"
@@ -654,27 +655,6 @@ def _hard_failures(base: _RunData, new: _RunData, allow_missing: bool) -> list[H
 # ----------------------------------------------------------------------------- Markdown
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """Lines of a Markdown table; pipes inside values are escaped."""
-
-    def cell(value: Any) -> str:
-        return str(value).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |"]
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return lines
-
-
-def _num(value: float | None, spec: str) -> str:
-    return DASH if value is None else f"{value:{spec}}"
-
-
-def _pct(change: float | None) -> str:
-    # A real minus sign: "−3.1%" reads better than "-3.1%" in a table.
-    return DASH if change is None else f"{100 * change:+.1f}%".replace("-", "−")
-
-
 _MARK = {REGRESSION: " ▼", IMPROVEMENT: " ▲", INSUFFICIENT: " ?"}
 
 
@@ -682,9 +662,9 @@ def _brief(change: MetricChange | None) -> str:
     if change is None or (change.base is None and change.new is None):
         return DASH
     spec = change.metric.spec
-    text = f"{_num(change.base, spec)} → {_num(change.new, spec)}"
+    text = transition(change.base, change.new, spec)
     if change.ratio is not None:
-        text += f" ({_pct(change.change)})"
+        text += f" ({signed_pct(change.change)})"
     return text + _MARK.get(change.verdict, "")
 
 
@@ -760,15 +740,16 @@ def render_comparison(result: Comparison) -> str:
                 f"{key.temperature:g}",
                 key.topic,
                 change.metric.label,
-                _num(change.base, change.metric.spec),
-                _num(change.new, change.metric.spec),
-                _pct(change.change),
+                num(change.base, change.metric.spec),
+                num(change.new, change.metric.spec),
+                signed_pct(change.change),
                 f"[{change.ci_low:.3f}, {change.ci_high:.3f}]",
             )
             for key, change in result.regressions
         ]
         header = ("model", "method", "batch", "T", "topic", "metric", "BASE", "NEW", "change")
-        lines += markdown_table((*header, "interval of NEW/BASE"), rows)
+        # Names and numbers, printed exactly as the runs spell them.
+        lines += markdown_table((*header, "interval of NEW/BASE"), rows, one_line=False)
         lines.append("")
     lines += ["## All cells", ""]
     rows = []
@@ -789,7 +770,7 @@ def render_comparison(result: Comparison) -> str:
             )
         )
     header = ("model", "method", "batch", "T", "topic", "rows B/N")
-    lines += markdown_table((*header, *(s.label for s in METRICS), "verdict"), rows)
+    lines += markdown_table((*header, *(s.label for s in METRICS), "verdict"), rows, one_line=False)
     lines += ["", "▼ regression · ▲ improvement · ? insufficient data · – not measured", ""]
     for title, keys in (
         ("Cells only in BASE", result.only_base),

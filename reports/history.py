@@ -27,12 +27,14 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from html import escape
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from mmspec.reports.compare import DASH, markdown_table
+from mmspec.reports.formatting import DASH, num, signed_pct
+from mmspec.reports.markdown import markdown_table
 from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, cell_metrics, load_rows
 from mmspec.results.ids import safe_name
 from mmspec.results.layout import manifest_or_empty
@@ -304,10 +306,6 @@ def sparkline(values: Sequence[float]) -> str:
     return "".join(_SPARK[round((v - low) / (high - low) * top)] for v in values)
 
 
-def _pct(change: float) -> str:
-    return f"{100 * change:+.1f}%".replace("-", "−")
-
-
 def render_trends(found: Sequence[Trend], metric: str, window: int, threshold: float) -> str:
     """A Markdown trend table; its first line says whether any cell moved recently."""
     flagged = [t for t in found if t.recent_step is not None]
@@ -334,7 +332,7 @@ def render_trends(found: Sequence[Trend], metric: str, window: int, threshold: f
         flag = DASH
         if step is not None:
             arrow = "▼" if step.change < 0 else "▲"
-            flag = f"{arrow} {_pct(step.change)} at {t.run_ids[step.index]}"
+            flag = f"{arrow} {signed_pct(step.change)} at {t.run_ids[step.index]}"
             flag += " (regression)" if t.regressed else ""
         ref, change = t.reference, t.change
         rows.append(
@@ -346,20 +344,18 @@ def render_trends(found: Sequence[Trend], metric: str, window: int, threshold: f
                 f"{t.key['temperature']:g}",
                 t.key["topic"],
                 len(t.values),
-                f"{t.values[-1]:.4g}",
-                DASH if ref is None else f"{ref:.4g}",
-                DASH if change is None else _pct(change),
+                num(t.values[-1], ".4g"),
+                num(ref, ".4g"),
+                signed_pct(change),
                 sparkline(t.values[-2 * window :]),
                 flag,
             )
         )
     header = ("machine", "model", "method", "batch", "T", "topic", "runs", "latest")
-    lines += markdown_table((*header, f"median prev {window}", "change", "trend", "step"), rows)
+    header += (f"median prev {window}", "change", "trend", "step")
+    # Names and numbers, printed exactly as the runs spell them.
+    lines += markdown_table(header, rows, one_line=False)
     return "\n".join(lines) + "\n"
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _panel(t: Trend, x0: int, y0: int, width: int, height: int) -> list[str]:
@@ -382,7 +378,7 @@ def _panel(t: Trend, x0: int, y0: int, width: int, height: int) -> list[str]:
     parts = [
         f'<rect x="{x0 + 2}" y="{y0 + 2}" width="{width - 4}" height="{height - 4}" '
         'fill="none" stroke="#ddd"/>',
-        f'<text x="{x0 + 8}" y="{y0 + 14}">{_escape(title)}</text>',
+        f'<text x="{x0 + 8}" y="{y0 + 14}">{escape(title, quote=False)}</text>',
         f'<text x="{x0 + 8}" y="{y0 + height - 8}">{low:.4g} – {high:.4g}</text>',
         '<polyline points="'
         + " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
@@ -402,7 +398,7 @@ def trend_svg(found: Sequence[Trend], metric: str, columns: int = 3) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" height="{total_h}" '
         f'viewBox="0 0 {total_w} {total_h}" font-family="sans-serif" font-size="10">',
-        f'<text x="8" y="18" font-size="14">{_escape(metric)} per run</text>',
+        f'<text x="8" y="18" font-size="14">{escape(metric, quote=False)} per run</text>',
     ]
     for n, t in enumerate(found):
         x0, y0 = (n % columns) * width, top + (n // columns) * height

@@ -9,21 +9,18 @@ top of the page.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable
 from html import escape
 from typing import Any
 
 import polars as pl
 
+from mmspec.reports.formatting import seconds
 from mmspec.reports.markdown import (
-    DASH,
     DEFINITIONS,
     ERROR_LIMIT,
-    NOT_MEASURED,
     block_rows,
     blocks,
-    energy,
-    gib,
     headline,
     merged_cells,
     method_order,
@@ -32,9 +29,22 @@ from mmspec.reports.markdown import (
 from mmspec.reports.metrics import ALL_TOPIC, RunDetails
 from mmspec.reports.paired import BASELINE
 from mmspec.reports.plots import Line, Segment, line_chart, method_colors, stacked_bars
-from mmspec.reports.viskip import HEADER as VISKIP_HEADER
+from mmspec.reports.tables import (
+    Cell,
+    CellKind,
+    Column,
+    Table,
+    breakdown_table,
+    detail_table,
+    errors_table,
+    metadata_table,
+    packages_table,
+    run_fields,
+    topic_table,
+    viskip_table,
+)
 from mmspec.reports.viskip import NOTE as VISKIP_NOTE
-from mmspec.reports.viskip import PREFIX, grouped, table_cells, viskip_rows
+from mmspec.reports.viskip import grouped, viskip_rows
 
 PHASES = [
     # (column of the merged cell frame, legend label, colour)
@@ -108,24 +118,6 @@ pre { background: #fff; border: 1px solid var(--line); padding: 10px; overflow-x
 # ---------------------------------------------------------------- small pieces
 
 
-def _num(value: float | None, spec: str, suffix: str = "") -> str:
-    return DASH if value is None else f"{value:{spec}}{suffix}"
-
-
-def _pct(value: float | None) -> str:
-    return DASH if value is None else f"{100 * value:.1f}%"
-
-
-def seconds(value: float) -> str:
-    """A duration in the unit that keeps 3 significant digits readable."""
-    magnitude = abs(value)
-    if magnitude >= 1 or magnitude == 0:
-        return f"{value:.3g} s"
-    if magnitude >= 1e-3:
-        return f"{1e3 * value:.3g} ms"
-    return f"{1e6 * value:.3g} µs"
-
-
 def _inline(text: str) -> str:
     """Escape text; `code` and **bold** from the shared markdown strings become tags."""
     out = escape(text, quote=False)
@@ -133,46 +125,85 @@ def _inline(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
 
 
-def _table(
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    caption: str = "",
-    head_classes: Sequence[str] | None = None,
-    text_columns: Sequence[int] = (0,),
-) -> str:
-    """A table from pre-rendered cells: a cell starting with "<td" is used as is. Columns in
-    `text_columns` are left-aligned (numbers are right-aligned)."""
-    classes = list(head_classes or [""] * len(header))
-    for i in text_columns:
-        classes[i] = f"{classes[i]} text".strip()
-    head = "".join(
-        f'<th class="{c}">{escape(h)}</th>' if c else f"<th>{escape(h)}</th>"
-        for h, c in zip(header, classes)
+def _method_html(cell: Cell, colors: dict[str, str]) -> str:
+    color = colors.get(cell.text, "#999")
+    return f'<span class="swatch" style="background:{color}"></span>{escape(cell.text)}'
+
+
+def _lossless_html(cell: Cell, colors: dict[str, str]) -> str:
+    if cell.value is None:
+        return cell.text
+    if cell.value < 1.0:
+        return f'<span class="fail-text">{cell.text} ✗</span>'
+    return f'<span class="ok-text">{cell.text} ✓</span>'
+
+
+def _errors_html(cell: Cell, colors: dict[str, str]) -> str:
+    # Error rows are left out of every other number: a non-zero count must catch the eye.
+    return f'<span class="fail-text">{cell.text}</span>' if cell.value else "0"
+
+
+# How a cell's text is dressed inside its <td>, by kind; a kind not listed ("plain"): the
+# text, escaped.
+_CONTENT: dict[CellKind, Callable[[Cell, dict[str, str]], str]] = {
+    "method": _method_html,
+    "count": lambda cell, _: f"{cell.value:,}",
+    "errors": _errors_html,
+    "lossless": _lossless_html,
+    "missing": lambda cell, _: f'<span class="na">{escape(cell.text)}</span>',
+    "message": lambda cell, _: escape(cell.value or "(no message)"),
+    "code": lambda cell, _: f"<code>{escape(cell.text)}</code>",
+}
+_WRAPPED = {"message", "code"}  # long free text may wrap; a number never does
+
+
+def _class_attr(flags: dict[str, bool]) -> str:
+    """` class="a b"` of the names whose flag is set, in order; "" when none is."""
+    names = " ".join(name for name, on in flags.items() if on)
+    return f' class="{names}"' if names else ""
+
+
+def _topic_td(cell: Cell, column: Column) -> str:
+    """MAT over speedup, shaded by the speedup; bold where it is the column's best."""
+    classes = _class_attr({"topic": True, "pooled": column.pooled, "best": cell.best})
+    if not cell.parts:
+        return f"<td{classes}>{cell.text}</td>"
+    mat, speedup = cell.parts
+    return (
+        f'<td{classes} style="{_speedup_shade(cell.value)}" '
+        f'title="{escape(cell.note)}"><span class="mat">{mat}</span>'
+        f'<span class="sp">{speedup}</span></td>'
     )
-    body = []
-    for row in rows:
-        cells = []
-        for i, c in enumerate(row):
-            if c.startswith("<td"):
-                cells.append(c)
-            elif i in text_columns:
-                cells.append(f'<td class="text">{c}</td>')
-            else:
-                cells.append(f"<td>{c}</td>")
-        body.append(f"<tr>{''.join(cells)}</tr>")
+
+
+def _td(cell: Cell, column: Column, colors: dict[str, str]) -> str:
+    if cell.kind == "topic":
+        return _topic_td(cell, column)
+    content = _CONTENT.get(cell.kind)
+    html = escape(cell.text) if content is None else content(cell, colors)
+    return f"<td{_class_attr({'text': column.text, 'wrap': cell.kind in _WRAPPED})}>{html}</td>"
+
+
+def _th(column: Column) -> str:
+    classes = _class_attr({"pooled": column.pooled, "text": column.text})
+    return f"<th{classes}>{escape(column.html_label or column.label)}</th>"
+
+
+def _table(table: Table, caption: str = "", colors: dict[str, str] | None = None) -> str:
+    """A report table; `caption` (HTML) goes above it, `colors` are the methods' swatches."""
+    colors = colors or {}
+    head = "".join(_th(column) for column in table.columns)
+    body = "".join(
+        "<tr>"
+        + "".join(_td(cell, column, colors) for cell, column in zip(row, table.columns))
+        + "</tr>"
+        for row in table.rows
+    )
     # A note above rather than a <caption>: a caption wraps to the table's width.
     note = f'<p class="note">{caption}</p>' if caption else ""
     return (
         f'{note}<div class="scroll"><table><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table></div>"
-    )
-
-
-def _method_cell(method: str, colors: dict[str, str]) -> str:
-    color = colors.get(method, "#999")
-    return (
-        f'<td class="text"><span class="swatch" style="background:{color}"></span>'
-        f"{escape(method)}</td>"
+        f"<tbody>{body}</tbody></table></div>"
     )
 
 
@@ -230,17 +261,6 @@ def _cards(metrics: pl.DataFrame, details: RunDetails) -> str:
 def _errors(details: RunDetails, limit: int = ERROR_LIMIT) -> str:
     if details.errors.height == 0:
         return ""
-    rows = [
-        [
-            escape(r["model"]),
-            escape(r["method"]),
-            str(r["batch_size"]),
-            f"{r['temperature']:g}",
-            f'<td class="text wrap">{escape(r["error"] or "(no message)")}</td>',
-            f"{r['rows']:,}",
-        ]
-        for r in details.errors.head(limit).iter_rows(named=True)
-    ]
     more = details.errors.height - limit
     note = (
         f'<p class="note">… and {more} more (cell, message) pairs; every cell\'s error count '
@@ -249,8 +269,7 @@ def _errors(details: RunDetails, limit: int = ERROR_LIMIT) -> str:
         else ""
     )
     caption = "Error rows by cell and message, most frequent first."
-    header = ["Model", "Method", "Batch size", "T", "Error", "Rows"]
-    table = _table(header, rows, caption, text_columns=(0, 1, 4))
+    table = _table(errors_table(details.errors.head(limit)), caption)
     return f'<section id="errors"><h2>Errors</h2>{table}{note}</section>'
 
 
@@ -362,115 +381,11 @@ def _breakdown_plot(
 
 
 def _topic_table(block: pl.DataFrame, methods: list[str], colors: dict[str, str]) -> str:
-    topics = [*sorted(set(block["topic"].to_list()) - {ALL_TOPIC}), ALL_TOPIC]
-    by_key = {(r["method"], r["topic"]): r for r in block.iter_rows(named=True)}
-    best: dict[str, float] = {}
-    for (method, topic), r in by_key.items():
-        if method != BASELINE and r["speedup_global"] is not None:
-            best[topic] = max(best.get(topic, 0.0), r["speedup_global"])
-    rows = []
-    for method in methods:
-        cells = [_method_cell(method, colors)]
-        for topic in topics:
-            r = by_key.get((method, topic))
-            classes = ["topic"] + (["pooled"] if topic == ALL_TOPIC else [])
-            if r is None:
-                cells.append(f'<td class="{" ".join(classes)}">{DASH}</td>')
-                continue
-            speedup = r["speedup_global"]
-            if method != BASELINE and speedup is not None and speedup == best.get(topic):
-                classes.append("best")
-            tip = f"{method} · {topic}: MAT {_num(r['MAT'], '.3f')}, speedup {_num(speedup, '.3f')}"
-            cells.append(
-                f'<td class="{" ".join(classes)}" style="{_speedup_shade(speedup)}" '
-                f'title="{escape(tip)}"><span class="mat">{_num(r["MAT"], ".2f")}</span>'
-                f'<span class="sp">{_num(speedup, ".2f", "×")}</span></td>'
-            )
-        rows.append(cells)
-    header = ["Method", *[("All (pooled)" if t == ALL_TOPIC else t) for t in topics]]
-    head_classes = ["", *[("pooled" if t == ALL_TOPIC else "") for t in topics]]
     caption = (
         "Each cell: MAT (accepted drafts per step, bonus excluded) over speedup (global) vs "
         "<code>ar</code>; greener is faster, bold is the fastest method of the column."
     )
-    return _table(header, rows, caption, head_classes)
-
-
-DETAIL_HEADER = [
-    "Method",
-    "Samples",
-    "Errors",
-    "MAT",
-    "MAT incl. bonus",
-    "Accept rate",
-    "Tokens/s",
-    "Speedup (global)",
-    "Speedup (paired)",
-    "Paired keys",
-    "p50 s",
-    "p90 s",
-    "p99 s",
-    "Lossless",
-    "Energy / token",
-    "Peak memory",
-]
-
-
-def _lossless(value: float | None) -> str:
-    if value is None:
-        return DASH
-    if value < 1.0:
-        return f'<span class="fail-text">{_pct(value)} ✗</span>'
-    return f'<span class="ok-text">{_pct(value)} ✓</span>'
-
-
-def _measured(text: str) -> str:
-    return f'<span class="na">{text}</span>' if text == NOT_MEASURED else escape(text)
-
-
-def _detail_table(block: pl.DataFrame, methods: list[str], colors: dict[str, str]) -> str:
-    rows = {r["method"]: r for r in block.iter_rows(named=True)}
-    out = []
-    for method in methods:
-        r = rows.get(method)
-        if r is None:
-            continue
-        errors = f'<span class="fail-text">{r["errors"]}</span>' if r["errors"] else "0"
-        out.append(
-            [
-                _method_cell(method, colors),
-                f"{r['samples']:,}",
-                errors,
-                _num(r["MAT"], ".2f"),
-                _num(r["MAT_with_bonus"], ".2f"),
-                _pct(r["accept_rate"]),
-                _num(r["tokens_per_s"], ".1f"),
-                _num(r["speedup_global"], ".2f", "×"),
-                _num(r["speedup_paired"], ".2f", "×"),
-                f"{r['paired_keys']:,}",
-                _num(r["latency_p50_s"], ".3f"),
-                _num(r["latency_p90_s"], ".3f"),
-                _num(r["latency_p99_s"], ".3f"),
-                _lossless(r["lossless"]),
-                _measured(energy(r)),
-                _measured(gib(r["peak_mem_bytes"])),
-            ]
-        )
-    return _table(DETAIL_HEADER, out, "Per method, all topics pooled.")
-
-
-def _breakdown_table(block: pl.DataFrame, methods: list[str], colors: dict[str, str]) -> str:
-    rows = {r["method"]: r for r in block.iter_rows(named=True)}
-    out = []
-    for method in methods:
-        r = rows.get(method)
-        if r is None:
-            continue
-        cells = [_method_cell(method, colors), _num(r["total_s_mean"], ".4f")]
-        cells += [_num(r[col], ".4f") for col, _, _ in PHASES]
-        out.append(cells)
-    header = ["Method", "Latency mean s", *[f"{label} s" for _, label, _ in PHASES]]
-    return _table(header, out, "Latency breakdown: mean seconds per row.")
+    return _table(topic_table(block, methods), caption, colors)
 
 
 def _model_section(
@@ -505,8 +420,10 @@ def _model_section(
         parts.append(_cdf_plot(latency, present, colors, f"Latency CDF · {label}"))
         parts.append(_breakdown_plot(cells, present, colors, f"Latency breakdown · {label}"))
         parts.append("</div>")
-        parts.append(_detail_table(cells, present, colors))
-        parts.append(_breakdown_table(cells, present, colors))
+        table = detail_table(cells, present, "html")
+        parts.append(_table(table, "Per method, all topics pooled.", colors))
+        table = breakdown_table(cells, present, "html")
+        parts.append(_table(table, "Latency breakdown: mean seconds per row.", colors))
     parts.append("</section>")
     return "\n".join(parts), toc
 
@@ -518,12 +435,8 @@ def _viskip(merged: pl.DataFrame, colors: dict[str, str]) -> str:
         return ""
     parts = ['<section id="viskip"><h2>ViSkip</h2>']
     for (model, temperature), part in grouped(rows).items():
-        body = []
-        for row in part:
-            cells = [_inline(c) for c in table_cells(row)]
-            body.append([_method_cell(PREFIX + row.method, colors), *cells[1:]])
         caption = f"{escape(model)} · T={temperature:g}. {_inline(VISKIP_NOTE)}"
-        parts.append(_table(VISKIP_HEADER, body, caption))
+        parts.append(_table(viskip_table(part), caption, colors))
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -536,41 +449,13 @@ def _legend() -> str:
 
 
 def _metadata(manifest: dict[str, Any]) -> str:
-    fields = [
-        ("Run id", manifest.get("run_id")),
-        ("Git sha", manifest.get("git_sha")),
-        ("Uncommitted changes", manifest.get("git_dirty")),
-        ("Grid sha256", manifest.get("grid_sha256")),
-        ("Workload sha256", manifest.get("workload_sha256")),
-        ("Host", manifest.get("host")),
-        ("Python", manifest.get("python")),
-        ("Platform", manifest.get("platform")),
-        ("Started at", manifest.get("started_at")),
-        ("Schema version", manifest.get("schema_version")),
-    ]
-    grid = manifest.get("grid") or {}
-    for key in ("methods", "batch_sizes", "temperatures", "max_new_tokens", "repeats", "seed"):
-        if key in grid:
-            value = grid[key]
-            text = ", ".join(map(str, value)) if isinstance(value, list) else value
-            fields.append((f"Grid {key.replace('_', ' ')}", text))
-    rows = [
-        [escape(name), f'<td class="text wrap"><code>{escape(str(value))}</code></td>']
-        if value is not None
-        else [escape(name), '<span class="na">unknown</span>']
-        for name, value in fields
-    ]
     parts = [
         '<section id="metadata"><h2>Run metadata</h2>',
-        _table(["Field", "Value"], rows, text_columns=(0, 1)),
+        _table(metadata_table(run_fields(manifest, "html"))),
     ]
-    packages = manifest.get("packages") or {}
-    if packages:
-        versions = [
-            [escape(name), escape(v) if v else '<span class="na">not installed</span>']
-            for name, v in sorted(packages.items())
-        ]
-        parts.append(_table(["Package", "Version"], versions, text_columns=(0, 1)))
+    packages = packages_table(manifest)
+    if packages is not None:
+        parts.append(_table(packages))
     if manifest.get("grid_text"):
         parts.append(
             f"<details><summary>Grid file as written</summary>"

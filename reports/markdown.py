@@ -11,13 +11,22 @@ from typing import Any
 
 import polars as pl
 
+from mmspec.reports.formatting import pct
 from mmspec.reports.metrics import ALL_TOPIC, CELL_KEYS, RunDetails
 from mmspec.reports.paired import BASELINE
-from mmspec.reports.viskip import HEADER as VISKIP_HEADER
+from mmspec.reports.tables import (
+    Table,
+    breakdown_table,
+    detail_table,
+    errors_table,
+    packages_table,
+    run_fields,
+    speedup_by_batch_table,
+    topic_table,
+    viskip_table,
+)
 from mmspec.reports.viskip import NOTE as VISKIP_NOTE
-from mmspec.reports.viskip import grouped, table_cells, viskip_rows
-
-DASH = "–"
+from mmspec.reports.viskip import grouped, viskip_rows
 
 # (term, definition) pairs: the Legend section of report.md and of report.html.
 DEFINITIONS = [
@@ -77,26 +86,27 @@ DEFINITIONS = [
 LEGEND = "## Legend\n" + "".join(f"- **{term}**: {text}\n" for term, text in DEFINITIONS)
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    if value is None:
-        return DASH
-    return f"{value:{spec}}{suffix}"
+def markdown_table(
+    header: Sequence[Any], rows: Iterable[Sequence[Any]], *, one_line: bool = True
+) -> list[str]:
+    """Lines of a Markdown table; pipes inside values are escaped. With `one_line`, runs of
+    whitespace become one space: a line break inside a value (an exception message) would
+    split the table."""
 
+    def cell(value: Any) -> str:
+        text = " ".join(str(value).split()) if one_line else str(value)
+        return text.replace("|", "\\|")
 
-def _pct(value: float | None) -> str:
-    return _fmt(None if value is None else 100 * value, ".1f", "%")
-
-
-def _cell(text: Any) -> str:
-    # A pipe or a line break inside a value (an exception message) would split the table.
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |"]
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |"]
     lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return lines
+
+
+def table_lines(table: Table) -> list[str]:
+    """A report table in Markdown: every cell's text as is."""
+    header = [column.label for column in table.columns]
+    return markdown_table(header, [[cell.text for cell in row] for row in table.rows])
 
 
 def method_order(metrics: pl.DataFrame, manifest: dict[str, Any]) -> list[str]:
@@ -128,7 +138,7 @@ def headline(metrics: pl.DataFrame) -> str:
         verdict = "**Lossless: not checked** (no greedy cell has ok samples shared with `ar`)."
     elif failed.height:
         parts = [
-            f"{_cell_label(r)}: {_pct(r['lossless'])} of {r['paired_keys']} identical"
+            f"{_cell_label(r)}: {pct(r['lossless'])} of {r['paired_keys']} identical"
             for r in failed.iter_rows(named=True)
         ]
         verdict = (
@@ -139,73 +149,6 @@ def headline(metrics: pl.DataFrame) -> str:
     if checked.height and unchecked:
         verdict += f" ({unchecked} greedy cell(s) unchecked: no ok samples shared with `ar`.)"
     return f"{verdict} {error_part}"
-
-
-def _topic_table(block: pl.DataFrame, methods: list[str]) -> list[str]:
-    topics = [*sorted(set(block["topic"].to_list()) - {ALL_TOPIC}), ALL_TOPIC]
-    by_key = {(r["method"], r["topic"]): r for r in block.iter_rows(named=True)}
-    header = ["Method", *[f"{ALL_TOPIC} (pooled)" if t == ALL_TOPIC else t for t in topics]]
-    rows = []
-    for method in methods:
-        cells = []
-        for topic in topics:
-            r = by_key.get((method, topic))
-            if r is None:
-                cells.append(DASH)
-            else:
-                cells.append(f"{_fmt(r['MAT'], '.2f')} / {_fmt(r['speedup_global'], '.2f', '×')}")
-        rows.append([method, *cells])
-    return _table(header, rows)
-
-
-DETAIL_HEADER = [
-    "Method",
-    "Samples",
-    "Errors",
-    "MAT",
-    "MAT incl. bonus",
-    "Accept rate",
-    "Tokens/s",
-    "Speedup (global)",
-    "Speedup (paired)",
-    "Paired keys",
-    "p50 s",
-    "p90 s",
-    "Lossless",
-    "Prefill s",
-    "Draft s",
-    "Verify s",
-    "Commit s",
-]
-
-
-def _detail_row(r: dict[str, Any]) -> list[str]:
-    return [
-        r["method"],
-        str(r["samples"]),
-        str(r["errors"]),
-        _fmt(r["MAT"], ".2f"),
-        _fmt(r["MAT_with_bonus"], ".2f"),
-        _pct(r["accept_rate"]),
-        _fmt(r["tokens_per_s"], ".1f"),
-        _fmt(r["speedup_global"], ".2f", "×"),
-        _fmt(r["speedup_paired"], ".2f", "×"),
-        str(r["paired_keys"]),
-        _fmt(r["latency_p50_s"], ".3f"),
-        _fmt(r["latency_p90_s"], ".3f"),
-        _pct(r["lossless"]),
-        _fmt(r["prefill_s_mean"], ".4f"),
-        _fmt(r["draft_s_mean"], ".4f"),
-        _fmt(r["verify_s_mean"], ".4f"),
-        _fmt(r["commit_s_mean"], ".4f"),
-    ]
-
-
-def _detail_table(block: pl.DataFrame, methods: list[str]) -> list[str]:
-    totals = {
-        r["method"]: r for r in block.filter(pl.col("topic") == ALL_TOPIC).iter_rows(named=True)
-    }
-    return _table(DETAIL_HEADER, [_detail_row(totals[m]) for m in methods if m in totals])
 
 
 def blocks(metrics: pl.DataFrame) -> list[tuple[str, float, int]]:
@@ -225,67 +168,10 @@ def block_rows(
     )
 
 
-def gib(value: int | None) -> str:
-    """Bytes as GiB (MiB below 1 GiB); "not measured" when missing."""
-    if value is None:
-        return NOT_MEASURED
-    if value < 2**30:
-        return f"{value / 2**20:.0f} MiB"
-    return f"{value / 2**30:.2f} GiB"
-
-
-def energy(row: dict[str, Any] | None) -> str:
-    """Energy per token in J (mJ below 1 J), with coverage when only some rows were measured."""
-    if row is None or row.get("energy_per_token_j") is None:
-        return NOT_MEASURED
-    value = row["energy_per_token_j"]
-    text = f"{value:.3f} J" if value >= 1 else f"{1000 * value:.1f} mJ"
-    if row["energy_rows"] < row["samples"]:
-        text += f" ({row['energy_rows']} of {row['samples']} rows)"
-    return text
-
-
-NOT_MEASURED = "not measured"
-BREAKDOWN_HEADER = [
-    "Method",
-    "Latency mean s",
-    "Prefill s",
-    "Draft s",
-    "Verify s",
-    "Commit s",
-    "Other s",
-    "p99 s",
-    "Energy / token",
-    "Peak memory",
-]
-
-
 def merged_cells(metrics: pl.DataFrame, details: RunDetails) -> pl.DataFrame:
     """Pooled cell metrics with the details of the same cell beside them."""
     pooled = metrics.filter(pl.col("topic") == ALL_TOPIC)
     return pooled.join(details.cells, on=CELL_KEYS, how="left")
-
-
-def _breakdown_table(block: pl.DataFrame, methods: list[str]) -> list[str]:
-    rows = {r["method"]: r for r in block.iter_rows(named=True)}
-    out = []
-    for method in methods:
-        r = rows.get(method)
-        if r is None:
-            continue
-        out.append(
-            [
-                method,
-                _fmt(r["total_s_mean"], ".4f"),
-                *[_fmt(r[f"{p}_mean"], ".4f") for p in ("prefill_s", "draft_s", "verify_s")],
-                _fmt(r["commit_s_mean"], ".4f"),
-                _fmt(r["other_s_mean"], ".4f"),
-                _fmt(r["latency_p99_s"], ".3f"),
-                energy(r),
-                gib(r["peak_mem_bytes"]),
-            ]
-        )
-    return _table(BREAKDOWN_HEADER, out)
 
 
 def _speedup_by_batch(metrics: pl.DataFrame, methods: list[str]) -> list[str]:
@@ -294,19 +180,8 @@ def _speedup_by_batch(metrics: pl.DataFrame, methods: list[str]) -> list[str]:
     for (model, temperature), part in sorted(
         pooled.partition_by("model", "temperature", as_dict=True).items()
     ):
-        sizes = sorted(set(part["batch_size"].to_list()))
-        cells = {(r["method"], r["batch_size"]): r for r in part.iter_rows(named=True)}
-        rows = []
-        for method in methods:
-            if not any((method, b) in cells for b in sizes):
-                continue
-            row = [method]
-            for b in sizes:
-                r = cells.get((method, b))
-                row.append(DASH if r is None else _fmt(r["speedup_global"], ".2f", "×"))
-            rows.append(row)
         lines += [f"{model} · T={temperature:g}:", ""]
-        lines += [*_table(["Method", *[f"batch size {b}" for b in sizes]], rows), ""]
+        lines += [*table_lines(speedup_by_batch_table(part, methods)), ""]
     return lines
 
 
@@ -317,19 +192,8 @@ def error_lines(details: RunDetails, limit: int = ERROR_LIMIT) -> list[str]:
     """The Errors section: error rows per cell and message (most frequent first)."""
     if details.errors.height == 0:
         return []
-    rows = [
-        [
-            r["model"],
-            r["method"],
-            str(r["batch_size"]),
-            f"{r['temperature']:g}",
-            r["error"],
-            str(r["rows"]),
-        ]
-        for r in details.errors.head(limit).iter_rows(named=True)
-    ]
     lines = ["## Errors", ""]
-    lines += _table(["Model", "Method", "Batch size", "T", "Error", "Rows"], rows)
+    lines += table_lines(errors_table(details.errors.head(limit)))
     if details.errors.height > limit:
         lines += ["", f"… and {details.errors.height - limit} more (cell, message) pairs."]
     return [*lines, ""]
@@ -360,15 +224,14 @@ def _sections(
         present = [m for m in methods if m in set(block["method"].to_list())]
         lines += [f"## {model} · T={temperature:g} · batch size {batch_size}", ""]
         lines += ["MAT / speedup (global) per topic:", ""]
-        lines += [*_topic_table(block, present), ""]
+        lines += [*table_lines(topic_table(block, present)), ""]
         lines += ["Per method, all topics pooled:", ""]
-        lines += [*_detail_table(block, present), ""]
+        pooled = block.filter(pl.col("topic") == ALL_TOPIC)
+        lines += [*table_lines(detail_table(pooled, present, "markdown")), ""]
         if merged is not None:
             lines += ["Latency breakdown (mean seconds per row), tail, energy and memory:", ""]
-            lines += [
-                *_breakdown_table(block_rows(merged, model, temperature, batch_size), present),
-                "",
-            ]
+            cells = block_rows(merged, model, temperature, batch_size)
+            lines += [*table_lines(breakdown_table(cells, present, "markdown")), ""]
     return lines
 
 
@@ -380,27 +243,19 @@ def viskip_lines(merged: pl.DataFrame) -> list[str]:
     lines = ["## ViSkip", "", VISKIP_NOTE, ""]
     for (model, temperature), part in grouped(rows).items():
         lines += [f"{model} · T={temperature:g}:", ""]
-        lines += [*_table(VISKIP_HEADER, [table_cells(r) for r in part]), ""]
+        lines += [*table_lines(viskip_table(part)), ""]
     return lines
 
 
 def _metadata(manifest: dict[str, Any]) -> list[str]:
-    fields = [
-        ("Run id", manifest.get("run_id")),
-        ("Git sha", manifest.get("git_sha")),
-        ("Uncommitted changes", manifest.get("git_dirty")),
-        ("Grid sha256", manifest.get("grid_sha256")),
-        ("Workload sha256", manifest.get("workload_sha256")),
-        ("Host", manifest.get("host")),
-        ("Python", manifest.get("python")),
-        ("Started at", manifest.get("started_at")),
-    ]
     lines = ["## Run metadata", ""]
-    lines += [f"- {name}: `{value if value is not None else 'unknown'}`" for name, value in fields]
-    packages = manifest.get("packages") or {}
-    if packages:
-        versions = [(name, v or "not installed") for name, v in sorted(packages.items())]
-        lines += ["", *_table(["Package", "Version"], versions)]
+    lines += [
+        f"- {name}: `{value if value is not None else 'unknown'}`"
+        for name, value in run_fields(manifest, "markdown")
+    ]
+    packages = packages_table(manifest)
+    if packages is not None:
+        lines += ["", *table_lines(packages)]
     return [*lines, ""]
 
 

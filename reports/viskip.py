@@ -3,7 +3,7 @@
 ViSkip only decides, step by step, whether X drafts; so the question a reader has is what
 skipping changed against X itself (same model, batch size and temperature): how many steps
 were skipped, what that cost in accepted tokens, and what it saved in draft time and
-wall-clock. Both report formats render the rows built here.
+wall-clock. `tables.viskip_table` lays the rows built here out for both report formats.
 """
 
 from __future__ import annotations
@@ -14,18 +14,6 @@ from typing import Any
 import polars as pl
 
 from mmspec.results.ids import VISKIP_PREFIX as PREFIX
-
-HEADER = [
-    "Method",
-    "Batch size",
-    "Skipped steps",
-    "MAT",
-    "Draft s / row",
-    "Verify s / row",
-    "Latency p50",
-    "Speedup vs ar",
-    "ViSkip vs method",
-]
 
 NOTE = (
     "Each `viskip+X` cell against X (same model, batch size, temperature): X → viskip+X. "
@@ -72,30 +60,6 @@ def viskip_rows(merged: pl.DataFrame) -> list[ViSkipRow]:
         if base is not None:
             rows.append(ViSkipRow(model, temperature, batch_size, inner, base, skip))
     return sorted(rows, key=lambda r: (r.model, r.temperature, r.method, r.batch_size))
-
-
-def _pair(base: float | None, skip: float | None, fmt: str, suffix: str = "") -> str:
-    def one(v: float | None) -> str:
-        return "–" if v is None else f"{v:{fmt}}{suffix}"
-
-    return f"{one(base)} → {one(skip)}"
-
-
-def table_cells(row: ViSkipRow) -> list[str]:
-    """One row of the section's table, as text (markdown and HTML both use it)."""
-    share, ratio = row.skipped_share, row.throughput_ratio
-    b, s = row.base, row.skip
-    return [
-        PREFIX + row.method,
-        str(row.batch_size),
-        "–" if share is None else f"{100 * share:.1f}%",
-        _pair(b.get("MAT"), s.get("MAT"), ".2f"),
-        _pair(b.get("draft_s_mean"), s.get("draft_s_mean"), ".4f"),
-        _pair(b.get("verify_s_mean"), s.get("verify_s_mean"), ".4f"),
-        _pair(b.get("latency_p50_s"), s.get("latency_p50_s"), ".3f", " s"),
-        _pair(b.get("speedup_global"), s.get("speedup_global"), ".2f", "×"),
-        "–" if ratio is None else f"{ratio:.2f}×",
-    ]
 
 
 def grouped(rows: list[ViSkipRow]) -> dict[tuple[str, float], list[ViSkipRow]]:

@@ -1,0 +1,358 @@
+"""What each table of report.md and report.html holds, built once from the cell metrics.
+
+A `Table` is plain data: columns, and rows of cells. A cell carries its text as report.md prints
+it, plus what report.html needs to dress it (what kind of value it is, the value itself, a
+tooltip), so `markdown.py` and `html.py` only render. Where the two reports split the same
+numbers differently between tables, the column lists below say which format shows what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import polars as pl
+
+from mmspec.reports.formatting import (
+    DASH,
+    NOT_MEASURED,
+    energy_per_token,
+    gib,
+    num,
+    pct,
+    transition,
+)
+from mmspec.reports.metrics import ALL_TOPIC
+from mmspec.reports.paired import BASELINE
+from mmspec.reports.viskip import PREFIX, ViSkipRow
+
+Format = Literal["markdown", "html"]
+Row = dict[str, Any]
+
+# What a cell holds, for report.html to dress it (report.md prints every cell's text as is):
+#   plain     text as is
+#   method    a method name (the page puts the method's colour swatch before it)
+#   count     an integer (the page adds thousands separators)
+#   errors    an error-row count (the page marks a non-zero count)
+#   lossless  a lossless share (the page marks a pass or a failure)
+#   missing   a placeholder for a value that does not exist ("not measured")
+#   message   free text, `value` holding it raw (the page wraps long lines)
+#   code      a literal such as a hash or a path (the page sets it as code and wraps it)
+#   topic     MAT and speedup of a (method, topic), `parts` holding each text apart
+CellKind = Literal[
+    "plain", "method", "count", "errors", "lossless", "missing", "message", "code", "topic"
+]
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table's column: its header and how the page aligns and sets it apart."""
+
+    label: str  # the header, as report.md prints it
+    html_label: str = ""  # the page's wording, where it differs from report.md's
+    text: bool = False  # words, left-aligned on the page (numbers are right-aligned)
+    pooled: bool = False  # the all-topics column, set apart on the page
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell: its text, and what the page may dress it by."""
+
+    text: str  # as report.md prints it
+    kind: CellKind = "plain"
+    value: Any = None  # the datum behind `text`: a number the page shades or flags, raw text
+    parts: tuple[str, ...] = ()  # `text` in pieces the page lays out apart
+    note: str = ""  # more precise numbers than `text`, for a tooltip
+    best: bool = False  # the best value of its column
+
+
+@dataclass(frozen=True)
+class Table:
+    """A report table: `rows` hold one Cell per column."""
+
+    columns: list[Column]
+    rows: list[list[Cell]] = field(default_factory=list)
+
+
+METHOD = Column("Method", text=True)
+
+
+def _method(name: str) -> Cell:
+    return Cell(name, "method")
+
+
+def _count(value: int) -> Cell:
+    return Cell(str(value), "count", value)
+
+
+# ---------------------------------------------------------------- MAT / speedup per topic
+
+
+def _best_speedups(by_key: dict[tuple[str, str], Row]) -> dict[str, float]:
+    """The fastest method's speedup per topic (`ar` itself is not a contender)."""
+    best: dict[str, float] = {}
+    for (method, topic), r in by_key.items():
+        if method != BASELINE and r["speedup_global"] is not None:
+            best[topic] = max(best.get(topic, 0.0), r["speedup_global"])
+    return best
+
+
+def _topic_cell(method: str, topic: str, r: Row | None, best: float | None) -> Cell:
+    if r is None:
+        return Cell(DASH, "topic")
+    mat, speedup = r["MAT"], r["speedup_global"]
+    parts = (num(mat, ".2f"), num(speedup, ".2f", "×"))
+    return Cell(
+        " / ".join(parts),
+        "topic",
+        value=speedup,
+        parts=parts,
+        note=f"{method} · {topic}: MAT {num(mat, '.3f')}, speedup {num(speedup, '.3f')}",
+        best=method != BASELINE and speedup is not None and speedup == best,
+    )
+
+
+def topic_table(block: pl.DataFrame, methods: Sequence[str]) -> Table:
+    """One block's MAT and speedup (global) per method and topic, the pooled topic last."""
+    topics = [*sorted(set(block["topic"].to_list()) - {ALL_TOPIC}), ALL_TOPIC]
+    by_key = {(r["method"], r["topic"]): r for r in block.iter_rows(named=True)}
+    best = _best_speedups(by_key)
+    pooled = Column(f"{ALL_TOPIC} (pooled)", html_label="All (pooled)", pooled=True)
+    columns = [METHOD, *[pooled if t == ALL_TOPIC else Column(t) for t in topics]]
+    rows = [
+        [
+            _method(method),
+            *[_topic_cell(method, t, by_key.get((method, t)), best.get(t)) for t in topics],
+        ]
+        for method in methods
+    ]
+    return Table(columns, rows)
+
+
+# ---------------------------------------------------------------- per-method pooled numbers
+
+
+def _number(column: str, spec: str, suffix: str = "") -> Callable[[Row], Cell]:
+    return lambda r: Cell(num(r[column], spec, suffix))
+
+
+def _measured(text: str) -> Cell:
+    return Cell(text, "missing" if text == NOT_MEASURED else "plain")
+
+
+# Every column the per-method tables can show: key -> (header, the cell of a pooled cell row).
+# Keys name the metric column they read, where there is one.
+POOLED_COLUMNS: dict[str, tuple[Column, Callable[[Row], Cell]]] = {
+    "method": (METHOD, lambda r: _method(r["method"])),
+    "samples": (Column("Samples"), lambda r: _count(r["samples"])),
+    "errors": (Column("Errors"), lambda r: Cell(str(r["errors"]), "errors", r["errors"])),
+    "MAT": (Column("MAT"), _number("MAT", ".2f")),
+    "MAT_with_bonus": (Column("MAT incl. bonus"), _number("MAT_with_bonus", ".2f")),
+    "accept_rate": (Column("Accept rate"), lambda r: Cell(pct(r["accept_rate"]))),
+    "tokens_per_s": (Column("Tokens/s"), _number("tokens_per_s", ".1f")),
+    "speedup_global": (Column("Speedup (global)"), _number("speedup_global", ".2f", "×")),
+    "speedup_paired": (Column("Speedup (paired)"), _number("speedup_paired", ".2f", "×")),
+    "paired_keys": (Column("Paired keys"), lambda r: _count(r["paired_keys"])),
+    "latency_p50_s": (Column("p50 s"), _number("latency_p50_s", ".3f")),
+    "latency_p90_s": (Column("p90 s"), _number("latency_p90_s", ".3f")),
+    "latency_p99_s": (Column("p99 s"), _number("latency_p99_s", ".3f")),
+    "lossless": (
+        Column("Lossless"),
+        lambda r: Cell(pct(r["lossless"]), "lossless", r["lossless"]),
+    ),
+    "total_s_mean": (Column("Latency mean s"), _number("total_s_mean", ".4f")),
+    "prefill_s_mean": (Column("Prefill s", "prefill s"), _number("prefill_s_mean", ".4f")),
+    "draft_s_mean": (Column("Draft s", "draft s"), _number("draft_s_mean", ".4f")),
+    "verify_s_mean": (Column("Verify s", "verify s"), _number("verify_s_mean", ".4f")),
+    "commit_s_mean": (Column("Commit s", "commit s"), _number("commit_s_mean", ".4f")),
+    "other_s_mean": (Column("Other s", "other s"), _number("other_s_mean", ".4f")),
+    "energy": (Column("Energy / token"), lambda r: _measured(energy_per_token(r))),
+    "peak_mem_bytes": (Column("Peak memory"), lambda r: _measured(gib(r["peak_mem_bytes"]))),
+}
+
+_COUNTS_AND_SPEED = (
+    "method",
+    "samples",
+    "errors",
+    "MAT",
+    "MAT_with_bonus",
+    "accept_rate",
+    "tokens_per_s",
+    "speedup_global",
+    "speedup_paired",
+    "paired_keys",
+    "latency_p50_s",
+    "latency_p90_s",
+)
+_PHASES = ("prefill_s_mean", "draft_s_mean", "verify_s_mean", "commit_s_mean")
+_TAIL_ENERGY_MEMORY = ("latency_p99_s", "energy", "peak_mem_bytes")
+
+# report.md's per-method table ends on the phase means and its breakdown table on the tail,
+# energy and memory; the page puts the phases beside its breakdown chart and the rest in the
+# per-method table instead.
+DETAIL_COLUMNS: dict[Format, tuple[str, ...]] = {
+    "markdown": (*_COUNTS_AND_SPEED, "lossless", *_PHASES),
+    "html": (*_COUNTS_AND_SPEED, "latency_p99_s", "lossless", "energy", "peak_mem_bytes"),
+}
+BREAKDOWN_COLUMNS: dict[Format, tuple[str, ...]] = {
+    "markdown": ("method", "total_s_mean", *_PHASES, "other_s_mean", *_TAIL_ENERGY_MEMORY),
+    "html": ("method", "total_s_mean", *_PHASES, "other_s_mean"),
+}
+
+
+def _in_method_order(cells: pl.DataFrame, methods: Sequence[str]) -> list[Row]:
+    by_method = {r["method"]: r for r in cells.iter_rows(named=True)}
+    return [by_method[m] for m in methods if m in by_method]
+
+
+def pooled_table(cells: pl.DataFrame, methods: Sequence[str], keys: Sequence[str]) -> Table:
+    """One row per method of `cells` (pooled cells of one block), the columns `keys` of
+    POOLED_COLUMNS."""
+    chosen = [POOLED_COLUMNS[k] for k in keys]
+    rows = [[cell(r) for _, cell in chosen] for r in _in_method_order(cells, methods)]
+    return Table([column for column, _ in chosen], rows)
+
+
+def detail_table(cells: pl.DataFrame, methods: Sequence[str], fmt: Format) -> Table:
+    """Per method, all topics pooled: counts, MAT, speed, latency, lossless."""
+    return pooled_table(cells, methods, DETAIL_COLUMNS[fmt])
+
+
+def breakdown_table(cells: pl.DataFrame, methods: Sequence[str], fmt: Format) -> Table:
+    """Per method: mean seconds per row of each phase (`cells` merged with the run details)."""
+    return pooled_table(cells, methods, BREAKDOWN_COLUMNS[fmt])
+
+
+def speedup_by_batch_table(pooled: pl.DataFrame, methods: Sequence[str]) -> Table:
+    """Speedup (global) per method and batch size; `pooled` is one (model, temperature)."""
+    sizes = sorted(set(pooled["batch_size"].to_list()))
+    by_key = {(r["method"], r["batch_size"]): r for r in pooled.iter_rows(named=True)}
+    rows = []
+    for method in methods:
+        found = [by_key.get((method, b)) for b in sizes]
+        if any(r is not None for r in found):
+            speedups = [None if r is None else r["speedup_global"] for r in found]
+            rows.append([_method(method), *[Cell(num(s, ".2f", "×")) for s in speedups]])
+    return Table([METHOD, *[Column(f"batch size {b}") for b in sizes]], rows)
+
+
+# ---------------------------------------------------------------- ViSkip
+
+
+VISKIP_COLUMNS = [
+    METHOD,
+    Column("Batch size"),
+    Column("Skipped steps"),
+    Column("MAT"),
+    Column("Draft s / row"),
+    Column("Verify s / row"),
+    Column("Latency p50"),
+    Column("Speedup vs ar"),
+    Column("ViSkip vs method"),
+]
+
+
+def _viskip_cells(row: ViSkipRow) -> list[Cell]:
+    base, skip = row.base, row.skip
+
+    def change(column: str, spec: str, suffix: str = "") -> Cell:
+        return Cell(transition(base.get(column), skip.get(column), spec, suffix))
+
+    return [
+        _method(PREFIX + row.method),
+        Cell(str(row.batch_size)),
+        Cell(pct(row.skipped_share)),
+        change("MAT", ".2f"),
+        change("draft_s_mean", ".4f"),
+        change("verify_s_mean", ".4f"),
+        change("latency_p50_s", ".3f", " s"),
+        change("speedup_global", ".2f", "×"),
+        Cell(num(row.throughput_ratio, ".2f", "×")),
+    ]
+
+
+def viskip_table(rows: Sequence[ViSkipRow]) -> Table:
+    """Each `viskip+X` cell against X: X → viskip+X per metric."""
+    return Table(VISKIP_COLUMNS, [_viskip_cells(r) for r in rows])
+
+
+# ---------------------------------------------------------------- errors and run metadata
+
+
+def errors_table(errors: pl.DataFrame) -> Table:
+    """Error rows per (cell, message), in the order of `errors` (run_details().errors)."""
+    columns = [
+        Column("Model", text=True),
+        Column("Method", text=True),
+        Column("Batch size"),
+        Column("T"),
+        Column("Error", text=True),
+        Column("Rows"),
+    ]
+    rows = [
+        [
+            Cell(r["model"]),
+            Cell(r["method"]),
+            Cell(str(r["batch_size"])),
+            Cell(f"{r['temperature']:g}"),
+            Cell(str(r["error"]), "message", r["error"]),
+            _count(r["rows"]),
+        ]
+        for r in errors.iter_rows(named=True)
+    ]
+    return Table(columns, rows)
+
+
+# (label, manifest key, in report.md too): report.md lists the fields that tell runs apart,
+# the page every one.
+_RUN_FIELDS = [
+    ("Run id", "run_id", True),
+    ("Git sha", "git_sha", True),
+    ("Uncommitted changes", "git_dirty", True),
+    ("Grid sha256", "grid_sha256", True),
+    ("Workload sha256", "workload_sha256", True),
+    ("Host", "host", True),
+    ("Python", "python", True),
+    ("Platform", "platform", False),
+    ("Started at", "started_at", True),
+    ("Schema version", "schema_version", False),
+]
+_GRID_FIELDS = ("methods", "batch_sizes", "temperatures", "max_new_tokens", "repeats", "seed")
+
+
+def run_fields(manifest: dict[str, Any], fmt: Format) -> list[tuple[str, Any]]:
+    """(label, value) of the run's metadata; None where the manifest lacks it."""
+    fields = [
+        (label, manifest.get(key))
+        for label, key, in_markdown in _RUN_FIELDS
+        if in_markdown or fmt == "html"
+    ]
+    if fmt == "html":
+        grid = manifest.get("grid") or {}
+        for key in (k for k in _GRID_FIELDS if k in grid):
+            value = grid[key]
+            text = ", ".join(map(str, value)) if isinstance(value, list) else value
+            fields.append((f"Grid {key.replace('_', ' ')}", text))
+    return fields
+
+
+def metadata_table(fields: Sequence[tuple[str, Any]]) -> Table:
+    """run_fields() as a two-column table."""
+    rows = [
+        [Cell(name), Cell("unknown", "missing") if value is None else Cell(str(value), "code")]
+        for name, value in fields
+    ]
+    return Table([Column("Field", text=True), Column("Value", text=True)], rows)
+
+
+def packages_table(manifest: dict[str, Any]) -> Table | None:
+    """The versions of the packages the run recorded; None when it recorded none."""
+    packages = manifest.get("packages") or {}
+    if not packages:
+        return None
+    rows = [
+        [Cell(name), Cell(version) if version else Cell("not installed", "missing")]
+        for name, version in sorted(packages.items())
+    ]
+    return Table([Column("Package", text=True), Column("Version", text=True)], rows)
