@@ -85,14 +85,14 @@ def load_target(
     never reaches the network; only a hub id the user wrote may download. `prompt_style`
     (models/prompting.py) defaults to MMSpec's setup, the tiny zoo's to its chat template.
     """
-    style = default_prompt_style(model_id) if prompt_style is None else prompt_style
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model {model_id}: dtype {dtype!r} not one of {sorted(DTYPES)}")
+    source, local = resolve_model_source(model_id)
+    style = default_prompt_style(model_id, source) if prompt_style is None else prompt_style
     try:
         check_prompt_style(style)
     except ValueError as exc:
         raise ModelLoadError(f"model {model_id}: {exc}") from None
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"model {model_id}: dtype {dtype!r} not one of {sorted(DTYPES)}")
-    source, local = resolve_model_source(model_id)
     model_type = _model_type(source, local, revision)
     if model_type not in MODEL_TYPES:
         raise ModelLoadError(

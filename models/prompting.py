@@ -11,9 +11,11 @@ helpful assistant.". The tiny zoo was trained and measured that way, so it is th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mmspec.models.registry import REGISTRY
+from mmspec.models.tiny import is_tiny_checkpoint
 
 PROMPT_STYLES = ("mmspec", "chat_template")
 MMSPEC_SYSTEM = (
@@ -23,10 +25,15 @@ MMSPEC_SYSTEM = (
 MMSPEC_QWEN_PIXELS = {"min_pixels": 256 * 28 * 28, "max_pixels": 1280 * 28 * 28}
 
 
-def default_prompt_style(model_id: str) -> str:
-    """`chat_template` for the tiny zoo (what it was trained on), `mmspec` for the rest."""
+def default_prompt_style(model_id: str, source: str | Path | None = None) -> str:
+    """`chat_template` for the tiny models (what they were trained on), by registry name or
+    at their own folders (the zoo, the untrained builds); `mmspec` for every other model."""
     entry = REGISTRY.get(model_id)
-    return "chat_template" if entry is not None and entry.source == "tiny" else "mmspec"
+    if entry is not None and entry.source == "tiny":
+        return "chat_template"
+    if any(is_tiny_checkpoint(Path(p)) for p in (model_id, source) if p is not None):
+        return "chat_template"
+    return "mmspec"
 
 
 def check_prompt_style(style: str) -> None:

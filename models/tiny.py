@@ -331,6 +331,16 @@ def tiny_init_path(name: str) -> Path:
     return final
 
 
+def is_tiny_checkpoint(path: Path) -> bool:
+    """Whether `path` is one of the tiny models' folders: the zoo or an untrained build."""
+    try:
+        resolved = path.expanduser().resolve()
+    except OSError:
+        return False
+    homes = (ZOO_DIR.resolve(), (cache_root() / "models").resolve())
+    return resolved.is_dir() and any(resolved.is_relative_to(home) for home in homes)
+
+
 def tiny_model_path(name: str) -> Path:
     """The trained checkpoint of `name`, committed under models/zoo/; never trained here."""
     _check_name(name)

@@ -16,7 +16,7 @@ from mmspec.models.prompting import (
     default_prompt_style,
     qwen_image_processor_kwargs,
 )
-from mmspec.models.tiny import tiny_model_path
+from mmspec.models.tiny import tiny_init_path, tiny_model_path
 from mmspec.orchestrator.grid import GridError, parse_grid, to_dict
 
 CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}]
@@ -30,6 +30,9 @@ def test_defaults_per_model() -> None:
     # the tiny zoo was trained and measured on its own chat template
     assert default_prompt_style("tiny-qwen2.5-vl") == "chat_template"
     assert default_prompt_style("tiny-llava") == "chat_template"
+    # also where they are loaded by path: the zoo and the untrained builds
+    assert default_prompt_style(str(tiny_model_path("tiny-llava"))) == "chat_template"
+    assert default_prompt_style(str(tiny_init_path("tiny-llava"))) == "chat_template"
 
 
 def test_qwen_pixel_bounds_follow_mmspecs_path_test() -> None:
