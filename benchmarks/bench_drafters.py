@@ -39,7 +39,7 @@ from mmspec.methods.registry import get_drafter
 from mmspec.models.loader import load_target
 from mmspec.models.target import Target
 from mmspec.orchestrator.runner import conversation
-from mmspec.training.train_tiny import GROUNDED, TEMPLATE, answer_token_spans, token_kind
+from mmspec.training.encoding import GROUNDED, TEMPLATE, answer_token_spans, token_kind
 from mmspec.workloads.sample import TOPICS
 from mmspec.workloads.synthetic import SyntheticItem, synthetic_items
 

@@ -32,8 +32,8 @@ from mmspec.models.loader import load_target, resolve_model_source
 from mmspec.models.target import Target
 from mmspec.models.tiny import BUILDERS, tiny_init_path
 from mmspec.orchestrator.runner import conversation
+from mmspec.training.evaluation import SHORT_ANSWER_TOPICS, first_answers
 from mmspec.training.grounding import answer_token_scores, pooled, roc_auc
-from mmspec.training.train_tiny import SHORT_ANSWER_TOPICS, first_answers
 from mmspec.workloads.sample import TOPICS
 from mmspec.workloads.synthetic import SyntheticItem, synthetic_items, synthetic_scenes
 

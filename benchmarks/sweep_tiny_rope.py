@@ -1,6 +1,6 @@
 """Which text RoPE lets the tiny Qwen2.5-VL tell image rows and columns apart (issue 5).
 
-Trains the zoo's tiny-qwen2.5-vl recipe (`train_tiny.recipe`, unchanged) from its untrained
+Trains the zoo's tiny-qwen2.5-vl recipe (`tiny_config.recipe`, unchanged) from its untrained
 build with only the language model's `rope_theta` / `mrope_section` changed, several variants
 side by side (one process and one data worker each), and scores each on the eval split: exact
 match on general vqa and text vqa, and per general-vqa question kind (colour at a position,
@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmspec.models.tiny import tiny_init_path
-from mmspec.training.train_tiny import first_answers, recipe, train_stages
+from mmspec.training.evaluation import first_answers
+from mmspec.training.tiny_config import recipe
+from mmspec.training.train_loop import train_stages
 from mmspec.workloads.synthetic import SyntheticItem, synthetic_items
 
 MODEL = "tiny-qwen2.5-vl"

@@ -12,15 +12,10 @@ import torch
 from mmspec.models.loader import load_target
 from mmspec.models.tiny import BUILDERS, ZOO_DIR, tiny_init_path, tiny_model_path
 from mmspec.orchestrator.runner import conversation
-from mmspec.training.train_tiny import (
-    GROUNDED,
-    NO_LOSS,
-    Encoder,
-    TrainConfig,
-    eval_accuracy,
-    train,
-    training_messages,
-)
+from mmspec.training.encoding import GROUNDED, NO_LOSS, Encoder, training_messages
+from mmspec.training.evaluation import eval_accuracy
+from mmspec.training.tiny_config import TrainConfig
+from mmspec.training.train_loop import train
 from mmspec.workloads.synthetic import synthetic_items
 
 MODELS = sorted(BUILDERS)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mmspec.models.target import Target
-from mmspec.training.train_tiny import training_messages
+from mmspec.training.encoding import training_messages
 from mmspec.workloads.sample import TOPICS
 from mmspec.workloads.synthetic import Scene, synthetic_scenes
 

@@ -16,7 +16,7 @@ import torch
 
 from mmspec.models.target import Target
 from mmspec.models.vision_probe import VisionProbe
-from mmspec.training.train_tiny import GROUNDED, TEMPLATE, Encoder
+from mmspec.training.encoding import GROUNDED, TEMPLATE, Encoder
 from mmspec.workloads.synthetic import SyntheticItem
 
 KINDS = {GROUNDED: "grounded", TEMPLATE: "template"}

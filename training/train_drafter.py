@@ -37,6 +37,7 @@ from mmspec.methods.head_config import DraftConfig, save_head
 from mmspec.methods.head_training import TeacherBatch
 from mmspec.models.feature_taps import EMBEDS, FeatureTap
 from mmspec.models.target import Target
+from mmspec.training.batching import pack_by_length
 from mmspec.training.distill import (
     DistillConfig,
     Record,
@@ -45,14 +46,8 @@ from mmspec.training.distill import (
     load_records,
     save_records,
 )
-from mmspec.training.train_tiny import (
-    NO_LOSS,
-    Encoder,
-    Example,
-    pack_by_length,
-    torch_threads,
-    warmup_cosine,
-)
+from mmspec.training.encoding import NO_LOSS, Encoder, Example
+from mmspec.training.train_loop import torch_threads, warmup_cosine
 
 log = logging.getLogger(__name__)
 
