@@ -70,7 +70,7 @@ def token_roles(target: Target, item: SyntheticItem, tokens: list[int]) -> list[
     return [token_kind(s, target.tokenizer.decode([t]), grounded) for s, t in zip(spans, body)]
 
 
-DYNAMIC_TREE = ("eagle2", "eagle3", "vispec", "msd")
+DYNAMIC_TREE = ("eagle", "eagle2", "eagle3", "vispec", "msd")
 
 
 def run(

@@ -9,9 +9,15 @@ target's last hidden state after its final norm, the LM head's input - and one d
 that into tokens. Deeper tree levels feed the head's own outputs back as features. Prompt
 image slots are embedded with the projected image features the target saw.
 
-EAGLE-1 drafts a fixed tree (`EAGLE_TREE`, the reference's 25-node "mc_sim_7b_63"): the
-node (c1, c2, ...) is the c1-th likeliest token after the root, then the c2-th likeliest
-after that, and so on. EAGLE-2 (eagle2.py) runs the same weights with a dynamic tree.
+Which tree it drafts (`tree`):
+- `dynamic` (the default; MMSpec's `method/eagle/cnets.py` `topK_genrate`): MMSpec's "EAGLE"
+  is EAGLE-2's dynamic tree without a confidence threshold (its check is commented out, and
+  the static choice list it defines is never used), with depth 3, top_k 8, total_token 30 as
+  its scripts pass them - so results compare with the paper's EAGLE row.
+- `static`: the EAGLE-1 paper's fixed tree (`EAGLE_TREE`, the reference's 25-node
+  "mc_sim_7b_63"): the node (c1, c2, ...) is the c1-th likeliest token after the root, then
+  the c2-th likeliest after that, and so on; or an explicit list of such choice paths.
+EAGLE-2 (eagle2.py) runs the same weights with MMSpec's confidence threshold.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmspec.methods.dynamic_tree import DynamicTreeDrafter
 from mmspec.methods.head_config import DraftConfig, decoder_layer, rotary
-from mmspec.methods.head_drafter import HeadDrafter
 from mmspec.methods.head_training import TeacherBatch, eagle_loss
 from mmspec.methods.registry import register
 from mmspec.methods.tree import DraftTree
@@ -108,14 +114,28 @@ class EagleHead(nn.Module):
 
 
 @register("eagle")
-class Eagle(HeadDrafter):
+class Eagle(DynamicTreeDrafter):
     head_cls = EagleHead
 
     def __init__(
-        self, checkpoint: str | None = None, tree: Sequence[Sequence[int]] = EAGLE_TREE
+        self,
+        checkpoint: str | None = None,
+        tree: str | Sequence[Sequence[int]] = "dynamic",
+        depth: int = 3,
+        top_k: int = 8,
+        total_token: int = 30,
     ) -> None:
-        super().__init__(checkpoint)
-        self.tree = [tuple(int(c) for c in path) for path in tree]
+        super().__init__(checkpoint, depth, top_k, total_token)
+        # None: the dynamic tree; else the static tree's choice paths
+        self.choices: list[tuple[int, ...]] | None
+        if isinstance(tree, str):
+            if tree not in ("dynamic", "static"):
+                raise ValueError(f"eagle tree must be dynamic, static or a list of paths: {tree!r}")
+            self.choices = None if tree == "dynamic" else [tuple(p) for p in EAGLE_TREE]
+        else:
+            self.choices = [tuple(int(c) for c in path) for path in tree]
 
     def grow(self, search: TreeSearch, logp: torch.Tensor, hidden: torch.Tensor) -> list[DraftTree]:
-        return search.static(logp, hidden, self.tree)
+        if self.choices is None:
+            return super().grow(search, logp, hidden)
+        return search.static(logp, hidden, self.choices)

@@ -277,6 +277,29 @@ def test_steps_without_drafting_leave_no_gap_in_the_head(targets, samples, tmp_p
 # ---- checkpoints --------------------------------------------------------------------------------
 
 
+def test_eagle_drafts_mmspecs_dynamic_tree_by_default() -> None:
+    """MMSpec's EAGLE (`method/eagle/cnets.py` `topK_genrate`, `scripts/*/eval_eagle_mmspec.sh`)
+    is the dynamic tree at depth 3, top_k 8, total_token 30, no confidence threshold; the
+    EAGLE-1 paper's static 25-node tree is an option."""
+    fake = _FakeHead()
+    root = torch.log_softmax(torch.randn(2, 12, generator=torch.Generator().manual_seed(2)), -1)
+    eagle = get_drafter("eagle")()
+    assert (eagle.depth, eagle.top_k, eagle.total_token, eagle.choices) == (3, 8, 30, None)
+    small = get_drafter("eagle")(depth=3, top_k=3, total_token=10)
+    assert small.grow(_search(fake), root, torch.zeros(2, 4)) == _search(fake).dynamic(
+        root, torch.zeros(2, 4), depth=3, top_k=3, total_token=10
+    )
+    static = get_drafter("eagle")(tree="static")
+    trees = static.grow(_search(fake), root, torch.zeros(2, 4))
+    assert [len(t) for t in trees] == [25, 25]
+    paths = [(0,), (1,), (0, 0)]
+    assert (
+        len(get_drafter("eagle")(tree=paths).grow(_search(fake), root, torch.zeros(2, 4))[0]) == 3
+    )
+    with pytest.raises(ValueError, match="eagle tree must be dynamic, static or a list of paths"):
+        get_drafter("eagle")(tree="wide")
+
+
 def test_a_missing_zoo_head_says_how_to_train_one(targets) -> None:
     target = targets["tiny-llava"]
     saved = target.name
