@@ -53,7 +53,7 @@ def check_checkpoint_arg(checkpoint: Any) -> str | None:
 
 def checkpoint_dir(weights: str, target_name: str) -> Path:
     """Where the project's trained head `weights` for a zoo target lives."""
-    from mmspec.models.tiny import ZOO_DIR
+    from mmspec.models.zoo_paths import ZOO_DIR
 
     return ZOO_DIR / "drafters" / Path(target_name).name / weights
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mmspec.models.registry import REGISTRY
-from mmspec.models.tiny import is_tiny_checkpoint
+from mmspec.models.zoo_paths import is_tiny_checkpoint
 
 PROMPT_STYLES = ("mmspec", "chat_template")
 MMSPEC_SYSTEM = (

@@ -35,6 +35,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from mmspec.models.zoo_paths import ZOO_DIR, cache_root
 from mmspec.workloads.sample import TOPICS
 from mmspec.workloads.synthetic import synthetic_scenes
 
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 TINY_VERSION = 5
 SEED = 1234
 VOCAB_SIZE = 1024
-ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 RETRAIN_COMMAND = "python -m mmspec.training.train_tiny --model all"
 
 QWEN_SPECIALS = [
@@ -300,10 +300,6 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("MMSPEC_HOME", Path.home() / ".cache" / "mmspec"))
-
-
 def _check_name(name: str) -> None:
     if name not in BUILDERS:
         raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(sorted(BUILDERS))}")
@@ -329,16 +325,6 @@ def tiny_init_path(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def is_tiny_checkpoint(path: Path) -> bool:
-    """Whether `path` is one of the tiny models' folders: the zoo or an untrained build."""
-    try:
-        resolved = path.expanduser().resolve()
-    except OSError:
-        return False
-    homes = (ZOO_DIR.resolve(), (cache_root() / "models").resolve())
-    return resolved.is_dir() and any(resolved.is_relative_to(home) for home in homes)
 
 
 def tiny_model_path(name: str) -> Path:

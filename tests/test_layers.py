@@ -103,7 +103,14 @@ def test_relative_imports_resolve_to_their_layer() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["mmspec.orchestrator.scheduler", "mmspec.reports", "mmspec.results.layout"]
+    "module",
+    [
+        "mmspec.orchestrator.scheduler",
+        "mmspec.orchestrator.grid",
+        "mmspec.models.prompting",
+        "mmspec.reports",
+        "mmspec.results.layout",
+    ],
 )
 def test_driver_side_modules_start_without_torch(module: str) -> None:
     """The scheduler builds the runner (torch, transformers) only inside a worker; reports and

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mmspec.models.loader import load_target
-from mmspec.models.tiny import BUILDERS, ZOO_DIR, tiny_init_path, tiny_model_path
+from mmspec.models.tiny import BUILDERS, tiny_init_path, tiny_model_path
+from mmspec.models.zoo_paths import ZOO_DIR
 from mmspec.orchestrator.runner import conversation
 from mmspec.training.encoding import GROUNDED, NO_LOSS, Encoder, training_messages
 from mmspec.training.evaluation import eval_accuracy

@@ -32,7 +32,8 @@ from typing import Any
 
 import click
 
-from mmspec.models.tiny import BUILDERS, ZOO_DIR, tiny_init_path
+from mmspec.models.tiny import BUILDERS, tiny_init_path
+from mmspec.models.zoo_paths import ZOO_DIR
 from mmspec.training.tiny_config import MAIN_STEPS, POLISH_LR, POLISH_STEPS, TrainConfig, recipe
 from mmspec.training.train_loop import train_stages
 from mmspec.training.zoo_entry import write_zoo_entry
