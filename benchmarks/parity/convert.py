@@ -1,0 +1,158 @@
+"""Convert our tiny models and trained heads to the formats MMSpec's code loads (4.51.3).
+
+    .venv/bin/python benchmarks/parity/convert.py [--models tiny-qwen2.5-vl] [--out DIR]
+
+Runs in our venv. Writes DIR/ckpt/<model>/target (the target as transformers 4.51.3 reads
+it) and DIR/ckpt/<model>/<head> (each head in its reference layout); DIR defaults to
+$MMSPEC_HOME/parity. Weights are never changed, only renamed or copied: a conversion that
+needed to change a number would defeat the point of a parity check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from common import METHODS, MODELS, ckpt_dir, head_dir, parity_home
+from safetensors.torch import load_file, save_file
+
+from mmspec.methods.draft_checkpoint import checkpoint_dir
+from mmspec.models.tiny import tiny_model_path
+
+
+# ---- Qwen2.5-VL target -----------------------------------------------------------------------
+def qwen_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5's nested config.json -> 4.51.3's flat one (text fields at the top)."""
+    text = dict(cfg["text_config"])
+    for key in ("layer_types", "model_type", "dtype"):  # 4.51.3 derives or lacks them
+        text.pop(key, None)
+    rope = text.pop("rope_parameters")
+    text["rope_theta"] = rope["rope_theta"]
+    # 4.51.3 spells M-RoPE as a rope_scaling of type "mrope" (it maps that to "default")
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    vision = {k: v for k, v in cfg["vision_config"].items() if k != "rope_parameters"}
+    vision["model_type"] = "qwen2_5_vl"  # 4.51.3's vision config names its parent's type
+    vision["torch_dtype"] = vision.pop("dtype", "float32")
+    top = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config", "dtype")}
+    top["torch_dtype"] = cfg.get("dtype", "float32")
+    return {**text, **top, "vision_config": vision}
+
+
+def slow_tokenizer_files(src: Path, dst: Path) -> None:
+    """vocab.json + merges.txt (what MMSpec's `use_fast=False` Qwen2Tokenizer reads) from our
+    tokenizer.json, and a tokenizer_config.json naming Qwen2Tokenizer and the special tokens."""
+    tok = json.loads((src / "tokenizer.json").read_text())
+    bpe = tok["model"]
+    (dst / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    ours = json.loads((src / "tokenizer_config.json").read_text())
+    added = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "special")}
+        | {"single_word": t["single_word"]}
+        for t in tok["added_tokens"]
+    }
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "added_tokens_decoder": added,
+        "eos_token": ours["eos_token"],
+        "pad_token": ours["pad_token"],
+        "bos_token": None,
+        "unk_token": None,
+        "errors": "replace",
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
+        "model_max_length": 32768,
+    }
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def convert_qwen_target(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(qwen_config(cfg), indent=2) + "\n")
+    pre = json.loads((src / "preprocessor_config.json").read_text())
+    # 4.51.3's Qwen2VLImageProcessor reads min/max_pixels, not the `size` dict alone
+    pre["min_pixels"], pre["max_pixels"] = pre["size"]["shortest_edge"], pre["size"]["longest_edge"]
+    (dst / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    slow_tokenizer_files(src, dst)
+    # the weights use the names both versions load (model.*, visual.*, lm_head)
+    for name in ("model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        shutil.copy2(src / name, dst / name)
+    gen = json.loads((src / "generation_config.json").read_text())
+    gen.pop("transformers_version", None)
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+# ---- EAGLE head ------------------------------------------------------------------------------
+def convert_eagle_head(src: Path, target: Path, dst: Path) -> None:
+    """Our EAGLE head -> MMSpec's EAGLE layout: an EConfig config.json and model.safetensors
+    with the same `fc.*` / `layers.0.*` keys plus `embed_tokens.weight` (MMSpec's head holds a
+    copy of the target's embedding table; ours reads the target's own)."""
+    ours = json.loads((src / "config.json").read_text())
+    if (
+        ours["method"] != "eagle"
+        or ours["hidden_size"] // ours["num_attention_heads"] != ours["head_dim"]
+    ):
+        raise ValueError(f"{src}: not an EAGLE head MMSpec's config can describe")
+    text = json.loads((target / "config.json").read_text())
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": ours["hidden_size"],
+        "intermediate_size": ours["intermediate_size"],
+        "num_attention_heads": ours["num_attention_heads"],
+        "num_key_value_heads": ours["num_key_value_heads"],
+        "num_hidden_layers": 1,
+        "vocab_size": ours["vocab_size"],
+        "rms_norm_eps": ours["rms_norm_eps"],
+        "rope_theta": ours["rope_theta"],
+        "max_position_embeddings": text["max_position_embeddings"],
+        "hidden_act": "silu",
+        "qkv_bias": ours["block"] == "qwen2",  # Qwen2 blocks have q/k/v biases
+        "bias": True,  # the fc layer's bias (MMSpec reads `bias` from the raw json)
+        "pad_token_id": text.get("pad_token_id"),
+        "torch_dtype": text["torch_dtype"],
+    }
+    state = load_file(str(src / "model.safetensors"))
+    if "fc.bias" not in state:
+        raise ValueError(f"{src}: MMSpec's EAGLE fc always has a bias")
+    state["embed_tokens.weight"] = load_file(str(target / "model.safetensors"))[
+        "model.embed_tokens.weight"
+    ]
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+TARGET_CONVERTERS = {"qwen2.5-vl": convert_qwen_target}
+HEAD_CONVERTERS = {"eagle": convert_eagle_head}
+
+
+def convert(model: str, root: Path, methods: list[str] | None = None) -> None:
+    """The target, and the heads `methods` run (default: every head the harness knows)."""
+    spec = MODELS[model]
+    if spec.family not in TARGET_CONVERTERS:
+        raise NotImplementedError(f"no converter for {spec.family} targets ({model}) yet")
+    target = ckpt_dir(root, model)
+    TARGET_CONVERTERS[spec.family](tiny_model_path(spec.ours), target)
+    heads = {METHODS[m].head for m in (methods or METHODS) if METHODS[m].head}
+    for head in sorted(heads):
+        HEAD_CONVERTERS[head](checkpoint_dir(head, spec.ours), target, head_dir(root, model, head))
+    print(f"converted {model} -> {target.parent}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="tiny-qwen2.5-vl")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", type=Path, default=parity_home())
+    args = ap.parse_args()
+    for model in args.models.split(","):
+        convert(model, args.out.expanduser(), args.methods.split(","))
+
+
+if __name__ == "__main__":
+    main()

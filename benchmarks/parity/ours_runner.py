@@ -1,0 +1,116 @@
+"""Run our engine's methods on the same prompts; write the same JSON as ref_runner.py.
+
+    .venv/bin/python benchmarks/parity/ours_runner.py --model tiny-qwen2.5-vl --methods ar,pld
+
+The target is loaded with MMSpec's prompt setup (`prompt_style="mmspec"`), so prompt ids are
+those of MMSpec's `build_prompt`. One generation at a time (batch 1, greedy), as MMSpec runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import (
+    DEFAULT_SPLIT,
+    METHODS,
+    MODELS,
+    Method,
+    Prompt,
+    parity_home,
+    pixels_sha256,
+    result_path,
+    select_prompts,
+    write_result,
+)
+from PIL import Image
+
+from mmspec.methods.engine import Engine
+from mmspec.methods.registry import get_drafter
+from mmspec.models.loader import load_target
+from mmspec.orchestrator.runner import conversation
+from mmspec.workloads import Sample
+
+
+def run_method(
+    name: str, method: Method, model: str, prompts: list[Prompt], args: argparse.Namespace
+) -> dict[str, Any]:
+    # a fresh target per method, as the reference loads one per method: no hooks carried over
+    target = load_target(MODELS[model].ours, device="cpu", prompt_style="mmspec")
+    drafter = get_drafter(method.ours)(**method.ours_args)
+    engine = Engine(target, drafter)
+    jobs = []
+    for p in prompts:
+        sample = Sample(id=p.id, topic=p.topic, category="", turns=(p.question,))
+        conv = [conversation(sample, [], has_image=True)]
+        image = [Image.open(p.image).convert("RGB")]  # as Sample.load_image decodes it
+        jobs.append((conv, image, target.encode(conv, image)))
+
+    def generate(job: tuple) -> Any:
+        conv, image, prompt = job
+        # timed like MMSpec's scripts: on a prompt already tokenised and preprocessed
+        target.encode = lambda *_: prompt  # an instance attribute: `del` restores the method
+        try:
+            return engine.generate(conv, image, max_new_tokens=args.max_new_tokens)[0]
+        finally:
+            del target.encode
+
+    generate(jobs[0])  # warm-up
+    records = []
+    for p, job in zip(prompts, jobs):
+        walls, g = [], None
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            g = generate(job)
+            walls.append(time.perf_counter() - t0)
+        records.append(
+            {
+                "id": p.id,
+                "topic": p.topic,
+                "prompt_ids": job[2].input_ids[0].tolist(),
+                "pixels_sha256": pixels_sha256(job[2].inputs.get("pixel_values")),
+                "output_ids": g.tokens,
+                "accept_lengths": g.accept_lengths,
+                "wall_s": min(walls),
+                "walls_s": walls,
+            }
+        )
+        print(f"  ours {name} {p.id}: {len(g.tokens)} tokens, {min(walls):.3f}s", flush=True)
+    return {
+        "side": "ours",
+        "method": name,
+        "model": model,
+        "ours": method.ours,
+        "ours_args": method.ours_args,
+        # the settings the drafter ended up with, defaults included
+        "drafter": {k: v for k, v in vars(drafter).items() if isinstance(v, int | float | str)},
+        "stop_ids": sorted(target.eos_token_ids),
+        "max_new_tokens": args.max_new_tokens,
+        "threads": args.threads,
+        "records": records,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny-qwen2.5-vl")
+    ap.add_argument("--methods", default="ar,pld,eagle2")
+    ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT)
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per prompt (best kept)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=parity_home() / "out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    prompts = select_prompts(args.split, args.prompts)
+    for name in args.methods.split(","):
+        data = run_method(name, METHODS[name], args.model, prompts, args)
+        write_result(result_path(args.out, "ours", args.model, name), data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Parity harness driver: MMSpec's methods and ours on the same weights and prompts.
+
+    .venv/bin/python benchmarks/parity/run.py --reference /tmp/mmspec-ref \
+        --methods ar,pld,eagle2,eagle --models tiny-qwen2.5-vl --prompts 5
+
+Runs in our venv: creates the reference venv (setup_venv.py, skipped when already built),
+converts the checkpoints (convert.py), runs ref_runner.py in the reference venv and
+ours_runner.py here, each as its own process with the same thread count, then prints the
+compare.py tables and writes them to <out>/report.md. Everything it writes goes under --home
+($MMSPEC_HOME/parity by default), never into the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from common import DEFAULT_SPLIT, METHODS, parity_home
+from compare import report
+from convert import convert
+from setup_venv import setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reference", type=Path, required=True, help="MMSpec checkout (read only)")
+    ap.add_argument("--methods", default="ar,pld,eagle2,eagle", help=",".join(METHODS))
+    ap.add_argument("--models", default="tiny-qwen2.5-vl")
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per prompt (best kept)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT)
+    ap.add_argument("--home", type=Path, default=parity_home(), help="venv, ckpt/ and out/")
+    ap.add_argument("--venv", type=Path, help="reference venv (default: <home>/venv)")
+    ap.add_argument("--out", type=Path, help="JSON and report.md (default: <home>/out)")
+    ap.add_argument("--only", choices=("ref", "ours", "compare"), help="run one stage")
+    args = ap.parse_args()
+    home = args.home.expanduser()
+    out = (args.out or home / "out").expanduser()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        sys.exit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    models = args.models.split(",")
+    common = [
+        "--prompts", str(args.prompts),
+        "--max-new-tokens", str(args.max_new_tokens),
+        "--repeats", str(args.repeats),
+        "--threads", str(args.threads),
+        "--split", str(args.split),
+        "--out", str(out),
+    ]  # fmt: skip
+    # one thread for every BLAS/OpenMP pool too, not only torch's intra-op one
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.only in (None, "ref"):
+        python = setup((args.venv or home / "venv").expanduser())
+        # the reference's "ar" is the greedy truth the compare step measures outputs against
+        ref_methods = methods if "ar" in methods else ["ar", *methods]
+        for model in models:
+            convert(model, home, methods)
+            subprocess.run(
+                [str(python), str(HERE / "ref_runner.py"), "--reference", str(args.reference),
+                 "--model", model, "--methods", ",".join(ref_methods), "--ckpt", str(home),
+                 *common],
+                check=True, env=env,
+            )  # fmt: skip
+    if args.only in (None, "ours"):
+        for model in models:
+            subprocess.run(
+                [sys.executable, str(HERE / "ours_runner.py"), "--model", model,
+                 "--methods", ",".join(methods), *common],
+                check=True, env=env,
+            )  # fmt: skip
+    text = report(out, models, methods)
+    (out / "report.md").write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
