@@ -90,7 +90,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "eagle3": {"noise": 0.0, "steps": 600},
     "vispec": {"head_args": {"num_q": 2}},
     "msd": {"text_steps": 250, "ramp_steps": 400},
-    "medusa": {"text_steps": 0, "noise": 0.0, "head_args": {"num_heads": 4, "num_layers": 1}},
+    # MMSpec's Medusa (3 heads of one block into the target's LM head) trains with EAGLE's
+    # feature noise; the paper's form was trained here as
+    # {"noise": 0.0, "head_args": {"num_heads": 4, "num_layers": 1, "projection": "own"}}
+    "medusa": {
+        "text_steps": 0,
+        "head_args": {"num_heads": 3, "num_layers": 1, "projection": "target"},
+    },
 }
 
 
@@ -382,7 +388,7 @@ def train_drafter_command(
     out: Path | None,
 ) -> None:
     """Train a draft head on its target's own answers (self-distillation)."""
-    from mmspec.models.tiny import cache_root
+    from mmspec.models.zoo_paths import cache_root
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     overrides: dict[str, Any] = {
