@@ -1,11 +1,13 @@
-"""`mmspec-orch`: submit a grid (or resume a run) and write its report.
+"""`mmspec-orch`: submit a grid (or resume a run) and write its report; import the references'
+answer files as a run.
 
 A Ray Jobs address (`--address http://HEAD:8265`, or RAY_ADDRESS set to one) submits the run as
 a Ray Job instead and prints its run id, which `status`, `logs` and `cancel` take (jobs.py).
 
 Exit codes: 0 done (or submitted); 1 some shards were recorded as errors, the report failed, or a
-followed job did not succeed; 2 the grid, workloads or run directory are invalid, or the Jobs
-server cannot be reached or has no such run (nothing was started, no run directory made).
+followed job did not succeed; 2 the grid, workloads, answer files or run directory are invalid,
+or the Jobs server cannot be reached or has no such run (nothing was started, no run directory
+made).
 """
 
 from __future__ import annotations
@@ -174,6 +176,115 @@ def report(ctx: click.Context, run_dir: Path) -> None:
         ctx.exit(EXIT_FAILED_SHARDS)
 
 
+@main.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["mmspec", "specbench"]),
+    required=True,
+    help="Answer layout: MMSpec's (results/<model>/mmspec_<split>/<method>-temperature-<t>"
+    ".jsonl) or Spec-Bench's (data/<bench>/model_answer/<model_id>.jsonl).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Results root: the run lands in OUT/<name>-<UTC timestamp>/.",
+)
+@click.option("--name", help="Run folder prefix (default: <format>-<model>-<workload>).")
+@click.option(
+    "--model",
+    help="Model name for the rows, e.g. llava-1.5-7b to line up with our runs (default, "
+    "MMSpec: the folder above mmspec_<split>; Spec-Bench: required).",
+)
+@click.option(
+    "--workload",
+    help="Workload name (default: the split, mmspec_test -> test, as our grids name "
+    "/data/MMSpec/test; Spec-Bench: data/<bench>/model_answer -> <bench>).",
+)
+@click.option(
+    "--baseline",
+    default="baseline",
+    show_default=True,
+    help="The file name (before -temperature-<t>) of plain decoding, imported as ar.",
+)
+@click.option(
+    "--method",
+    "renames",
+    multiple=True,
+    metavar="NAME=METHOD",
+    help="Import the file named NAME as METHOD (repeatable), e.g. "
+    "vicuna-7b-v1.3-eagle-float16=eagle.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Temperature of files whose name carries none.",
+)
+@click.option(
+    "--gpu",
+    "gpus",
+    multiple=True,
+    help="GPU the answers were measured on, for the manifest (repeatable; default unknown).",
+)
+@click.option("--cpu", help="CPU the answers were measured on, for the manifest.")
+@click.pass_context
+def import_answers(
+    ctx: click.Context,
+    paths: tuple[Path, ...],
+    fmt: str,
+    out: Path,
+    name: str | None,
+    model: str | None,
+    workload: str | None,
+    baseline: str,
+    renames: tuple[str, ...],
+    temperature: float,
+    gpus: tuple[str, ...],
+    cpu: str | None,
+) -> None:
+    """Import MMSpec or Spec-Bench answer files as a run, then write its report.
+
+    PATHS are .jsonl answer files, or folders whose .jsonl files are taken (one method per
+    file). Nothing is written unless every file reads cleanly; a bad file stops the import
+    with its path, line and key (exit 2).
+    """
+    # imported on use: the importer loads polars, which `submit` validation does not need
+    from mmspec.reports.answer_import import AnswerFileError, ImportSettings
+    from mmspec.reports.answer_import import import_answers as run_import
+
+    settings = ImportSettings(
+        fmt=fmt,
+        model=model,
+        workload=workload,
+        baseline=baseline,
+        renames=_pairs(renames, "--method", "NAME=METHOD"),
+        temperature=temperature,
+        name=name,
+        gpus=gpus,
+        cpu=cpu,
+    )
+    try:
+        result = run_import(paths, out, settings)
+    except (AnswerFileError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(EXIT_INVALID)
+    methods = ", ".join(f.method for f in result.files)
+    click.echo(f"run: {result.run_dir} ({result.rows:,} rows; methods {methods})", err=True)
+    if not result.has_baseline:
+        click.echo(
+            f"note: no file is named {baseline!r}, so nothing was imported as ar: the report "
+            "has no speedups or lossless checks (name the baseline file with --baseline)",
+            err=True,
+        )
+    if not _report(result.run_dir, echo_markdown=False):
+        ctx.exit(EXIT_FAILED_SHARDS)
+
+
 _jobs_address_option = click.option(
     "--address", help="The Ray Jobs server, http://HEAD:8265 (default: $RAY_ADDRESS)."
 )
@@ -251,6 +362,10 @@ def _read_grid(
             grid = replace(grid, out=str(out))
         return grid, grid_file.read_text(encoding="utf-8"), None
     manifest = read_manifest(resume_dir)
+    from mmspec.reports.answer_import import IMPORTED  # on use: it loads polars
+
+    if IMPORTED in manifest:
+        raise _Invalid(f"{resume_dir}: an imported run, complete as imported; nothing to resume")
     grid = parse_grid(manifest.get("grid"), source=str(resume_dir / MANIFEST))
     if grid_file is not None and grid_sha256(load_grid(grid_file)) != manifest.get("grid_sha256"):
         raise _Invalid(f"{grid_file}: differs from the grid of {resume_dir}; cannot resume with it")
@@ -388,13 +503,18 @@ def _submit_job(
 
 
 def _env_vars(pairs: tuple[str, ...]) -> dict[str, str]:
-    env: dict[str, str] = {}
+    return _pairs(pairs, "--env", "KEY=VALUE")
+
+
+def _pairs(pairs: tuple[str, ...], option: str, form: str) -> dict[str, str]:
+    """`A=B` option values as a dict; a usage error (exit 2) for one without `=` or a key."""
+    found: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise click.UsageError(f"--env {pair!r}: expected KEY=VALUE")
-        env[key] = value
-    return env
+            raise click.UsageError(f"{option} {pair!r}: expected {form}")
+        found[key] = value
+    return found
 
 
 def _when(moment: datetime | None) -> str:

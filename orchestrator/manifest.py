@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import platform
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mmspec.orchestrator.grid import Grid, grid_sha256, to_dict
+from mmspec.results.environment import ENVIRONMENT, Environment, Gpu
 from mmspec.results.schema import SCHEMA_VERSION
 from mmspec.workloads.fingerprint import workload_sha256
 from mmspec.workloads.sample import Sample
@@ -20,6 +23,9 @@ from mmspec.workloads.sample import Sample
 MANIFEST_VERSION = 1
 PACKAGES = ("torch", "transformers", "ray", "pyarrow", "polars", "mmspec-orch")
 _REPO_ROOT = Path(__file__).resolve().parents[1]  # orchestrator/ sits at the repo root
+_CPUINFO = Path("/proc/cpuinfo")
+
+log = logging.getLogger(__name__)
 
 
 def build_manifest(
@@ -48,6 +54,7 @@ def build_manifest(
         "host": socket.gethostname(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        ENVIRONMENT: probe_environment().to_dict(),
     }
 
 
@@ -82,3 +89,70 @@ def git_state(repo: Path) -> tuple[str | None, bool | None]:
     except (OSError, subprocess.SubprocessError):
         return None, None
     return sha or None, bool(status.strip())
+
+
+def probe_environment() -> Environment:
+    """The driver machine: CPU model and cores, memory, the GPUs NVML sees and their driver.
+
+    Read without torch (the driver starts without it) and without waking a GPU context; on a
+    host without NVML (a CPU machine, a container without the driver) the GPU part is empty.
+    """
+    gpus, gpu_driver, cuda_driver = _nvml_gpus()
+    return Environment(
+        source="probed",
+        cpu=_cpu_model(),
+        cpu_cores=os.cpu_count(),
+        memory_bytes=_physical_memory(),
+        gpus=gpus,
+        gpu_driver=gpu_driver,
+        cuda_driver=cuda_driver,
+    )
+
+
+def _cpu_model() -> str | None:
+    # platform.processor() is "x86_64" or empty on Linux; /proc/cpuinfo names the part.
+    try:
+        for line in _CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or None
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not every OS names these
+        return None
+
+
+def _nvml_gpus() -> tuple[tuple[Gpu, ...], str | None, str | None]:
+    """(GPUs, driver version, CUDA version the driver supports); empty where NVML is absent."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # no library, no driver, no device: a CPU host
+        log.debug("no NVML here (%s): the manifest lists no GPU", exc)
+        return (), None, None
+    try:
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            memory = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+            gpus.append(Gpu(name.decode() if isinstance(name, bytes) else str(name), memory))
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        cuda = int(pynvml.nvmlSystemGetCudaDriverVersion())  # e.g. 12040 for 12.4
+        return (
+            tuple(gpus),
+            driver.decode() if isinstance(driver, bytes) else str(driver),
+            f"{cuda // 1000}.{cuda % 1000 // 10}",
+        )
+    except pynvml.NVMLError as exc:
+        log.warning("NVML answered in part (%s): the manifest lists no GPU", exc)
+        return (), None, None
+    finally:
+        pynvml.nvmlShutdown()

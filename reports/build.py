@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from mmspec.reports.answer_import import mask_unrecorded
 from mmspec.reports.html import render_html
 from mmspec.reports.markdown import render_markdown
 from mmspec.reports.metrics import REPORT_INPUTS, cell_metrics, collect_rows, load_rows, run_details
@@ -24,12 +26,15 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     # Every shard file is read once, only the columns the report uses (not output tokens/text).
     rows = collect_rows(load_rows(run_dir), REPORT_INPUTS)
-    metrics = cell_metrics(rows)
+    manifest = manifest_or_empty(run_dir)
+    # An imported run's sentinels (values its files do not hold) become nulls here, once, so
+    # no table, chart or metrics file shows them as measured zeros.
+    metrics = mask_unrecorded(cell_metrics(rows), manifest)
     details = run_details(rows)
+    details = replace(details, cells=mask_unrecorded(details.cells, manifest))
     # Arrow keeps types for compare/regression tooling; CSV is for a quick look or a spreadsheet.
     metrics.write_ipc(run_dir / METRICS_ARROW)
     metrics.write_csv(run_dir / METRICS_CSV)
-    manifest = manifest_or_empty(run_dir)
     _write_text(run_dir / REPORT_HTML, render_html(metrics, manifest, details))
     report = run_dir / REPORT_MD
     _write_text(report, render_markdown(metrics, manifest, details))

@@ -38,10 +38,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from mmspec.reports.answer_import import source_format
 from mmspec.reports.formatting import DASH, num, signed_pct, transition
 from mmspec.reports.markdown import markdown_table
 from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, load_rows
 from mmspec.reports.paired import BASELINE, SAME_WORK
+from mmspec.results.environment import Environment
 from mmspec.results.layout import manifest_or_empty
 
 DEFAULT_THRESHOLD = 0.05
@@ -363,6 +365,7 @@ def _array(frame: pl.DataFrame, column: str) -> np.ndarray:
 
 def _run_label(run_dir: Path) -> dict[str, Any]:
     manifest = manifest_or_empty(run_dir)
+    env = Environment.from_manifest(manifest)
     return {
         "path": str(run_dir),
         "run_id": manifest.get("run_id") or run_dir.name,
@@ -371,6 +374,8 @@ def _run_label(run_dir: Path) -> dict[str, Any]:
         "started_at": manifest.get("started_at"),
         "grid_sha256": manifest.get("grid_sha256"),
         "workload_sha256": manifest.get("workload_sha256"),
+        "accelerator": env.accelerator if env is not None else None,
+        "imported": source_format(manifest),
     }
 
 
@@ -670,10 +675,15 @@ def _brief(change: MetricChange | None) -> str:
 
 def _run_line(name: str, label: dict[str, Any]) -> str:
     sha = (label.get("git_sha") or DASH)[:12]
-    return (
+    line = (
         f"- **{name}**: `{label['run_id']}` · git `{sha}` · host {label.get('host') or DASH} · "
         f"started {label.get('started_at') or DASH}"
     )
+    if label.get("accelerator"):
+        line += f" · on {label['accelerator']}"
+    if label.get("imported"):
+        line += f" · imported ({label['imported']} answer files)"
+    return line
 
 
 def _provenance_notes(result: Comparison) -> list[str]:
@@ -683,6 +693,18 @@ def _provenance_notes(result: Comparison) -> list[str]:
         before, after = result.base.get(field_name), result.new.get(field_name)
         if before and after and before != after:
             notes.append(f"> Note: the {what} differ ({field_name} {before[:12]} vs {after[:12]}).")
+    before, after = result.base.get("accelerator"), result.new.get("accelerator")
+    if before and after and before != after:
+        notes.append(
+            f"> Note: the runs ran on different hardware ({before} vs {after}): times and "
+            "speedups compare the machines as well as the code."
+        )
+    for side, label in (("BASE", result.base), ("NEW", result.new)):
+        if label.get("imported"):
+            notes.append(
+                f"> Note: {side} was imported from {label['imported']} answer files: its "
+                "lossless check compares answer texts, and it has no energy readings."
+            )
     return [*notes, ""] if notes else []
 
 

@@ -33,9 +33,11 @@ from typing import Any
 
 import polars as pl
 
+from mmspec.reports.answer_import import mask_unrecorded
 from mmspec.reports.formatting import DASH, num, signed_pct
 from mmspec.reports.markdown import markdown_table
 from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, cell_metrics, load_rows
+from mmspec.results.environment import Environment
 from mmspec.results.ids import safe_name
 from mmspec.results.layout import manifest_or_empty
 
@@ -114,6 +116,7 @@ def run_identity(run_dir: str | Path, machine: str | None = None) -> dict[str, A
     run_dir = Path(run_dir)
     manifest = manifest_or_empty(run_dir)
     grid = manifest.get("grid")
+    env = Environment.from_manifest(manifest)
     return {
         "run_id": manifest.get("run_id") or run_dir.name,
         "started_at": _parse_time(manifest.get("started_at")),
@@ -122,7 +125,8 @@ def run_identity(run_dir: str | Path, machine: str | None = None) -> dict[str, A
         "git_dirty": manifest.get("git_dirty"),
         # Pods of a Kubernetes job get a new host name every night; --machine names the
         # hardware so its nights line up in one series.
-        "machine": machine or manifest.get("host") or "unknown",
+        # An imported run has no host: the hardware its importer named stands in for it.
+        "machine": machine or manifest.get("host") or (env and env.accelerator) or "unknown",
         "host": manifest.get("host"),
         "device_name": _device_name(run_dir),
         "grid_name": grid.get("name") if isinstance(grid, dict) else None,
@@ -137,7 +141,8 @@ def run_history_rows(run_dir: str | Path, machine: str | None = None) -> pl.Data
 
 def _rows(identity: dict[str, Any], run_dir: str | Path) -> pl.DataFrame:
     ids = pl.DataFrame([identity], schema=_IDENTITY_SCHEMA)
-    return ids.join(cell_metrics(load_rows(run_dir)), how="cross")
+    metrics = mask_unrecorded(cell_metrics(load_rows(run_dir)), manifest_or_empty(run_dir))
+    return ids.join(metrics, how="cross")
 
 
 def history_file(store: str | Path, run_id: str) -> Path:

@@ -15,6 +15,7 @@ from typing import Any
 
 import polars as pl
 
+from mmspec.reports.answer_import import import_note
 from mmspec.reports.formatting import seconds
 from mmspec.reports.markdown import (
     DEFINITIONS,
@@ -36,7 +37,9 @@ from mmspec.reports.tables import (
     Table,
     breakdown_table,
     detail_table,
+    environment_table,
     errors_table,
+    import_table,
     metadata_table,
     packages_table,
     run_fields,
@@ -456,12 +459,26 @@ def _metadata(manifest: dict[str, Any]) -> str:
     packages = packages_table(manifest)
     if packages is not None:
         parts.append(_table(packages))
+    environment = environment_table(manifest)
+    if environment is not None:
+        parts.append(_table(environment, "Environment: the machine the run ran on."))
     if manifest.get("grid_text"):
         parts.append(
             f"<details><summary>Grid file as written</summary>"
             f"<pre>{escape(manifest['grid_text'])}</pre></details>"
         )
     return "\n".join([*parts, "</section>"])
+
+
+def _imported(manifest: dict[str, Any], colors: dict[str, str]) -> str:
+    """The Imported section: where an imported run's numbers come from (empty for ours)."""
+    note, table = import_note(manifest), import_table(manifest)
+    if note is None or table is None:
+        return ""
+    return (
+        f'<section id="imported"><h2>Imported run</h2><p class="note">{_inline(note)}</p>'
+        f"{_table(table, colors=colors)}</section>"
+    )
 
 
 def _comment(text: str) -> str:
@@ -496,6 +513,10 @@ def render_html(metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDet
         body.append(f'<p class="sub">{escape(sub)}</p>')
     sections: list[str] = []
     toc: list[tuple[str, str, int]] = []
+    imported = _imported(manifest, colors)
+    if imported:
+        sections.append(imported)
+        toc.append(("imported", "Imported run", 0))
     if metrics.height:
         body.append(f'<p class="sub">{escape(run_summary(metrics, details))}</p>')
         body.append(_cards(metrics, details))

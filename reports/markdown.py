@@ -11,6 +11,7 @@ from typing import Any
 
 import polars as pl
 
+from mmspec.reports.answer_import import import_note
 from mmspec.reports.formatting import pct
 from mmspec.reports.metrics import ALL_TOPIC, CELL_KEYS, RunDetails
 from mmspec.reports.paired import BASELINE
@@ -18,7 +19,9 @@ from mmspec.reports.tables import (
     Table,
     breakdown_table,
     detail_table,
+    environment_table,
     errors_table,
+    import_table,
     packages_table,
     run_fields,
     speedup_by_batch_table,
@@ -247,6 +250,14 @@ def viskip_lines(merged: pl.DataFrame) -> list[str]:
     return lines
 
 
+def import_lines(manifest: dict[str, Any]) -> list[str]:
+    """The Imported section: where an imported run's numbers come from (empty for ours)."""
+    note, table = import_note(manifest), import_table(manifest)
+    if note is None or table is None:
+        return []
+    return ["## Imported run", "", note, "", *table_lines(table), ""]
+
+
 def _metadata(manifest: dict[str, Any]) -> list[str]:
     lines = ["## Run metadata", ""]
     lines += [
@@ -256,6 +267,9 @@ def _metadata(manifest: dict[str, Any]) -> list[str]:
     packages = packages_table(manifest)
     if packages is not None:
         lines += ["", *table_lines(packages)]
+    environment = environment_table(manifest)
+    if environment is not None:
+        lines += ["", "Environment:", "", *table_lines(environment)]
     return [*lines, ""]
 
 
@@ -269,6 +283,7 @@ def render_markdown(
     lines = [headline(metrics), "", f"# MMSpec report: {run_id}", ""]
     if metrics.height:
         lines += [run_summary(metrics, details), ""]
+    lines += import_lines(manifest)
     if details is not None:
         lines += error_lines(details)
     merged = merged_cells(metrics, details) if details is not None else None

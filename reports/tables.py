@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import polars as pl
 
+from mmspec.reports.answer_import import import_info
 from mmspec.reports.formatting import (
     DASH,
     NOT_MEASURED,
@@ -26,6 +27,7 @@ from mmspec.reports.formatting import (
 from mmspec.reports.metrics import ALL_TOPIC
 from mmspec.reports.paired import BASELINE
 from mmspec.reports.viskip import PREFIX, ViSkipRow
+from mmspec.results.environment import Environment
 
 Format = Literal["markdown", "html"]
 Row = dict[str, Any]
@@ -356,3 +358,64 @@ def packages_table(manifest: dict[str, Any]) -> Table | None:
         for name, version in sorted(packages.items())
     ]
     return Table([Column("Package", text=True), Column("Version", text=True)], rows)
+
+
+def environment_table(manifest: dict[str, Any]) -> Table | None:
+    """The machine the run ran on (manifest "environment"); None for a run recorded before
+    manifests had one."""
+    env = Environment.from_manifest(manifest)
+    if env is None:
+        return None
+    source = (
+        "probed on the driver when the run started"
+        if env.source == "probed"
+        else "stated when the run was imported"
+    )
+    gpus = "; ".join(
+        gpu.name + ("" if gpu.memory_bytes is None else f" ({gib(gpu.memory_bytes)})")
+        for gpu in env.gpus
+    )
+    fields: list[tuple[str, Any]] = [
+        ("Source", source),
+        ("GPUs", gpus or ("none" if env.source == "probed" else None)),
+        ("GPU driver", env.gpu_driver),
+        ("CUDA (driver)", env.cuda_driver),
+        ("CPU", env.cpu),
+        ("CPU cores", env.cpu_cores),
+        ("Memory", None if env.memory_bytes is None else gib(env.memory_bytes)),
+    ]
+    return metadata_table(fields)
+
+
+def import_table(manifest: dict[str, Any]) -> Table | None:
+    """The answer files an imported run was made from, one row per file (method); None for a
+    run of ours."""
+    info = import_info(manifest)
+    if info is None:
+        return None
+    columns = [
+        METHOD,
+        Column("Source name", text=True),
+        Column("T"),
+        Column("Records"),
+        Column("Rows"),
+        Column("Error rows"),
+        Column("Not recorded", text=True),
+        Column("File", text=True),
+        Column("SHA-256", text=True),
+    ]
+    rows = [
+        [
+            _method(f["method"]),
+            Cell(f["name"]),
+            Cell(f"{f['temperature']:g}"),
+            _count(f["records"]),
+            _count(f["rows"]),
+            Cell(str(f["error_rows"]), "errors", f["error_rows"]),
+            Cell(", ".join(f["not_recorded"]) or DASH, "message", ", ".join(f["not_recorded"])),
+            Cell(f["path"], "code"),
+            Cell(f["sha256"][:16], "code", note=f["sha256"]),
+        ]
+        for f in info.get("files") or []
+    ]
+    return Table(columns, rows)

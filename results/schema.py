@@ -87,7 +87,7 @@ class ResultRow:
     skipped_steps: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
-    accept_lengths: list[int] = field(default_factory=list)
+    accept_lengths: list[int] | None = field(default_factory=list)  # None: not recorded
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -95,7 +95,7 @@ class ResultRow:
     total_s: float = 0.0
     batch_index: int = 0
     batch_s: float = 0.0
-    output_tokens: list[int] = field(default_factory=list)
+    output_tokens: list[int] | None = field(default_factory=list)  # None: not recorded
     output_sha256: str | None = None
     output_text: str | None = None
     energy_j: float | None = None
