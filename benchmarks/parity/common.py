@@ -16,6 +16,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SPLIT = REPO.parent / "shared/data/mmspec/testmini"
+DEFAULT_PROMPTS = 30  # five samples of each of the six topics: 39 (sample, turn) generations
 
 
 def parity_home() -> Path:
@@ -25,19 +26,30 @@ def parity_home() -> Path:
 
 
 # ---- prompts ---------------------------------------------------------------------------------
+MULTI_TURN = "multi-turn conversation"
+
+
 @dataclass(frozen=True)
 class Prompt:
+    """One testmini sample: every turn runs, the image with the first."""
+
     id: str
     topic: str
-    question: str  # the first turn
+    turns: tuple[str, ...]
     image: str  # absolute path
+
+    @property
+    def question(self) -> str:  # the first turn
+        return self.turns[0]
 
 
 def select_prompts(split: Path, n: int) -> list[Prompt]:
-    """First turns, one per topic in order of first appearance, then round robin.
+    """n samples spread over the topics: round robin, one sample per topic and round.
 
-    5 of testmini's six topics by default; both sides read this list, so they run the same
-    samples in the same order.
+    The multi-turn topic comes first in every round (so it is in even for n < 6) and offers
+    its samples with the most turns first (testmini: four of 3 turns, one of 2, five of 1),
+    the other topics theirs in file order, the rest of the topics in order of first
+    appearance. Both sides read this list, so they run the same samples in the same order.
     """
     by_topic: dict[str, list[dict[str, Any]]] = {}
     with open(split / "mmspec.jsonl", encoding="utf-8") as f:
@@ -45,11 +57,14 @@ def select_prompts(split: Path, n: int) -> list[Prompt]:
             if line.strip():
                 rec = json.loads(line)
                 by_topic.setdefault(rec["topic"], []).append(rec)
+    if MULTI_TURN in by_topic:
+        multi = sorted(by_topic.pop(MULTI_TURN), key=lambda r: -len(r["turns"]))  # stable
+        by_topic = {MULTI_TURN: multi, **by_topic}
     chosen: list[dict[str, Any]] = []
     for rank in range(max(len(v) for v in by_topic.values())):
         chosen += [recs[rank] for recs in by_topic.values() if rank < len(recs)]
     return [
-        Prompt(r["id"], r["topic"], r["turns"][0], str(split / "images" / r["image"]))
+        Prompt(r["id"], r["topic"], tuple(r["turns"]), str(split / "images" / r["image"]))
         for r in chosen[:n]
     ]
 
@@ -67,13 +82,18 @@ class Method:
     head: str | None = None  # the trained head it runs (converted for the reference)
 
 
+SAM_ARGS = {"total_token": 30, "depth": 3, "top_k": 8, "threshold": 1.0}
+LOOKAHEAD_ARGS = {"decoding_length": 64, "branch_length": 12}
+RECYCLING_ARGS = {"matrix_top_k": 8, "draft_len": 10}
+
 METHODS: dict[str, Method] = {
     "ar": Method(ref="baseline", ours="ar"),
     # scripts/*/eval_pld_mmspec.sh: ngram 4, n_pred 10 (spec_model_pld.py hard-codes both)
     "pld": Method(ref="pld", ours="pld", ref_args={"ngram": 4, "n_pred": 10}),
-    # the same with MMSpec's PLD prefill bug fixed at run time (README, "Reference fixes"):
-    # its prefill drops image_grid_thw, so Qwen2.5-VL's image tokens get 1D positions
-    "pld-mrope": Method(ref="pld-mrope", ours="pld", ref_args={"ngram": 4, "n_pred": 10}),
+    # the same made lossless at run time (README, "Reference fixes"): its prefill drops
+    # image_grid_thw (Qwen2.5-VL's image tokens get 1D positions), on LLaVA it keeps the keys
+    # of rejected drafts, it stops early on a repeated tail
+    "pld-fixed": Method(ref="pld-fixed", ours="pld", ref_args={"ngram": 4, "n_pred": 10}),
     # eval_eagle2_mmspec.sh: depth 3, top_k 8, total_token 30, threshold 0.3
     "eagle2": Method(
         ref="eagle2",
@@ -89,6 +109,20 @@ METHODS: dict[str, Method] = {
         ref_args={"depth": 3, "top_k": 8, "total_token": 30},
         head="eagle",
     ),
+    # on LLaVA-1.5 with the head's prompt image slots embedded as the image features (as
+    # MMSpec does on Qwen2.5-VL and LLaVA-NeXT, and ours everywhere); same as above on Qwen
+    "eagle2-imgfeat": Method(
+        ref="eagle2-imgfeat",
+        ours="eagle2",
+        ref_args={"depth": 3, "top_k": 8, "total_token": 30, "threshold": 0.3},
+        head="eagle",
+    ),
+    "eagle-imgfeat": Method(
+        ref="eagle-imgfeat",
+        ours="eagle",
+        ref_args={"depth": 3, "top_k": 8, "total_token": 30},
+        head="eagle",
+    ),
     # the EAGLE-1 paper's static 25-node tree against MMSpec's "eagle": expected to differ
     "eagle-static": Method(
         ref="eagle",
@@ -97,6 +131,76 @@ METHODS: dict[str, Method] = {
         ours_args={"tree": "static"},
         head="eagle",
     ),
+    # eval_vispec_mmspec.sh: depth 3, top_k 8, total_token 30, num_q 2
+    "vispec": Method(
+        ref="vispec",
+        ours="vispec",
+        ref_args={"depth": 3, "top_k": 8, "total_token": 30, "num_q": 2},
+        head="vispec",
+    ),
+    # ViSkip: eval_vispec_vskip_mmspec.sh (visual_attn_threshold 0.35, eager attention)
+    # against ours wrapped in viskip (threshold 0.35, its default)
+    "vispec-vskip": Method(
+        ref="vispec-vskip",
+        ours="viskip+vispec",
+        ref_args={
+            "depth": 3,
+            "top_k": 8,
+            "total_token": 30,
+            "num_q": 2,
+            "visual_attn_threshold": 0.35,
+        },
+        ours_args={"viskip_threshold": 0.35},
+        head="vispec",
+    ),
+    "vispec-vskip-fixed": Method(
+        ref="vispec-vskip-fixed",
+        ours="viskip+vispec",
+        ref_args={
+            "depth": 3,
+            "top_k": 8,
+            "total_token": 30,
+            "num_q": 2,
+            "visual_attn_threshold": 0.35,
+        },
+        ours_args={"viskip_threshold": 0.35},
+        head="vispec",
+    ),
+    # eval_medusa_mmspec.sh: depth 3, top_k 8, total_token 30 (its topK_genrate reads no depth)
+    "medusa": Method(
+        ref="medusa",
+        ours="medusa",
+        ref_args={"depth": 3, "top_k": 8, "total_token": 30},
+        head="medusa",
+    ),
+    # eval_sam_mmspec.sh: total_token 30, depth 3, top_k 8, threshold 1.0 (none reaches the
+    # drafter; total_token only shortens the loop bound), eager attention
+    "sam": Method(ref="sam", ours="sam", ref_args=SAM_ARGS),
+    # the same without its stop on a thrice-repeated tail n-gram (which cuts the output)
+    "sam-fixed": Method(ref="sam-fixed", ours="sam", ref_args=SAM_ARGS),
+    # eval_sam_vskip_mmspec.sh: SAM's arguments, visual_attn_threshold 0.35, eager attention
+    "sam-vskip": Method(
+        ref="sam-vskip",
+        ours="viskip+sam",
+        ref_args={**SAM_ARGS, "visual_attn_threshold": 0.35},
+        ours_args={"viskip_threshold": 0.35},
+    ),
+    "sam-vskip-fixed": Method(
+        ref="sam-vskip-fixed",
+        ours="viskip+sam",
+        ref_args={**SAM_ARGS, "visual_attn_threshold": 0.35},
+        ours_args={"viskip_threshold": 0.35},
+    ),
+    # eval_lookahead_mmspec.sh: decoding_length 64, branch_length 12; one cache for the run
+    "lookahead": Method(ref="lookahead", ours="lookahead", ref_args=LOOKAHEAD_ARGS),
+    # the same with a fresh cache per generation, as ours drafts (per request)
+    "lookahead-fresh": Method(ref="lookahead-fresh", ours="lookahead", ref_args=LOOKAHEAD_ARGS),
+    # eval_recycling_mmspec.sh: matrix_top_k 8, draft_len 10
+    "recycling": Method(ref="recycling", ours="recycling", ref_args=RECYCLING_ARGS),
+    # the same made lossless at run time: its prefill M-RoPE omission (as PLD's), its
+    # verification's chunk positions on Qwen2.5-VL, its cycle guards and repeated-tail stop,
+    # its LLaVA cache length
+    "recycling-fixed": Method(ref="recycling-fixed", ours="recycling", ref_args=RECYCLING_ARGS),
 }
 
 
@@ -109,7 +213,7 @@ class Model:
 
 MODELS: dict[str, Model] = {
     "tiny-qwen2.5-vl": Model(ours="tiny-qwen2.5-vl", family="qwen2.5-vl"),
-    "tiny-llava": Model(ours="tiny-llava", family="llava"),  # no converter yet
+    "tiny-llava": Model(ours="tiny-llava", family="llava"),
 }
 
 

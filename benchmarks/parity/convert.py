@@ -41,9 +41,10 @@ def qwen_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**text, **top, "vision_config": vision}
 
 
-def slow_tokenizer_files(src: Path, dst: Path) -> None:
+def slow_tokenizer_files(src: Path, dst: Path, keep_bos_unk: bool = False) -> None:
     """vocab.json + merges.txt (what MMSpec's `use_fast=False` Qwen2Tokenizer reads) from our
-    tokenizer.json, and a tokenizer_config.json naming Qwen2Tokenizer and the special tokens."""
+    tokenizer.json, and a tokenizer_config.json naming Qwen2Tokenizer and the special tokens
+    (`keep_bos_unk`: ours, else none, Qwen's own)."""
     tok = json.loads((src / "tokenizer.json").read_text())
     bpe = tok["model"]
     (dst / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False))
@@ -60,8 +61,8 @@ def slow_tokenizer_files(src: Path, dst: Path) -> None:
         "added_tokens_decoder": added,
         "eos_token": ours["eos_token"],
         "pad_token": ours["pad_token"],
-        "bos_token": None,
-        "unk_token": None,
+        "bos_token": ours.get("bos_token") if keep_bos_unk else None,
+        "unk_token": ours.get("unk_token") if keep_bos_unk else None,
         "errors": "replace",
         "clean_up_tokenization_spaces": False,
         "split_special_tokens": False,
@@ -87,19 +88,82 @@ def convert_qwen_target(src: Path, dst: Path) -> None:
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
-# ---- EAGLE head ------------------------------------------------------------------------------
-def convert_eagle_head(src: Path, target: Path, dst: Path) -> None:
-    """Our EAGLE head -> MMSpec's EAGLE layout: an EConfig config.json and model.safetensors
-    with the same `fc.*` / `layers.0.*` keys plus `embed_tokens.weight` (MMSpec's head holds a
-    copy of the target's embedding table; ours reads the target's own)."""
-    ours = json.loads((src / "config.json").read_text())
-    if (
-        ours["method"] != "eagle"
-        or ours["hidden_size"] // ours["num_attention_heads"] != ours["head_dim"]
-    ):
-        raise ValueError(f"{src}: not an EAGLE head MMSpec's config can describe")
-    text = json.loads((target / "config.json").read_text())
-    config = {
+# ---- LLaVA target ----------------------------------------------------------------------------
+def llava_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5's LLaVA config.json -> 4.51.3's: the same nesting; `rope_parameters` ->
+    `rope_theta`, `dtype` -> `torch_dtype` at every level, `vocab_size` also at the top."""
+    text = dict(cfg["text_config"])
+    rope = text.pop("rope_parameters")
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"tiny LLaVA with rope {rope}: only plain RoPE converts")
+    text["rope_theta"] = rope["rope_theta"]
+    text["torch_dtype"] = text.pop("dtype", "float32")
+    vision = dict(cfg["vision_config"])
+    vision["torch_dtype"] = vision.pop("dtype", "float32")
+    top = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config", "dtype")}
+    top["torch_dtype"] = cfg.get("dtype", "float32")
+    top.pop("transformers_version", None)
+    # llava-hf's config.json (what MMSpec ran) repeats the text vocab_size at the top, and
+    # MMSpec's Token Recycling reads it there (base_model.config.vocab_size)
+    top["vocab_size"] = text["vocab_size"]
+    return {**top, "text_config": text, "vision_config": vision}
+
+
+def llava_weights(src: Path) -> dict[str, Any]:
+    """transformers 5 saves the CLIP tower's keys without `vision_model.`; 4.51.3's
+    LlavaForConditionalGeneration holds a CLIPVisionModel, so its keys have it. The
+    `language_model.model.*`, `language_model.lm_head.*` and `multi_modal_projector.*` keys
+    are already 4.51.3's."""
+    state = load_file(str(src / "model.safetensors"))
+    out = {}
+    for key, value in state.items():
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            key = "vision_tower.vision_model." + key.removeprefix("vision_tower.")
+        out[key] = value
+    return out
+
+
+def convert_llava_target(src: Path, dst: Path) -> None:
+    """Our tiny LLaVA (transformers 5.x save) -> 4.51.3's LlavaForConditionalGeneration folder.
+
+    MMSpec loads it with `CustomLlavaForConditionalGeneration` (method/llava_adapter.py) and
+    prompts it through `AutoProcessor` (LlavaProcessor: CLIPImageProcessor + the tokenizer,
+    the chat template from chat_template.jinja); its SpecModels read the stop ids and decode
+    answers with a `use_fast=False` AutoTokenizer. Our tokenizer is a byte-level BPE with
+    Qwen2's pre-tokenizer regex (not LLaMA's sentencepiece), so the slow one is a
+    Qwen2Tokenizer over vocab.json + merges.txt, with our bos/eos/unk/pad.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(llava_config(cfg), indent=2) + "\n")
+    proc = json.loads((src / "processor_config.json").read_text())
+    # 4.51.3 reads the image processor from preprocessor_config.json, the processor's own
+    # kwargs (patch_size, image_token, ...) from processor_config.json
+    image = {**proc.pop("image_processor"), "processor_class": proc["processor_class"]}
+    (dst / "preprocessor_config.json").write_text(json.dumps(image, indent=2) + "\n")
+    (dst / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+    slow_tokenizer_files(src, dst, keep_bos_unk=True)
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        shutil.copy2(src / name, dst / name)
+    save_file(llava_weights(src), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    gen = json.loads((src / "generation_config.json").read_text())
+    gen.pop("transformers_version", None)
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def target_text(target: Path) -> tuple[dict[str, Any], str]:
+    """A converted target's text config (top level for Qwen2.5-VL, `text_config` for LLaVA)
+    and the key of its token embedding table."""
+    cfg = json.loads((target / "config.json").read_text())
+    if cfg.get("model_type") == "llava":
+        return cfg["text_config"], "language_model.model.embed_tokens.weight"
+    return cfg, "model.embed_tokens.weight"
+
+
+# ---- heads -----------------------------------------------------------------------------------
+def econfig(ours: dict[str, Any], text: dict[str, Any]) -> dict[str, Any]:
+    """The EConfig config.json MMSpec's heads read (a LLaMA config of one layer, our shape)."""
+    return {
         "architectures": ["LlamaForCausalLM"],
         "hidden_size": ours["hidden_size"],
         "intermediate_size": ours["intermediate_size"],
@@ -116,19 +180,80 @@ def convert_eagle_head(src: Path, target: Path, dst: Path) -> None:
         "pad_token_id": text.get("pad_token_id"),
         "torch_dtype": text["torch_dtype"],
     }
+
+
+# ---- EAGLE head ------------------------------------------------------------------------------
+def convert_eagle_head(src: Path, target: Path, dst: Path, method: str = "eagle") -> None:
+    """Our EAGLE head -> MMSpec's EAGLE layout: an EConfig config.json and model.safetensors
+    with the same `fc.*` / `layers.0.*` keys plus `embed_tokens.weight` (MMSpec's head holds a
+    copy of the target's embedding table; ours reads the target's own). A ViSpec head
+    (`method="vispec"`) has EAGLE's keys plus its image adaptor `imadpt.*` and `img_fc.*`,
+    named as MMSpec's cnets_ours.Model names them (our `from_reference` keeps the names)."""
+    ours = json.loads((src / "config.json").read_text())
+    if (
+        ours["method"] != method
+        or ours["hidden_size"] // ours["num_attention_heads"] != ours["head_dim"]
+    ):
+        raise ValueError(f"{src}: not a {method} head MMSpec's config can describe")
+    text, embed_key = target_text(target)
+    config = econfig(ours, text)
     state = load_file(str(src / "model.safetensors"))
     if "fc.bias" not in state:
         raise ValueError(f"{src}: MMSpec's EAGLE fc always has a bias")
-    state["embed_tokens.weight"] = load_file(str(target / "model.safetensors"))[
-        "model.embed_tokens.weight"
-    ]
+    if method == "vispec" and ("imadpt.q" not in state or "img_fc.bias" not in state):
+        raise ValueError(f"{src}: a ViSpec head needs imadpt.q and a biased img_fc")
+    state["embed_tokens.weight"] = load_file(str(target / "model.safetensors"))[embed_key]
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-TARGET_CONVERTERS = {"qwen2.5-vl": convert_qwen_target}
-HEAD_CONVERTERS = {"eagle": convert_eagle_head}
+# ---- Medusa head -----------------------------------------------------------------------------
+MMSPEC_MEDUSA = {"num_heads": 3, "num_layers": 1, "projection": "target"}
+
+
+def convert_medusa_head(src: Path, target: Path, dst: Path) -> None:
+    """Our Medusa head -> MMSpec's (`method/medusa/cnets_medusa.py` `Model`): 3 heads of one
+    ResBlock each, `medusa_head.{i}.0.linear.{weight,bias}`, read through the target's LM
+    head (its `topK_genrate` is handed `base_model.lm_head`), an EConfig config.json (only
+    `hidden_size`, `vocab_size`, `pad_token_id` are read) and `embed_tokens.weight` (the
+    Model has the table, never uses it for drafting). MMSpec hard-codes that shape, so any
+    other (our `own` projection, more heads or blocks) cannot be converted."""
+    ours = json.loads((src / "config.json").read_text())
+    shape = {k: ours.get("extra", {}).get(k) for k in MMSPEC_MEDUSA}
+    if ours.get("method") != "medusa" or shape != MMSPEC_MEDUSA:
+        raise ValueError(
+            f"{src}: a Medusa head of {shape} (method {ours.get('method')!r}); MMSpec's "
+            f"cnets_medusa.Model is hard-coded to {MMSPEC_MEDUSA} (3 heads of 1 ResBlock read "
+            "through the target's LM head): retrain with the default Medusa head to compare"
+        )
+    state = load_file(str(src / "model.safetensors"))
+    want = {
+        f"medusa_head.{i}.0.linear.{p}"
+        for i in range(MMSPEC_MEDUSA["num_heads"])
+        for p in ("weight", "bias")
+    }
+    if set(state) != want:
+        raise ValueError(f"{src}: expected exactly the keys {sorted(want)}, found {sorted(state)}")
+    text, embed_key = target_text(target)
+    state["embed_tokens.weight"] = load_file(str(target / "model.safetensors"))[embed_key]
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(econfig(ours, text), indent=2) + "\n")
+
+
+TARGET_CONVERTERS = {"qwen2.5-vl": convert_qwen_target, "llava": convert_llava_target}
+
+
+def convert_vispec_head(src: Path, target: Path, dst: Path) -> None:
+    convert_eagle_head(src, target, dst, method="vispec")
+
+
+HEAD_CONVERTERS = {
+    "eagle": convert_eagle_head,
+    "vispec": convert_vispec_head,
+    "medusa": convert_medusa_head,
+}
 
 
 def convert(model: str, root: Path, methods: list[str] | None = None) -> None:

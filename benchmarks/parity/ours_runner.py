@@ -4,6 +4,8 @@
 
 The target is loaded with MMSpec's prompt setup (`prompt_style="mmspec"`), so prompt ids are
 those of MMSpec's `build_prompt`. One generation at a time (batch 1, greedy), as MMSpec runs.
+Every turn of a sample runs as our ShardRunner runs it: the conversation so far
+(`orchestrator.runner.conversation`) with our decoded answers (`Target.decode`) fed back.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 from common import (
+    DEFAULT_PROMPTS,
     DEFAULT_SPLIT,
     METHODS,
     MODELS,
@@ -42,15 +45,8 @@ def run_method(
     target = load_target(MODELS[model].ours, device="cpu", prompt_style="mmspec")
     drafter = get_drafter(method.ours)(**method.ours_args)
     engine = Engine(target, drafter)
-    jobs = []
-    for p in prompts:
-        sample = Sample(id=p.id, topic=p.topic, category="", turns=(p.question,))
-        conv = [conversation(sample, [], has_image=True)]
-        image = [Image.open(p.image).convert("RGB")]  # as Sample.load_image decodes it
-        jobs.append((conv, image, target.encode(conv, image)))
 
-    def generate(job: tuple) -> Any:
-        conv, image, prompt = job
+    def generate(conv: list, image: list, prompt: Any) -> Any:
         # timed like MMSpec's scripts: on a prompt already tokenised and preprocessed
         target.encode = lambda *_: prompt  # an instance attribute: `del` restores the method
         try:
@@ -58,27 +54,43 @@ def run_method(
         finally:
             del target.encode
 
-    generate(jobs[0])  # warm-up
+    def job(p: Prompt, answers: list[str]) -> tuple[list, list, Any]:
+        # as ShardRunner._run_turn: the conversation so far, the image with its first turn
+        sample = Sample(id=p.id, topic=p.topic, category="", turns=p.turns)
+        conv = [conversation(sample, answers, has_image=True)]
+        image = [Image.open(p.image).convert("RGB")]  # as Sample.load_image decodes it
+        return conv, image, target.encode(conv, image)
+
+    generate(*job(prompts[0], []))  # warm-up
     records = []
-    for p, job in zip(prompts, jobs):
-        walls, g = [], None
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            g = generate(job)
-            walls.append(time.perf_counter() - t0)
-        records.append(
-            {
-                "id": p.id,
-                "topic": p.topic,
-                "prompt_ids": job[2].input_ids[0].tolist(),
-                "pixels_sha256": pixels_sha256(job[2].inputs.get("pixel_values")),
-                "output_ids": g.tokens,
-                "accept_lengths": g.accept_lengths,
-                "wall_s": min(walls),
-                "walls_s": walls,
-            }
-        )
-        print(f"  ours {name} {p.id}: {len(g.tokens)} tokens, {min(walls):.3f}s", flush=True)
+    for p in prompts:
+        answers: list[str] = []
+        for turn in range(len(p.turns)):
+            conv, image, prompt = job(p, answers)
+            walls, g = [], None
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                g = generate(conv, image, prompt)
+                walls.append(time.perf_counter() - t0)
+            answers.append(target.decode(g.tokens))  # what ShardRunner feeds back
+            records.append(
+                {
+                    "id": p.id,
+                    "turn": turn,
+                    "topic": p.topic,
+                    "prompt_ids": prompt.input_ids[0].tolist(),
+                    "pixels_sha256": pixels_sha256(prompt.inputs.get("pixel_values")),
+                    "output_ids": g.tokens,
+                    "accept_lengths": g.accept_lengths,
+                    "answer": answers[-1],
+                    "wall_s": min(walls),
+                    "walls_s": walls,
+                }
+            )
+            print(
+                f"  ours {name} {p.id}/{turn}: {len(g.tokens)} tokens, {min(walls):.3f}s",
+                flush=True,
+            )
     return {
         "side": "ours",
         "method": name,
@@ -88,6 +100,7 @@ def run_method(
         # the settings the drafter ended up with, defaults included
         "drafter": {k: v for k, v in vars(drafter).items() if isinstance(v, int | float | str)},
         "stop_ids": sorted(target.eos_token_ids),
+        "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens,
         "threads": args.threads,
         "records": records,
@@ -99,9 +112,9 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-qwen2.5-vl")
     ap.add_argument("--methods", default="ar,pld,eagle2")
     ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT)
-    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per prompt (best kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per turn (best kept)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=parity_home() / "out")
     args = ap.parse_args()

@@ -1,4 +1,5 @@
-"""Run-time patches that let MMSpec's code (written for CUDA) run on a CPU, and nothing else.
+"""Run-time patches that let MMSpec's code (written for CUDA) run on a CPU, and switches for
+the opt-in reference fixes (off unless an adapter turns one on).
 
 Imported by ref_runner.py inside the reference venv, before any MMSpec module. The checkout
 given with --reference is never written to: `install()` puts an import hook in front of it
@@ -15,6 +16,8 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -25,6 +28,36 @@ class SourcePatch:
     new: str
     count: int  # exact number of occurrences in each matching module
     why: str
+
+
+# Opt-in reference fixes (README, "Reference fixes"): each source edit below keeps MMSpec's
+# behaviour unless an adapter switches its fix on for the generations it runs (`fixes`).
+FIXES: dict[str, bool] = {
+    "llava_kv": False,
+    "no_repeat_stop": False,
+    "recycling_no_guards": False,
+    "recycling_chunk_positions": False,
+    "eager_tree_mask": False,
+    "vskip_attentions": False,
+}
+
+
+def _fix(name: str) -> str:
+    return f'__import__("ref_patches").FIXES["{name}"]'
+
+
+@contextmanager
+def fixes(names: tuple[str, ...]) -> Iterator[None]:
+    """Switch the named fixes on for the duration (and off again after)."""
+    for name in names:
+        if name not in FIXES:
+            raise KeyError(f"unknown reference fix {name!r}; known: {', '.join(FIXES)}")
+        FIXES[name] = True
+    try:
+        yield
+    finally:
+        for name in names:
+            FIXES[name] = False
 
 
 SOURCE_PATCHES = (
@@ -41,6 +74,91 @@ SOURCE_PATCHES = (
         '"cpu"',
         1,
         "build_prompt moves the processor's output to cuda:0; the model is on the CPU",
+    ),
+    # ---- switches for the opt-in fixes (no change while the switch is off) ----
+    SourcePatch(
+        "method.pld.spec_model_pld",
+        "(not is_llava)",
+        f"(not is_llava or {_fix('llava_kv')})",
+        4,
+        "fix llava_kv: on LLaVA, PLD never sets the cache length back after a verification, "
+        "so the keys of rejected drafts stay in the cache the next step attends to",
+    ),
+    SourcePatch(
+        "method.recycling.spec_model_recycling",
+        "(not is_llava)",
+        f"(not is_llava or {_fix('llava_kv')})",
+        3,
+        "fix llava_kv: the same in Token Recycling",
+    ),
+    SourcePatch(
+        "method.pld.spec_model_pld",
+        "if _has_repetitive_tail(",
+        f"if not {_fix('no_repeat_stop')} and _has_repetitive_tail(",
+        1,
+        "fix no_repeat_stop: PLD ends a generation whose tail repeats an n-gram 5 times",
+    ),
+    SourcePatch(
+        "method.recycling.spec_model_recycling",
+        "if _has_repetitive_tail(",
+        f"if not {_fix('no_repeat_stop')} and _has_repetitive_tail(",
+        1,
+        "fix no_repeat_stop: the same in Token Recycling",
+    ),
+    SourcePatch(
+        "method.recycling.spec_model_recycling",
+        "_fb_cyc = any(",
+        f"_fb_cyc = not {_fix('recycling_no_guards')} and any(",
+        1,
+        "fix recycling_no_guards: a no-draft step replaces an argmax that continues a "
+        "2..20-gram repeat with the next-best token",
+    ),
+    SourcePatch(
+        "method.recycling.spec_model_recycling",
+        "_pa_cyc = any(",
+        f"_pa_cyc = not {_fix('recycling_no_guards')} and any(",
+        1,
+        "fix recycling_no_guards: the same for the accepted tokens of a verified draft",
+    ),
+    SourcePatch(
+        "method.recycling.modeling_qwen2_5_vl_kv",
+        """            cache_position = torch.tensor(
+                [past_key_values[0][0].current_length], device=inputs_embeds.device
+            )
+""",
+        f"""            cache_position = torch.tensor(
+                [past_key_values[0][0].current_length], device=inputs_embeds.device
+            )
+            if {_fix("recycling_chunk_positions")}:
+                cache_position = torch.arange(
+                    past_key_values[0][0].current_length,
+                    past_key_values[0][0].current_length + inputs_embeds.shape[1],
+                    device=inputs_embeds.device,
+                )
+""",
+        1,
+        "fix recycling_chunk_positions: its Qwen2.5-VL copy gives a multi-token chunk a "
+        "one-element cache_position, so the causal mask lets every chunk token see only "
+        "the prefix and the chunk's first token (method/vispec's copy has the arange)",
+    ),
+    SourcePatch(
+        "method.vispec.modeling_qwen2_5_vl_kv",
+        'and self.config._attn_implementation != "eager"',
+        f'and (self.config._attn_implementation != "eager" or {_fix("eager_tree_mask")})',
+        1,
+        "fix eager_tree_mask: its Qwen2.5-VL copy applies the tree mask only when attention "
+        "is not eager, so under eager (what the vskip scripts load) a tree's nodes see every "
+        "other branch",
+    ),
+    SourcePatch(
+        "method.vispec.spec_model_ours",
+        "            return None, orig, hidden_states\n",
+        f"            return (outputs if {_fix('vskip_attentions')} else None), orig, "
+        "hidden_states\n",
+        1,
+        "fix vskip_attentions: SpecModel.forward returns None where the target's outputs "
+        "go, so vispec_vskip's gate reads no attentions and its ratio is always 0 (it never "
+        "skips)",
     ),
 )
 

@@ -16,9 +16,10 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from common import DEFAULT_SPLIT, METHODS, parity_home
+from common import DEFAULT_PROMPTS, DEFAULT_SPLIT, METHODS, parity_home
 from compare import report
 from convert import convert
 from setup_venv import setup
@@ -31,16 +32,23 @@ def main() -> None:
     ap.add_argument("--reference", type=Path, required=True, help="MMSpec checkout (read only)")
     ap.add_argument("--methods", default="ar,pld,eagle2,eagle", help=",".join(METHODS))
     ap.add_argument("--models", default="tiny-qwen2.5-vl")
-    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per prompt (best kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per turn (best kept)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT)
     ap.add_argument("--home", type=Path, default=parity_home(), help="venv, ckpt/ and out/")
     ap.add_argument("--venv", type=Path, help="reference venv (default: <home>/venv)")
     ap.add_argument("--out", type=Path, help="JSON and report.md (default: <home>/out)")
     ap.add_argument("--only", choices=("ref", "ours", "compare"), help="run one stage")
+    ap.add_argument(
+        "--cut-answers",
+        action="store_true",
+        help="reference side: feed later turns each answer cut at the budget and after its "
+        "first stop token",
+    )
     args = ap.parse_args()
+    t0 = time.perf_counter()
     home = args.home.expanduser()
     out = (args.out or home / "out").expanduser()
     methods = args.methods.split(",")
@@ -67,7 +75,7 @@ def main() -> None:
             subprocess.run(
                 [str(python), str(HERE / "ref_runner.py"), "--reference", str(args.reference),
                  "--model", model, "--methods", ",".join(ref_methods), "--ckpt", str(home),
-                 *common],
+                 *common, *(["--cut-answers"] if args.cut_answers else [])],
                 check=True, env=env,
             )  # fmt: skip
     if args.only in (None, "ours"):
@@ -80,6 +88,7 @@ def main() -> None:
     text = report(out, models, methods)
     (out / "report.md").write_text(text)
     print(text, end="")
+    print(f"parity run: {time.perf_counter() - t0:.0f} s wall", file=sys.stderr)
 
 
 if __name__ == "__main__":
