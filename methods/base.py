@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -10,6 +11,7 @@ import torch
 
 from mmspec.methods.tree import DraftTree
 from mmspec.models.feature_taps import Feature
+from mmspec.results.taxonomy import Family
 
 if TYPE_CHECKING:
     from mmspec.models.target import Target
@@ -63,6 +65,9 @@ class Drafter:
     name: ClassVar[str] = ""
     training_free: ClassVar[bool] = True
     vision_aware: ClassVar[bool] = False
+    # MMSpec's drafting axis: a tree of alternatives per step (True) or one chain (False);
+    # a drafter whose shape depends on its options overrides drafts_tree instead
+    tree_drafting: ClassVar[bool] = False
     # the engine then puts each row's attention mass on image tokens (of the position that
     # predicted the pending token) in ctx.extras["vision_score"], from `score_layers`
     needs_vision_score: ClassVar[bool] = False
@@ -79,6 +84,18 @@ class Drafter:
             for p in inspect.signature(cls.__init__).parameters.values()
             if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         ]
+
+    @classmethod
+    def drafts_tree(cls, args: Mapping[str, Any]) -> bool:
+        """Whether this drafter, given these method_args, drafts trees rather than chains."""
+        return cls.tree_drafting
+
+    @classmethod
+    def family(cls, args: Mapping[str, Any]) -> Family:
+        """Where this drafter, given these method_args, sits in MMSpec's taxonomy (the
+        manifest records it for the reports: mmspec.results.taxonomy)."""
+        drafting = "tree" if cls.drafts_tree(args) else "linear"
+        return Family(drafting, vision_aware=cls.vision_aware, training_free=cls.training_free)
 
     def load(self, target: Target) -> None:
         """Load weights or read what the drafter needs from the target (no-op if model-free)."""

@@ -22,6 +22,8 @@ def check_tree_args(method: str, depth: int, top_k: int, total_token: int) -> No
 class DynamicTreeDrafter(HeadDrafter):
     """A head drafter that grows EAGLE-2's dynamic tree (EAGLE-2, EAGLE-3, ViSpec, MSD)."""
 
+    tree_drafting = True  # EAGLE-1's static tree (`tree: static`) is a tree too
+
     def __init__(
         self, checkpoint: str | None = None, depth: int = 3, top_k: int = 8, total_token: int = 30
     ) -> None:

@@ -76,7 +76,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome
 from mmspec.methods.registry import register
@@ -400,6 +401,11 @@ class Lookahead(Drafter):
             drafter served.
         global_max_nodes: size at which the shared trie is pruned.
     """
+
+    @classmethod
+    def drafts_tree(cls, args: Mapping[str, Any]) -> bool:
+        # MMSpec's rule verifies its best branch as a chain; the other two verify a tree
+        return args.get("rule", "mmspec") != "mmspec"
 
     def __init__(
         self,

@@ -358,6 +358,7 @@ class Medusa(Drafter):
     """
 
     training_free: ClassVar[bool] = False
+    tree_drafting: ClassVar[bool] = True  # the beam and the static tree alike
     head_cls: ClassVar[type[nn.Module]] = MedusaHeads
     features: tuple[Feature, ...] = (FINAL,)
 

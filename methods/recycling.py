@@ -50,8 +50,9 @@ Choices beside the references (drafting only; acceptance is the engine's, so los
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -197,6 +198,10 @@ class TokenRecycling(Drafter):
         prompt_seed: seed the prompt tokens' rows from the prefill's logits.
         stops: stop a line before token 0, the image placeholder or an immediate repeat.
     """
+
+    @classmethod
+    def drafts_tree(cls, args: Mapping[str, Any]) -> bool:
+        return args.get("tree", "chain") != "chain"  # MMSpec's default is the chain
 
     def __init__(
         self,

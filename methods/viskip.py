@@ -13,7 +13,7 @@ e.g. SAM) plus the wrapped method's own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome
@@ -51,6 +51,12 @@ class ViSkip(Drafter):
     def arg_names(cls) -> list[str]:
         return [*super().arg_names(), *cls.inner_cls.arg_names()]
 
+    @classmethod
+    def drafts_tree(cls, args: Mapping[str, Any]) -> bool:
+        # ViSkip's own args are prefixed (module doc); the rest are the wrapped method's
+        inner = {k: v for k, v in args.items() if not k.startswith("viskip_")}
+        return cls.inner_cls.drafts_tree(inner)
+
     def load(self, target: Target) -> None:
         self.inner.load(target)
         self.features = self.inner.features
@@ -70,14 +76,16 @@ class ViSkip(Drafter):
 
 
 def viskip_of(inner: type[Drafter]) -> type[ViSkip]:
-    """The ViSkip class wrapping `inner` (same training/vision traits as the inner method)."""
+    """The ViSkip class wrapping `inner`: the inner method's training trait; vision-aware
+    whatever the inner method is, since ViSkip decides from the image whether to draft (as
+    MMSpec's taxonomy counts it: mmspec.results.taxonomy.viskip_family)."""
     return type(
         f"ViSkip_{inner.__name__}",
         (ViSkip,),
         {
             "inner_cls": inner,
             "training_free": inner.training_free,
-            "vision_aware": inner.vision_aware,
+            "vision_aware": True,
             "__doc__": f"ViSkip over {inner.name}.",
         },
     )

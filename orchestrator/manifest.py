@@ -14,9 +14,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from mmspec.orchestrator.grid import Grid, grid_sha256, to_dict
+from mmspec.orchestrator.grid import BASELINE, Grid, grid_sha256, to_dict
 from mmspec.results.environment import ENVIRONMENT, Environment, Gpu
 from mmspec.results.schema import SCHEMA_VERSION
+from mmspec.results.taxonomy import TAXONOMY
 from mmspec.workloads.fingerprint import workload_sha256
 from mmspec.workloads.sample import Sample
 
@@ -55,6 +56,19 @@ def build_manifest(
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         ENVIRONMENT: probe_environment().to_dict(),
+        TAXONOMY: method_taxonomy(grid),
+    }
+
+
+def method_taxonomy(grid: Grid) -> dict[str, dict[str, Any]]:
+    """Each method's place in MMSpec's taxonomy, with the grid's options applied (`ar`, which
+    drafts nothing, has none): the reports group methods by it and cannot ask the registry."""
+    from mmspec.methods.registry import get_drafter
+
+    return {
+        method: get_drafter(method).family(grid.method_args.get(method, {})).to_dict()
+        for method in grid.methods
+        if method != BASELINE
     }
 
 

@@ -58,12 +58,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from mmspec.reports.acceptance import DRAFTING_STEPS, is_acceptance_column
 from mmspec.reports.export import FORMATS
+from mmspec.reports.metrics import ALL_TOPIC
 from mmspec.reports.paired import BASELINE
 from mmspec.results.environment import ENVIRONMENT, Environment, Gpu
 from mmspec.results.ids import VISKIP_PREFIX, cell_id, safe_name, shard_id
 from mmspec.results.layout import MANIFEST, RESULTS, TIMESTAMP, part_name, partition
 from mmspec.results.schema import SCHEMA_VERSION, ResultRow, rows_to_table
+from mmspec.results.taxonomy import TAXONOMY, known_taxonomy
 
 IMPORTED = "imported"  # the manifest key that marks an imported run
 DEFAULT_BASELINE = "baseline"  # MMSpec's name for plain decoding; imported as `ar`
@@ -80,14 +83,18 @@ _NEVER_RECORDED = ("prompt_tokens", "drafted_tokens", "prefill_s", "commit_s")
 # The metric columns (cell metrics and run details) computed from each unrecorded row field.
 # MMSpec's prefill sits inside target_time (verify) and its bookkeeping in "other", so
 # other_s_mean stays meaningful while draft and verify are recorded.
+# Time to first token is the prefill, and time per output token what follows it.
 _METRICS_OF_FIELD = {
-    "prefill_s": ("prefill_s_mean",),
+    "prefill_s": ("prefill_s_mean", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s"),
     "commit_s": ("commit_s_mean",),
     "draft_s": ("draft_s_mean", "other_s_mean"),
     "verify_s": ("verify_s_mean", "other_s_mean"),
     "drafted_tokens": ("drafted_tokens", "accept_rate"),
-    "skipped_steps": ("skipped_steps",),
+    # ViSkip's skipped steps leave the drafting steps that acceptance per position divides by
+    # (and the acceptance columns, matched by acceptance.is_acceptance_column, with them).
+    "skipped_steps": ("skipped_steps", DRAFTING_STEPS),
 }
+_ACCEPTANCE_OF_FIELD = {"skipped_steps"}
 
 
 class AnswerFileError(ValueError):
@@ -123,6 +130,9 @@ class SourceFile:
     error_rows: int
     not_recorded: list[str]  # row fields with no source in this file (sentinel values)
     unplaced_turns: int = 0  # Spec-Bench turns whose per-step lengths could not be placed
+    # MSD's per-turn means x rounds, less the whole accepted tokens the rows hold, summed per
+    # topic: what draft_accept_mean needs to be MMSpec's exactly (see exact_accept_means)
+    accept_residue: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -258,6 +268,7 @@ class _Turn:
     draft_s: float = 0.0
     verify_s: float = 0.0
     error: str | None = None
+    residue: float = 0.0  # accepted drafts the whole `accepted` leaves out (MSD's means)
 
 
 def _optional(where: _Where, choice: dict[str, Any], key: str, n: int) -> list[Any] | None:
@@ -282,6 +293,7 @@ def _mmspec_turns(where: _Where, choice: dict[str, Any], new_tokens: list[int]) 
     for t in range(n):
         value = None if accept is None else accept[t]
         key = f"choices[0].acceptance_length[{t}]"
+        residue = 0.0
         if isinstance(value, list):
             lengths = [where.count(v, f"{key}[{i}]") for i, v in enumerate(value)]
             steps, accepted = len(lengths), sum(lengths)
@@ -293,7 +305,9 @@ def _mmspec_turns(where: _Where, choice: dict[str, Any], new_tokens: list[int]) 
                 where.fail("choices[0].idxs", f"missing, needed with the mean in {key}")
             steps = where.count(idxs[t], f"choices[0].idxs[{t}]")
             lengths, accepted = None, round(mean * steps)
-        turns.append(_Turn(steps, accepted, lengths, draft_s[t], verify_s[t]))
+            # the rows hold whole tokens; the manifest keeps the rest (SourceFile)
+            residue = mean * steps - accepted
+        turns.append(_Turn(steps, accepted, lengths, draft_s[t], verify_s[t], residue=residue))
     return turns
 
 
@@ -340,6 +354,7 @@ def _parse_file(path: Path, cell: _Cell, fmt: str, name: str) -> _Parsed:
     seen: dict[str, int] = {}
     tstamps: list[float] = []
     unplaced = 0
+    residue: dict[str, float] = {}
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -383,6 +398,8 @@ def _parse_file(path: Path, cell: _Cell, fmt: str, name: str) -> _Parsed:
             turns, missed = _specbench_turns(where, choice, new_tokens, texts)
             unplaced += missed
         for t, turn in enumerate(turns):
+            if turn.residue:
+                residue[topic] = residue.get(topic, 0.0) + turn.residue
             rows.append(
                 ResultRow(
                     run_id=cell.run_id,
@@ -428,6 +445,7 @@ def _parse_file(path: Path, cell: _Cell, fmt: str, name: str) -> _Parsed:
         error_rows=sum(r.status != "ok" for r in rows),
         not_recorded=_not_recorded(fmt, cell.method, records),
         unplaced_turns=unplaced,
+        accept_residue=residue,
     )
     return _Parsed(cell, source, rows, min(tstamps) if tstamps else None)
 
@@ -620,6 +638,8 @@ def _manifest(
         "git_dirty": None,
         "host": None,
         ENVIRONMENT: environment.to_dict(),
+        # MMSpec's taxonomy of the methods whose names it knows (renamed ones may be unknown)
+        TAXONOMY: known_taxonomy(methods),
         IMPORTED: {
             "format": settings.fmt,
             "imported_at": now.isoformat(timespec="seconds"),
@@ -676,11 +696,44 @@ def mask_unrecorded(frame: pl.DataFrame, manifest: Mapping[str, Any]) -> pl.Data
             pl.col("temperature") == float(source["temperature"])
         )
         for row_field in source.get("not_recorded") or []:
-            for column in _METRICS_OF_FIELD.get(row_field, ()):
+            columns = list(_METRICS_OF_FIELD.get(row_field, ()))
+            if row_field in _ACCEPTANCE_OF_FIELD:
+                columns += [c for c in frame.columns if is_acceptance_column(c)]
+            for column in columns:
                 if column in frame.columns:
                     previous = updates.get(column, pl.col(column))
                     updates[column] = pl.when(hit).then(None).otherwise(previous)
     return frame.with_columns(**updates) if updates else frame
+
+
+def exact_accept_means(frame: pl.DataFrame, manifest: Mapping[str, Any]) -> pl.DataFrame:
+    """Cell metrics with draft_accept_mean as MMSpec's summarize_metrics computes it for files
+    that store one mean per turn (MSD): sum(mean x rounds) / sum(rounds). The rows hold the
+    products as whole tokens; the manifest keeps what rounding left out, per topic
+    (`accept_residue`), which is added back here. Unchanged for our own runs."""
+    info = import_info(manifest)
+    if info is None or frame.height == 0 or "draft_accept_mean" not in frame.columns:
+        return frame
+    value = pl.col("draft_accept_mean")
+    for source in info.get("files") or []:
+        residue = {str(k): float(v) for k, v in (source.get("accept_residue") or {}).items()}
+        if not residue:
+            continue
+        hit = (pl.col("method") == source["method"]) & (
+            pl.col("temperature") == float(source["temperature"])
+        )
+        per_topic = {**residue, ALL_TOPIC: sum(sorted(residue.values()))}
+        extra = pl.col("topic").replace_strict(per_topic, default=0.0, return_dtype=pl.Float64)
+        exact = (pl.col("accepted_tokens") + extra) / pl.col("steps")
+        value = pl.when(hit & (pl.col("steps") > 0)).then(exact).otherwise(value)
+    return frame.with_columns(draft_accept_mean=value)
+
+
+def imported_metrics(frame: pl.DataFrame, manifest: Mapping[str, Any]) -> pl.DataFrame:
+    """Cell metrics of a run as the report shows them: for an imported run, metrics built on
+    values its files lack are null (mask_unrecorded) and MMSpec's draft_accept_mean is exact
+    (exact_accept_means); our own runs' metrics pass unchanged."""
+    return exact_accept_means(mask_unrecorded(frame, manifest), manifest)
 
 
 _FORMAT_NAMES = {"mmspec": "MMSpec", "specbench": "Spec-Bench"}
@@ -688,8 +741,10 @@ _FORMAT_NAMES = {"mmspec": "MMSpec", "specbench": "Spec-Bench"}
 _FORMAT_NOTES = {
     "mmspec": (
         "Steps and accepted drafts are read as MMSpec's `evaluation/summarize_metrics.py` "
-        "counts rounds: MAT here is its `draft_accept_mean`, new tokens / steps its `MAT`; "
-        "verify is MMSpec's `target_time`, which includes the prefill."
+        "counts rounds: its `MAT`, `draft_accept_mean` and speedups are the MMSpec columns "
+        "of each block (and `*_mmspec` in metrics.csv); our MAT is its draft_accept_mean "
+        "up to MSD's rounding to whole tokens; verify is MMSpec's `target_time`, which "
+        "includes the prefill."
     ),
     "specbench": (
         "Steps and accepted drafts come from Spec-Bench's flat `accept_lengths` (bonus "

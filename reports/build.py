@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from mmspec.reports.answer_import import mask_unrecorded
+from mmspec.reports.answer_import import imported_metrics, mask_unrecorded
 from mmspec.reports.html import render_html
 from mmspec.reports.markdown import render_markdown
 from mmspec.reports.metrics import REPORT_INPUTS, cell_metrics, collect_rows, load_rows, run_details
@@ -28,8 +28,9 @@ def write_report(run_dir: str | Path) -> Path:
     rows = collect_rows(load_rows(run_dir), REPORT_INPUTS)
     manifest = manifest_or_empty(run_dir)
     # An imported run's sentinels (values its files do not hold) become nulls here, once, so
-    # no table, chart or metrics file shows them as measured zeros.
-    metrics = mask_unrecorded(cell_metrics(rows), manifest)
+    # no table, chart or metrics file shows them as measured zeros; MMSpec's draft_accept_mean
+    # gets back what its whole-token rows rounded off.
+    metrics = imported_metrics(cell_metrics(rows), manifest)
     details = run_details(rows)
     details = replace(details, cells=mask_unrecorded(details.cells, manifest))
     # Arrow keeps types for compare/regression tooling; CSV is for a quick look or a spreadsheet.

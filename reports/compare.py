@@ -43,7 +43,7 @@ from mmspec.reports.formatting import DASH, num, signed_pct, transition
 from mmspec.reports.markdown import markdown_table
 from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, load_rows
 from mmspec.reports.paired import BASELINE, SAME_WORK
-from mmspec.results.environment import Environment
+from mmspec.results.environment import Environment, software
 from mmspec.results.layout import manifest_or_empty
 
 DEFAULT_THRESHOLD = 0.05
@@ -375,6 +375,7 @@ def _run_label(run_dir: Path) -> dict[str, Any]:
         "grid_sha256": manifest.get("grid_sha256"),
         "workload_sha256": manifest.get("workload_sha256"),
         "accelerator": env.accelerator if env is not None else None,
+        "software": software(manifest),
         "imported": source_format(manifest),
     }
 
@@ -698,6 +699,18 @@ def _provenance_notes(result: Comparison) -> list[str]:
         notes.append(
             f"> Note: the runs ran on different hardware ({before} vs {after}): times and "
             "speedups compare the machines as well as the code."
+        )
+    before, after = result.base.get("software") or {}, result.new.get("software") or {}
+    changed = [
+        f"{name} {before[name]} vs {after[name]}"
+        for name in before
+        if name in after and before[name] != after[name]
+    ]
+    if changed:
+        # A warning, never a failure: an upgrade is often the very change being measured.
+        notes.append(
+            f"> Note: the environments differ ({'; '.join(changed)}): a change may come from "
+            "them as well as from the code."
         )
     for side, label in (("BASE", result.base), ("NEW", result.new)):
         if label.get("imported"):

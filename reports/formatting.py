@@ -63,3 +63,12 @@ def energy_per_token(cell: dict[str, Any] | None) -> str:
     if cell["energy_rows"] < cell["samples"]:
         text += f" ({cell['energy_rows']} of {cell['samples']} rows)"
     return text
+
+
+UNAVAILABLE = "unavailable"
+
+
+def speedup(value: float | None, decimals: int = 2) -> str:
+    """A speedup (1.234) as "1.23×"; "unavailable" where there is none (no `ar` to divide by,
+    or no request both ran)."""
+    return UNAVAILABLE if value is None else f"{value:.{decimals}f}×"

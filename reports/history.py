@@ -33,7 +33,7 @@ from typing import Any
 
 import polars as pl
 
-from mmspec.reports.answer_import import mask_unrecorded
+from mmspec.reports.answer_import import imported_metrics
 from mmspec.reports.formatting import DASH, num, signed_pct
 from mmspec.reports.markdown import markdown_table
 from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, cell_metrics, load_rows
@@ -63,6 +63,11 @@ LOWER_IS_BETTER = {
     "errors",
     "latency_p50_s",
     "latency_p90_s",
+    "latency_p99_s",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "tpot_p50_s",
+    "tpot_p90_s",
     "prefill_s_mean",
     "draft_s_mean",
     "verify_s_mean",
@@ -141,7 +146,7 @@ def run_history_rows(run_dir: str | Path, machine: str | None = None) -> pl.Data
 
 def _rows(identity: dict[str, Any], run_dir: str | Path) -> pl.DataFrame:
     ids = pl.DataFrame([identity], schema=_IDENTITY_SCHEMA)
-    metrics = mask_unrecorded(cell_metrics(load_rows(run_dir)), manifest_or_empty(run_dir))
+    metrics = imported_metrics(cell_metrics(load_rows(run_dir)), manifest_or_empty(run_dir))
     return ids.join(metrics, how="cross")
 
 

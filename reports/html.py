@@ -15,13 +15,20 @@ from typing import Any
 
 import polars as pl
 
+from mmspec.reports.acceptance import hist_column, positions, rate_column
 from mmspec.reports.answer_import import import_note
+from mmspec.reports.families import group_speedups, grouped_methods
 from mmspec.reports.formatting import seconds
 from mmspec.reports.markdown import (
     DEFINITIONS,
     ERROR_LIMIT,
+    FAMILY_NOTE,
+    TAXONOMY_NOTE,
+    THROUGHPUT_NOTE,
     block_rows,
     blocks,
+    disagreement_note,
+    families,
     headline,
     merged_cells,
     method_order,
@@ -37,17 +44,26 @@ from mmspec.reports.tables import (
     Table,
     breakdown_table,
     detail_table,
+    disagreement_table,
     environment_table,
     errors_table,
+    histogram_table,
     import_table,
     metadata_table,
+    mmspec_table,
     packages_table,
+    position_table,
     run_fields,
+    speedup_by_batch_table,
+    taxonomy_table,
+    throughput_table,
     topic_table,
     viskip_table,
 )
+from mmspec.reports.throughput import DISAGREEMENT, disagreements
 from mmspec.reports.viskip import NOTE as VISKIP_NOTE
 from mmspec.reports.viskip import grouped, viskip_rows
+from mmspec.results.taxonomy import Family
 
 PHASES = [
     # (column of the merged cell frame, legend label, colour)
@@ -112,6 +128,7 @@ svg.plot text { font: 12px system-ui, -apple-system, "Segoe UI", Roboto, sans-se
   fill: #333; }
 svg.plot .plot-title { font-size: 13px; font-weight: 600; }
 svg.plot .axis-label { fill: #555; }
+svg.plot .point-label { font-size: 9px; }
 dl.legend dt { font-weight: 600; margin-top: 8px; }
 dl.legend dd { margin: 0 0 0 18px; color: #333; max-width: 900px; }
 pre { background: #fff; border: 1px solid var(--line); padding: 10px; overflow-x: auto; }
@@ -383,6 +400,142 @@ def _breakdown_plot(
     )
 
 
+# The taxonomy groups' lines: vision-aware solid, vision-agnostic dashed, unknown grey.
+_GROUP_STYLE = {"vision-aware": ("#b5179e", False), "vision-agnostic": ("#4361ee", True)}
+
+
+def _family_plot(
+    pooled: pl.DataFrame, methods: list[str], found: dict[str, Family | None], title: str
+) -> str:
+    """MMSpec's second finding: each taxonomy group's geometric-mean speedup vs batch size."""
+    lines = []
+    for group, members in grouped_methods(methods, found).items():
+        points = group_speedups(pooled, members)
+        if not points:
+            continue
+        color, dashed = _GROUP_STYLE.get(group, ("#999999", True))
+        lines.append(
+            Line(
+                f"{group} ({len(members)})",
+                [float(p.batch_size) for p in points],
+                [p.speedup for p in points],
+                color,
+                dashed=dashed,
+            )
+        )
+    if not lines:
+        return ""
+    svg = line_chart(
+        lines,
+        title=title,
+        x_label="Batch size",
+        y_label="Speedup vs ar (geometric mean, ×)",
+        x_log2=True,
+        x_ticks=sorted({float(b) for b in pooled["batch_size"].to_list()}),
+        x_fmt=lambda v: f"{v:g}",
+        y_fmt=lambda v: f"{v:.2f}×",
+        reference_y=(1.0, "ar = 1×"),
+    )
+    return (
+        f"<figure>{svg}<figcaption>{escape(FAMILY_NOTE)} Geometric mean of the speedups "
+        "(global) of each group's methods (how many in brackets).</figcaption></figure>"
+    )
+
+
+def _throughput_plot(
+    pooled: pl.DataFrame, methods: list[str], colors: dict[str, str], title: str
+) -> str:
+    """Throughput speedup (y) against latency speedup (x), one line per method through its
+    batch sizes; on the diagonal the two agree."""
+    lines = []
+    for method in methods:
+        part = pooled.filter(
+            (pl.col("method") == method)
+            & pl.col("throughput_speedup").is_not_null()
+            & pl.col("latency_speedup").is_not_null()
+        ).sort("batch_size")
+        if method == BASELINE or part.height == 0:
+            continue
+        lines.append(
+            Line(
+                method,
+                part["latency_speedup"].to_list(),
+                part["throughput_speedup"].to_list(),
+                colors[method],
+                point_labels=[f"b{b}" for b in part["batch_size"].to_list()],
+            )
+        )
+    if not lines:
+        return ""
+    values = [v for ln in lines for v in (*ln.xs, *ln.ys)]
+    lo, hi = min(*values, 1.0), max(*values, 1.0)
+    pad = 0.06 * (hi - lo) or 0.1
+    span = (max(0.0, lo - pad), hi + pad)
+    svg = line_chart(
+        lines,
+        title=title,
+        x_label="Latency speedup vs ar (per request, ×)",
+        y_label="Throughput speedup vs ar (×)",
+        x_range=span,
+        y_range=span,
+        x_fmt=lambda v: f"{v:.2f}×",
+        y_fmt=lambda v: f"{v:.2f}×",
+        diagonal=("throughput = latency", DISAGREEMENT),
+    )
+    return (
+        f'<figure class="wide">{svg}<figcaption>Each point a cell (b = batch size): above the '
+        "diagonal the system gains more throughput than a request gains latency, below it "
+        f"less; outside the dotted lines the two differ by more than {100 * DISAGREEMENT:.0f}%."
+        "</figcaption></figure>"
+    )
+
+
+def _acceptance_plots(
+    cells: pl.DataFrame, methods: list[str], colors: dict[str, str], label: str
+) -> str:
+    """Acceptance rate per draft position and the acceptance-length histogram, per method."""
+    longest = positions(cells.columns)
+    rows = {r["method"]: r for r in cells.iter_rows(named=True) if r.get("drafting_steps")}
+    present = [m for m in methods if m in rows]
+    if longest == 0 or not present:
+        return ""
+    ks = list(range(1, longest + 1))
+    js = list(range(longest + 1))
+
+    def line(method: str, xs: list[int], column: Callable[[int], str]) -> Line:
+        ys = [rows[method].get(column(x)) or 0.0 for x in xs]
+        return Line(method, [float(x) for x in xs], ys, colors[method])
+
+    ticks = None if longest > 16 else [float(k) for k in js]
+    common = {"y_range": (0.0, 1.0), "y_fmt": lambda v: f"{100 * v:.0f}%", "x_fmt": _int_tick}
+    rates = line_chart(
+        [line(m, ks, rate_column) for m in present],
+        title=f"Acceptance per draft position · {label}",
+        x_label="Draft position k",
+        y_label="Steps accepting ≥ k drafts",
+        x_ticks=None if ticks is None else ticks[1:],
+        **common,
+    )
+    hist = line_chart(
+        [line(m, js, hist_column) for m in present],
+        title=f"Acceptance-length histogram · {label}",
+        x_label="Drafts accepted in a step (j)",
+        y_label="Share of drafting steps",
+        x_ticks=ticks,
+        **common,
+    )
+    return (
+        f"<figure>{rates}<figcaption>vLLM's acceptance rate per position: the share of "
+        "drafting steps that accepted at least k drafts.</figcaption></figure>"
+        f"<figure>{hist}<figcaption>The share of drafting steps that accepted exactly j "
+        "drafts.</figcaption></figure>"
+    )
+
+
+def _int_tick(value: float) -> str:
+    return f"{value:g}"
+
+
 def _topic_table(block: pl.DataFrame, methods: list[str], colors: dict[str, str]) -> str:
     caption = (
         "Each cell: MAT (accepted drafts per step, bonus excluded) over speedup (global) vs "
@@ -400,14 +553,32 @@ def _model_section(
     details: RunDetails,
     methods: list[str],
     colors: dict[str, str],
+    found: dict[str, Family | None],
 ) -> tuple[str, list[tuple[str, str]]]:
-    """One model at one temperature: speedup vs batch size, then one block per batch size."""
+    """One model at one temperature: speedup vs batch size (per method, per taxonomy group),
+    throughput against latency, then one block per batch size."""
     anchor = f"m{index}"
     where = f"{model} · T={temperature:g}"
     pooled = merged.filter((pl.col("model") == model) & (pl.col("temperature") == temperature))
     parts = [f'<section id="{anchor}"><h2>{escape(where)}</h2>']
+    parts.append('<div class="charts">')
     parts.append(_speedup_plot(pooled, methods, colors, f"Speedup vs batch size · {where}"))
+    parts.append(_family_plot(pooled, methods, found, f"Vision-aware vs vision-agnostic · {where}"))
+    parts.append("</div>")
+    table = speedup_by_batch_table(pooled, methods, found)
+    parts.append(_table(table, "Speedup (global) per batch size, by MMSpec's taxonomy.", colors))
     toc = [(anchor, where)]
+    sub = f"{anchor}-tl"
+    toc.append((sub, "throughput vs latency"))
+    parts.append(f'<h3 id="{sub}">{escape(f"Throughput vs latency · {where}")}</h3>')
+    parts.append(f'<p class="note">{_inline(THROUGHPUT_NOTE)}</p>')
+    parts.append(
+        _throughput_plot(pooled, methods, colors, f"Throughput vs latency speedup · {where}")
+    )
+    parts.append(_table(throughput_table(pooled, methods), colors=colors))
+    gaps = disagreements(pooled)
+    note = _inline(disagreement_note(gaps, pooled))
+    parts.append(_table(disagreement_table(gaps), note, colors) if gaps.height else note)
     sizes = sorted(b for m, t, b in blocks(metrics) if m == model and t == temperature)
     for batch_size in sizes:
         block = block_rows(metrics, model, temperature, batch_size)
@@ -427,6 +598,17 @@ def _model_section(
         parts.append(_table(table, "Per method, all topics pooled.", colors))
         table = breakdown_table(cells, present, "html")
         parts.append(_table(table, "Latency breakdown: mean seconds per row.", colors))
+        caption = "By MMSpec's definitions (<code>evaluation/summarize_metrics.py</code>)."
+        parts.append(_table(mmspec_table(cells, present), caption, colors))
+        positions_, histogram = position_table(cells, present), histogram_table(cells, present)
+        if positions_ is not None and histogram is not None:
+            parts.append('<div class="charts">')
+            parts.append(_acceptance_plots(cells, present, colors, label))
+            parts.append("</div>")
+            caption = "Acceptance per draft position (vLLM's definition)."
+            parts.append(_table(positions_, caption, colors))
+            caption = "Acceptance-length histogram: share of drafting steps per accepted length."
+            parts.append(_table(histogram, caption, colors))
     parts.append("</section>")
     return "\n".join(parts), toc
 
@@ -442,6 +624,14 @@ def _viskip(merged: pl.DataFrame, colors: dict[str, str]) -> str:
         parts.append(_table(viskip_table(part), caption, colors))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _taxonomy(methods: list[str], found: dict[str, Family | None], colors: dict[str, str]) -> str:
+    """The Methods section: MMSpec's taxonomy of each method (empty for a run of `ar` alone)."""
+    if not any(m != BASELINE for m in methods):
+        return ""
+    table = _table(taxonomy_table(methods, found), _inline(TAXONOMY_NOTE), colors)
+    return f'<section id="methods"><h2>Methods</h2>{table}</section>'
 
 
 def _legend() -> str:
@@ -525,6 +715,11 @@ def render_html(metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDet
             sections.append(errors)
             toc.append(("errors", "Errors", 0))
         merged = merged_cells(metrics, details)
+        found = families(metrics, manifest)
+        taxonomy = _taxonomy(methods, found, colors)
+        if taxonomy:
+            sections.append(taxonomy)
+            toc.append(("methods", "Methods", 0))
         viskip = _viskip(merged, colors)
         if viskip:
             sections.append(viskip)
@@ -532,7 +727,7 @@ def render_html(metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDet
         pairs = metrics.select("model", "temperature").unique().sort(pl.all()).iter_rows()
         for index, (model, temperature) in enumerate(pairs):
             html, entries = _model_section(
-                index, model, temperature, merged, metrics, details, methods, colors
+                index, model, temperature, merged, metrics, details, methods, colors, found
             )
             sections.append(html)
             toc += [(a, t, 0 if i == 0 else 1) for i, (a, t) in enumerate(entries)]

@@ -16,20 +16,29 @@ from mmspec.reports.formatting import pct
 from mmspec.reports.metrics import ALL_TOPIC, CELL_KEYS, RunDetails
 from mmspec.reports.paired import BASELINE
 from mmspec.reports.tables import (
+    ACCEPT_SHOWN,
     Table,
     breakdown_table,
     detail_table,
+    disagreement_table,
     environment_table,
     errors_table,
+    histogram_table,
     import_table,
+    mmspec_table,
     packages_table,
+    position_table,
     run_fields,
     speedup_by_batch_table,
+    taxonomy_table,
+    throughput_table,
     topic_table,
     viskip_table,
 )
+from mmspec.reports.throughput import DISAGREEMENT, disagreements
 from mmspec.reports.viskip import NOTE as VISKIP_NOTE
 from mmspec.reports.viskip import grouped, viskip_rows
+from mmspec.results.taxonomy import Family, taxonomy_of
 
 # (term, definition) pairs: the Legend section of report.md and of report.html.
 DEFINITIONS = [
@@ -84,6 +93,84 @@ DEFINITIONS = [
         "or the worker's peak RSS on CPU).",
     ),
     ("Errors", "error rows are counted, then left out of every other number."),
+    (
+        "MAT (MMSpec)",
+        "MMSpec's MAT (`evaluation/summarize_metrics.py`): sum(new_tokens) / sum(steps), tokens "
+        "per verification round, the bonus token and the prefill's first token included. "
+        "Plain AR decoding scores about 1.",
+    ),
+    (
+        "draft_accept_mean",
+        "(MMSpec) the mean of the accepted drafts recorded per round: sum(accepted_tokens) / "
+        "sum(steps), our MAT; for files that store one mean per turn (MSD) the mean x rounds, "
+        "as MMSpec weighs them. Blank for `ar`, which drafts nothing.",
+    ),
+    (
+        "Speedup paired (MMSpec)",
+        "mean over the (sample, turn, repeat) keys that finished ok under both the method and "
+        "`ar` of (method tokens / s) / (`ar` tokens / s), per key; pairs where either took no "
+        "time or `ar` made no token are skipped. Equals Speedup (paired) when the two made the "
+        "same number of tokens.",
+    ),
+    (
+        "Speedup global (MMSpec)",
+        "the method's tokens / s over `ar`'s, each over all its ok rows of the cell "
+        "(sum(new_tokens) / sum(total_s)): a throughput ratio, where ours is a time ratio over "
+        "common keys; the two agree when outputs do.",
+    ),
+    (
+        "System tokens/s",
+        "system throughput: the tokens of the cell's batches / the sum of their wall times "
+        "(`batch_s`; a batch is the rows of a shard sharing a `batch_index`); per cell, topics "
+        "pooled (a batch mixes topics).",
+    ),
+    (
+        "Throughput speedup",
+        "System tokens/s of the method / that of `ar` at the same model, batch size and "
+        "temperature.",
+    ),
+    (
+        "Latency speedup",
+        "per request: `ar`'s mean latency / the method's, over the requests both finished ok; "
+        "the same number as Speedup (global). Throughput and latency speedup disagree when "
+        "the slowest row of a batch holds its wall time, or outputs differ in length; "
+        f"disagreements beyond {100 * DISAGREEMENT:.0f}% of the latency speedup are listed.",
+    ),
+    (
+        "TTFT",
+        "time to first token: a row's `prefill_s` (the batch's prefill, which ends with every "
+        "row's first token); p50/p90 over the cell's rows.",
+    ),
+    (
+        "TPOT",
+        "time per output token after the first: (total_s - prefill_s) / (new_tokens - 1), per "
+        "row with at least 2 tokens; p50/p90 over the cell's rows.",
+    ),
+    (
+        "Acceptance per position",
+        "(vLLM's definition) at position k, the share of drafting steps that accepted at least "
+        "k draft tokens; k = 1 .. the longest accepted draft of the run (all in `metrics.csv` "
+        f"as `accept_rate_pos_<k>`, the first {ACCEPT_SHOWN} in the tables). Drafting steps: "
+        "the steps recorded less ViSkip's skipped ones; a step with nothing to propose counts "
+        "with 0 accepted. The rates add up to the MAT of the drafting steps.",
+    ),
+    (
+        "Acceptance-length histogram",
+        "the share of drafting steps that accepted exactly j drafts, j = 0 .. the longest "
+        "(`accept_hist_<j>`); a table's last column pools every longer one.",
+    ),
+    (
+        "Drafting / Vision / Training",
+        "MMSpec's taxonomy: a linear chain or a tree of draft tokens per step; vision-aware "
+        "(drafting, or ViSkip's decision to draft, reads the image) or vision-agnostic; "
+        "training-based (a trained draft head) or training-free. Group rows give the "
+        "geometric mean of their methods' speedups (how many in brackets).",
+    ),
+    (
+        "unavailable",
+        "a speedup with nothing to divide by: no `ar` cell at the same model, batch size and "
+        "temperature (an imported run without a baseline), or no request both finished.",
+    ),
 ]
 
 LEGEND = "## Legend\n" + "".join(f"- **{term}**: {text}\n" for term, text in DEFINITIONS)
@@ -177,15 +264,102 @@ def merged_cells(metrics: pl.DataFrame, details: RunDetails) -> pl.DataFrame:
     return pooled.join(details.cells, on=CELL_KEYS, how="left")
 
 
-def _speedup_by_batch(metrics: pl.DataFrame, methods: list[str]) -> list[str]:
+def model_blocks(metrics: pl.DataFrame) -> list[tuple[str, float, pl.DataFrame]]:
+    """(model, temperature, its pooled cells) of a report, in order."""
     pooled = metrics.filter(pl.col("topic") == ALL_TOPIC)
-    lines = ["## Speedup (global) vs batch size", ""]
-    for (model, temperature), part in sorted(
-        pooled.partition_by("model", "temperature", as_dict=True).items()
-    ):
+    return [
+        (model, temperature, part)
+        for (model, temperature), part in sorted(
+            pooled.partition_by("model", "temperature", as_dict=True).items()
+        )
+    ]
+
+
+def families(metrics: pl.DataFrame, manifest: dict[str, Any]) -> dict[str, Family | None]:
+    """MMSpec's taxonomy of the run's methods (results.taxonomy: the manifest's, else known)."""
+    return taxonomy_of(manifest, metrics["method"].unique().to_list())
+
+
+TAXONOMY_NOTE = (
+    "MMSpec's taxonomy of the methods (see Legend): how each drafts, whether it reads the "
+    "image, whether it is trained."
+)
+FAMILY_NOTE = (
+    "MMSpec's second finding: vision-aware against vision-agnostic methods as batch size grows."
+)
+THROUGHPUT_NOTE = (
+    "MMSpec's third finding, per cell: throughput speedup (system tokens/s against `ar` at the "
+    "same batch size) beside latency speedup (per request), with time to first token, time "
+    "per output token and per-request latency percentiles."
+)
+
+
+def _taxonomy(methods: list[str], found: dict[str, Family | None]) -> list[str]:
+    if not any(m != BASELINE for m in methods):
+        return []
+    table = taxonomy_table(methods, found)
+    return ["## Methods", "", TAXONOMY_NOTE, "", *table_lines(table), ""]
+
+
+def _speedup_by_batch(
+    metrics: pl.DataFrame, methods: list[str], found: dict[str, Family | None]
+) -> list[str]:
+    lines = ["## Speedup (global) vs batch size", "", FAMILY_NOTE, ""]
+    for model, temperature, part in model_blocks(metrics):
         lines += [f"{model} · T={temperature:g}:", ""]
-        lines += [*table_lines(speedup_by_batch_table(part, methods)), ""]
+        lines += [*table_lines(speedup_by_batch_table(part, methods, found)), ""]
     return lines
+
+
+def disagreement_note(found: pl.DataFrame, pooled: pl.DataFrame) -> str:
+    """The sentence above the disagreement table (or instead of it, when there is none)."""
+    compared = pooled.filter(
+        (pl.col("method") != BASELINE)
+        & pl.col("throughput_speedup").is_not_null()
+        & pl.col("latency_speedup").is_not_null()
+    )
+    if compared.height == 0:
+        return (
+            "No throughput speedup here to set beside latency: that needs a method and `ar` "
+            "at the same batch size, with batch wall times (`batch_s`)."
+        )
+    limit = f"{100 * DISAGREEMENT:.0f}%"
+    if found.height == 0:
+        return f"Throughput and latency speedups agree within {limit} in every cell."
+    return (
+        f"Cells where throughput and latency speedups disagree by more than {limit} of the "
+        f"latency speedup ({found.height}):"
+    )
+
+
+def _throughput(metrics: pl.DataFrame, methods: list[str]) -> list[str]:
+    lines = ["## Throughput vs latency", "", THROUGHPUT_NOTE, ""]
+    for model, temperature, part in model_blocks(metrics):
+        lines += [f"{model} · T={temperature:g}:", ""]
+        lines += [*table_lines(throughput_table(part, methods)), ""]
+        found = disagreements(part)
+        lines += [disagreement_note(found, part), ""]
+        if found.height:
+            lines += [*table_lines(disagreement_table(found)), ""]
+    return lines
+
+
+def acceptance_lines(pooled: pl.DataFrame, present: list[str]) -> list[str]:
+    """A block's acceptance per position and histogram tables (empty without step lengths)."""
+    positions, histogram = position_table(pooled, present), histogram_table(pooled, present)
+    if positions is None or histogram is None:
+        return []
+    return [
+        "Acceptance per draft position (vLLM's definition: share of drafting steps that "
+        "accepted at least k drafts):",
+        "",
+        *table_lines(positions),
+        "",
+        "Acceptance-length histogram (share of drafting steps that accepted exactly j drafts):",
+        "",
+        *table_lines(histogram),
+        "",
+    ]
 
 
 ERROR_LIMIT = 15  # (cell, message) pairs listed up front; every cell's count is in its table
@@ -231,6 +405,9 @@ def _sections(
         lines += ["Per method, all topics pooled:", ""]
         pooled = block.filter(pl.col("topic") == ALL_TOPIC)
         lines += [*table_lines(detail_table(pooled, present, "markdown")), ""]
+        lines += ["By MMSpec's definitions (`evaluation/summarize_metrics.py`):", ""]
+        lines += [*table_lines(mmspec_table(pooled, present)), ""]
+        lines += acceptance_lines(pooled, present)
         if merged is not None:
             lines += ["Latency breakdown (mean seconds per row), tail, energy and memory:", ""]
             cells = block_rows(merged, model, temperature, batch_size)
@@ -288,7 +465,10 @@ def render_markdown(
         lines += error_lines(details)
     merged = merged_cells(metrics, details) if details is not None else None
     if metrics.height:
-        lines += _speedup_by_batch(metrics, method_order(metrics, manifest))
+        methods, found = method_order(metrics, manifest), families(metrics, manifest)
+        lines += _taxonomy(methods, found)
+        lines += _speedup_by_batch(metrics, methods, found)
+        lines += _throughput(metrics, methods)
     if metrics.height and merged is not None:
         lines += viskip_lines(merged)
     lines += _sections(metrics, manifest, merged)

@@ -1,6 +1,11 @@
 """Per-cell metrics from a run's result rows: one row per (model, method, batch size, temperature,
 topic), plus an "all" topic that pools every topic of the cell. Repeats are pooled.
 
+Beside our MAT and speedups (time ratios over the samples both methods ran): MMSpec's own
+definitions (`*_mmspec`, draft_accept_mean: evaluation/summarize_metrics.py), throughput against
+latency per cell (system tokens/s from the batches' wall times, TTFT, TPOT, tails; see
+throughput.py) and acceptance per draft position (acceptance.py).
+
 run_details() adds what the report shows beside them (latency breakdown and CDF, energy, memory,
 error messages). Both read the rows once into memory and group on integer ids (keys.py): a
 million-row run reports in seconds.
@@ -16,8 +21,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from mmspec.reports.acceptance import DRAFTING_STEPS, acceptance_stats, is_acceptance_column
 from mmspec.reports.float_sums import stable_mean, stable_sum
-from mmspec.reports.paired import SAME_WORK, pair_with_ar, paired_aggregates
+from mmspec.reports.paired import BASELINE, SAME_WORK, pair_with_ar, paired_aggregates
 from mmspec.reports.row_ids import row_ids
 from mmspec.results.layout import result_files
 from mmspec.results.schema import RESULT_SCHEMA, SCHEMA_VERSION
@@ -51,6 +57,13 @@ def load_rows(run_dir: str | Path) -> pl.LazyFrame:
     return pl.scan_ipc(files, hive_partitioning=False)
 
 
+_TPOT = "_tpot_s"  # time per output token after the first, per row (see cell_metrics)
+
+
+def _quantile(column: str, q: float) -> pl.Expr:
+    return pl.col(column).quantile(q, interpolation="linear")
+
+
 def _safe_div(num: pl.Expr, den: pl.Expr) -> pl.Expr:
     # Null rather than inf/NaN: a group with no steps or no time has no rate, not an infinite one.
     return pl.when(den > 0).then(num / den).otherwise(None)
@@ -62,6 +75,8 @@ def _ok_aggregates(ok: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
     return (
         ok.group_by(keys)
         .agg(
+            # One method per group (groups are cells or topics of a cell); a label, not a key.
+            pl.col("method").first().cast(pl.String),
             samples=pl.len(),
             # Int32 sums stay Int32 in polars; a long run's token totals could overflow that.
             new_tokens=pl.col("new_tokens").cast(pl.Int64).sum(),
@@ -70,8 +85,15 @@ def _ok_aggregates(ok: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
             accepted_tokens=pl.col("accepted_tokens").cast(pl.Int64).sum(),
             drafted_tokens=pl.col("drafted_tokens").cast(pl.Int64).sum(),
             total_s_sum=stable_sum(pl.col("total_s")),
-            latency_p50_s=pl.col("total_s").quantile(0.5, interpolation="linear"),
-            latency_p90_s=pl.col("total_s").quantile(0.9, interpolation="linear"),
+            latency_p50_s=_quantile("total_s", 0.5),
+            latency_p90_s=_quantile("total_s", 0.9),
+            latency_p99_s=_quantile("total_s", 0.99),
+            # Time to first token: a row's prefill, which ends with its first token (in a
+            # batch, the batch's prefill: every row starts with it).
+            ttft_p50_s=_quantile("prefill_s", 0.5),
+            ttft_p90_s=_quantile("prefill_s", 0.9),
+            tpot_p50_s=_quantile(_TPOT, 0.5),
+            tpot_p90_s=_quantile(_TPOT, 0.9),
             prefill_s_mean=stable_mean(pl.col("prefill_s")),
             draft_s_mean=stable_mean(pl.col("draft_s")),
             verify_s_mean=stable_mean(pl.col("verify_s")),
@@ -83,9 +105,16 @@ def _ok_aggregates(ok: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
             MAT_with_bonus=_safe_div(accepted + steps, steps),
             accept_rate=_safe_div(accepted, pl.col("drafted_tokens")),
             tokens_per_s=_safe_div(pl.col("new_tokens"), pl.col("total_s_sum")),
+            # MMSpec's summarize_metrics: MAT is tokens per verification round (the bonus
+            # included), draft_accept_mean the mean of the per-round accepted drafts, which
+            # plain decoding does not record (NaN there; null here).
+            MAT_mmspec=_safe_div(pl.col("new_tokens"), steps),
+            draft_accept_mean=pl.when(pl.col("method") != BASELINE).then(
+                _safe_div(accepted, steps)
+            ),
         )
         .rename({"steps_sum": "steps"})
-        .drop("total_s_sum")
+        .drop("total_s_sum", "method")
     )
 
 
@@ -112,7 +141,28 @@ METRIC_COLUMNS = [
     "speedup_global",
     "speedup_paired",
     "lossless",
+    # MMSpec's own definitions (evaluation/summarize_metrics.py), beside ours
+    "MAT_mmspec",
+    "draft_accept_mean",
+    "speedup_paired_mmspec",
+    "speedup_global_mmspec",
+    # throughput against latency, per cell
+    "system_tokens_per_s",
+    "throughput_speedup",
+    "latency_speedup",
+    "latency_p99_s",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "tpot_p50_s",
+    "tpot_p90_s",
+    # acceptance per draft position: drafting_steps here, then acceptance.acceptance_columns()
+    "drafting_steps",
 ]
+# Filled in after both levels are built, from the `ar` row of the same group.
+_VS_AR = ("speedup_global_mmspec", "throughput_speedup", "latency_speedup")
+# Only a cell has them (topics pooled): a batch mixes topics, so its wall time has no share
+# per topic.
+_CELL_ONLY = ("system_tokens_per_s",)
 
 
 # What cell_metrics reads: selecting it up front lets the scan skip the heavy columns (output
@@ -132,10 +182,15 @@ CELL_INPUTS = [
     "verify_s",
     "commit_s",
     "output_sha256",
+    # a batch is (shard, batch index); its wall time is batch_s (system throughput)
+    "shard_id",
+    "batch_index",
+    "batch_s",
+    "accept_lengths",
 ]
 # Low-cardinality labels (and sample ids) become Categorical while the rows are in memory: groups
 # and joins then hash small integers instead of strings. Metrics carry plain strings again.
-_LABELS = ["model", "method", "topic", "workload", "status", "sample_id"]
+_LABELS = ["model", "method", "topic", "workload", "status", "sample_id", "shard_id"]
 
 
 def collect_rows(rows: pl.LazyFrame | pl.DataFrame, columns: list[str]) -> pl.DataFrame:
@@ -153,35 +208,111 @@ _TOPIC_ID, _CELL_ID = "_topic_id", "_cell_id"
 
 
 def _level_metrics(
-    rows: pl.LazyFrame, ok: pl.LazyFrame, paired: pl.LazyFrame, level_id: str, keys: list[str]
+    rows: pl.LazyFrame,
+    ok: pl.LazyFrame,
+    paired: pl.LazyFrame,
+    level_id: str,
+    keys: list[str],
+    extras: list[pl.DataFrame],
 ) -> pl.LazyFrame:
-    """METRIC_COLUMNS per `level_id` group; at the cell level, the pooled "all" topic."""
+    """METRIC_COLUMNS per `level_id` group; at the cell level, the pooled "all" topic.
+
+    `extras` are frames keyed by `level_id` with more of METRIC_COLUMNS (acceptance per
+    position, system throughput); a column no frame gives is null at this level.
+    """
     is_ok = pl.col("status") == "ok"
     # Group keys come from all rows so a cell whose every row failed still appears.
     counts = rows.group_by(level_id).agg(
         pl.col(keys).first(), errors=(~is_ok).sum().cast(pl.UInt32)
     )
-    frame = (
-        counts.join(_ok_aggregates(ok, [level_id]), on=level_id, how="left")
-        .join(paired_aggregates(paired, [level_id]), on=level_id, how="left")
+    frame = counts.join(_ok_aggregates(ok, [level_id]), on=level_id, how="left").join(
+        paired_aggregates(paired, [level_id]), on=level_id, how="left"
+    )
+    for extra in extras:
+        frame = frame.join(extra.lazy(), on=level_id, how="left")
+    frame = frame.with_columns(
         # Counts of a cell with no ok row are zero; its rates and times stay null (undefined).
-        .with_columns(
-            pl.col(
-                "new_tokens", "steps", "skipped_steps", "accepted_tokens", "drafted_tokens"
-            ).fill_null(0),
-            samples=pl.col("samples").fill_null(0).cast(pl.UInt32),
-            paired_keys=pl.col("paired_keys").fill_null(0).cast(pl.UInt32),
-        )
+        pl.col(
+            "new_tokens", "steps", "skipped_steps", "accepted_tokens", "drafted_tokens"
+        ).fill_null(0),
+        samples=pl.col("samples").fill_null(0).cast(pl.UInt32),
+        paired_keys=pl.col("paired_keys").fill_null(0).cast(pl.UInt32),
     )
     if "topic" not in keys:
         frame = frame.with_columns(topic=pl.lit(ALL_TOPIC))
+    present = set(frame.collect_schema().names())
+    missing = [
+        pl.lit(None, pl.Float64).alias(c) for c in _extra_columns(extras) if c not in present
+    ]
+    missing += [
+        pl.lit(None, pl.Float64).alias(c) for c in (*_CELL_ONLY, *_VS_AR) if c not in present
+    ]
+    if DRAFTING_STEPS not in present:
+        missing.append(pl.lit(None, pl.Int64).alias(DRAFTING_STEPS))
+    frame = frame.with_columns(missing) if missing else frame
     return frame.with_columns(pl.col("model", "method", "topic").cast(pl.String)).select(
-        METRIC_COLUMNS
+        *METRIC_COLUMNS, *_extra_columns(extras)
+    )
+
+
+def _extra_columns(extras: list[pl.DataFrame]) -> list[str]:
+    """The acceptance columns among `extras`, in their order."""
+    return [c for extra in extras for c in extra.columns if is_acceptance_column(c)]
+
+
+def _system_throughput(ok: pl.DataFrame) -> pl.DataFrame:
+    """Per cell: system_tokens_per_s = tokens of its batches / their wall time.
+
+    A batch is the rows of one shard sharing a batch index; its wall time is their batch_s. A
+    batch the runner had to split (out of memory) ran as halves one after the other, each with
+    its own batch_s: the distinct values add up. A cell whose batches record no time has none.
+    """
+    # One row per (batch, distinct wall time) first: summing a cell's few hundred thousand
+    # wall times once is far cheaper than an order-independent sum inside every batch.
+    batches = ok.group_by(_CELL_ID, "shard_id", "batch_index", "batch_s").agg(
+        tokens=pl.col("new_tokens").cast(pl.Int64).sum()
+    )
+    return (
+        batches.group_by(_CELL_ID)
+        .agg(tokens=pl.col("tokens").sum(), wall_s=stable_sum(pl.col("batch_s")))
+        .select(_CELL_ID, system_tokens_per_s=_safe_div(pl.col("tokens"), pl.col("wall_s")))
+    )
+
+
+def _versus_ar(metrics: pl.DataFrame) -> pl.DataFrame:
+    """The columns of _VS_AR, each method's against the `ar` row of the same model, batch size,
+    temperature and topic."""
+    ar = metrics.filter(pl.col("method") == BASELINE).select(
+        *[k for k in GROUP_KEYS if k != "method"],
+        _ar_tps=pl.col("tokens_per_s"),
+        _ar_system=pl.col("system_tokens_per_s"),
+    )
+    is_ar = pl.col("method") == BASELINE
+
+    def ratio(column: str, baseline: str) -> pl.Expr:
+        # `ar` against itself is 1 by definition (where it has the number at all).
+        value = _safe_div(pl.col(column), pl.col(baseline))
+        return pl.when(is_ar & pl.col(column).is_not_null()).then(1.0).otherwise(value)
+
+    return (
+        metrics.join(
+            ar, on=[k for k in GROUP_KEYS if k != "method"], how="left", maintain_order="left"
+        )
+        .with_columns(
+            # MMSpec's global speedup: the method's tokens / s over ar's, all ok rows of each.
+            speedup_global_mmspec=ratio("tokens_per_s", "_ar_tps"),
+            throughput_speedup=ratio("system_tokens_per_s", "_ar_system"),
+            # Per request: ar's mean latency over the method's on the same requests, which is
+            # what speedup_global has always been; named apart to stand beside throughput.
+            latency_speedup=pl.col("speedup_global"),
+        )
+        .drop("_ar_tps", "_ar_system")
     )
 
 
 def cell_metrics(rows: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
-    """Metrics per (model, method, batch_size, temperature, topic); see METRIC_COLUMNS.
+    """Metrics per (model, method, batch_size, temperature, topic); see METRIC_COLUMNS, then
+    acceptance.acceptance_columns() for the run's longest accepted draft.
 
     Rows whose status is not "ok" count only in `errors`. Speedup and lossless compare each row
     with the `ar` row of the same sample, turn and repeat (see paired.py). The "all" topic pools
@@ -191,19 +322,33 @@ def cell_metrics(rows: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     frame = frame.with_columns(
         row_ids(frame, GROUP_KEYS).alias(_TOPIC_ID), row_ids(frame, CELL_KEYS).alias(_CELL_ID)
     )
-    ok = frame.filter(pl.col("status") == "ok")
+    _, accept = acceptance_stats(
+        frame, {_TOPIC_ID: frame[_TOPIC_ID], _CELL_ID: frame[_CELL_ID]}, BASELINE
+    )
+    # The step lengths are counted: no later step should copy them along with the rows.
+    frame = frame.drop("accept_lengths")
+    decode_tokens = pl.col("new_tokens") - 1
+    ok = frame.filter(pl.col("status") == "ok").with_columns(
+        # Time per output token after the first: what follows the prefill, per later token.
+        _safe_div(pl.col("total_s") - pl.col("prefill_s"), decode_tokens.cast(pl.Float64)).alias(
+            _TPOT
+        )
+    )
     # Paired once, then grouped per topic and per cell: the pairing is the costly step.
     paired = pair_with_ar(ok, [_TOPIC_ID, _CELL_ID, "temperature"]).lazy()
+    topic_extras = [accept[_TOPIC_ID]] if accept else []
+    cell_extras = [*([accept[_CELL_ID]] if accept else []), _system_throughput(ok)]
     levels = pl.collect_all(
         [
-            _level_metrics(frame.lazy(), ok.lazy(), paired, _TOPIC_ID, GROUP_KEYS),
-            _level_metrics(frame.lazy(), ok.lazy(), paired, _CELL_ID, CELL_KEYS),
+            _level_metrics(frame.lazy(), ok.lazy(), paired, _TOPIC_ID, GROUP_KEYS, topic_extras),
+            _level_metrics(frame.lazy(), ok.lazy(), paired, _CELL_ID, CELL_KEYS, cell_extras),
         ]
     )
     # "all" sorts after real topics so tables read left to right, totals last.
-    return pl.concat(levels).sort(
+    metrics = pl.concat(levels).sort(
         [*GROUP_KEYS[:-1], pl.col("topic") == ALL_TOPIC, "topic"],
     )
+    return _versus_ar(metrics)
 
 
 # ---------------------------------------------------------------- what the report adds
@@ -222,7 +367,7 @@ class RunDetails:
     temperature) with topics pooled; ok rows only unless said otherwise.
 
     cells:   CELL_KEYS, total_s_mean, other_s_mean (total_s minus the four timed phases, see
-             markdown.LEGEND), latency_p99_s, energy_rows, energy_per_token_j, peak_mem_bytes
+             markdown.LEGEND), energy_rows, energy_per_token_j, peak_mem_bytes
     latency: CELL_KEYS, quantile, latency_s: total_s at each of CDF_QUANTILES (linear)
     errors:  CELL_KEYS, error, rows: the error rows of each cell by message, most frequent first
     rows:    every row of the run, errors included
@@ -243,7 +388,6 @@ def _cell_details(ok: pl.LazyFrame) -> pl.LazyFrame:
             pl.col(CELL_KEYS).first(),
             total_s_mean=stable_mean(pl.col("total_s")),
             other_s_mean=stable_mean(other),
-            latency_p99_s=pl.col("total_s").quantile(0.99, interpolation="linear"),
             energy_rows=measured.sum().cast(pl.UInt32),
             energy_j=stable_sum(pl.col("energy_j")),
             energy_tokens=pl.col("new_tokens").filter(measured).cast(pl.Int64).sum(),

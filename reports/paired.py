@@ -34,16 +34,20 @@ class DuplicateBaselineError(pl.exceptions.ComputeError):
 
 
 def pair_with_ar(ok: pl.DataFrame, keep: list[str]) -> pl.DataFrame:
-    """The `keep` columns, `total_s` and `output_sha256` of each ok row that has an ok `ar` row
-    of the same work, with that row's `ar_total_s` and `ar_sha` beside it.
+    """The `keep` columns, `total_s`, `new_tokens` and `output_sha256` of each ok row that has
+    an ok `ar` row of the same work, with that row's `ar_total_s`, `ar_new_tokens` and `ar_sha`
+    beside it.
 
-    `ok` holds only rows with status "ok" (and at least SAME_WORK, method, total_s,
+    `ok` holds only rows with status "ok" (and at least SAME_WORK, method, total_s, new_tokens,
     output_sha256). Raises DuplicateBaselineError when `ar` did the same work twice.
     """
-    columns = list(dict.fromkeys([*keep, "method", "total_s", "output_sha256"]))
+    columns = list(dict.fromkeys([*keep, "method", "total_s", "new_tokens", "output_sha256"]))
     rows = ok.select(columns).with_columns(row_ids(ok, SAME_WORK).alias("_work"))
     baseline = rows.filter(pl.col("method") == BASELINE).select(
-        "_work", ar_total_s=pl.col("total_s"), ar_sha=pl.col("output_sha256")
+        "_work",
+        ar_total_s=pl.col("total_s"),
+        ar_new_tokens=pl.col("new_tokens"),
+        ar_sha=pl.col("output_sha256"),
     )
     # Checked here rather than by join(validate="m:1"), which takes a slower join path.
     if baseline["_work"].n_unique() < baseline.height:
@@ -54,13 +58,14 @@ def pair_with_ar(ok: pl.DataFrame, keep: list[str]) -> pl.DataFrame:
     return (
         rows.lazy()
         .join(baseline.lazy(), on="_work", how="inner")
-        .select(*columns, "ar_total_s", "ar_sha")
+        .select(*columns, "ar_total_s", "ar_new_tokens", "ar_sha")
         .collect()
     )
 
 
 def paired_aggregates(paired: pl.LazyFrame, group_keys: list[str]) -> pl.LazyFrame:
-    """Per group of pair_with_ar()'s rows: paired_keys, speedup_global, speedup_paired, lossless.
+    """Per group of pair_with_ar()'s rows: paired_keys, speedup_global, speedup_paired, lossless
+    and speedup_paired_mmspec.
 
     Joining once and grouping the pairs at several levels (per topic, all topics) gives the
     same numbers as pairing each level's rows, at a fraction of the cost.
@@ -70,6 +75,15 @@ def paired_aggregates(paired: pl.LazyFrame, group_keys: list[str]) -> pl.LazyFra
     # A missing hash cannot prove equality, so it counts as a mismatch.
     same_output = (pl.col("output_sha256") == pl.col("ar_sha")).fill_null(False)
     ratio = pl.when(pl.col("total_s") > 0).then(pl.col("ar_total_s") / pl.col("total_s"))
+    # MMSpec's paired speedup (summarize_metrics.compute_speedup): the mean of throughput
+    # ratios, (tokens / s of the method) / (tokens / s of ar); a pair where either side took
+    # no time or ar made no token is skipped, as there.
+    tokens_ratio = pl.when(
+        (pl.col("total_s") > 0) & (pl.col("ar_total_s") > 0) & (pl.col("ar_new_tokens") > 0)
+    ).then(
+        (pl.col("new_tokens") / pl.col("total_s"))
+        / (pl.col("ar_new_tokens") / pl.col("ar_total_s"))
+    )
     # Grouped by an id (see keys.py), method and temperature ride along: one value per group.
     riders = [pl.col(c).first() for c in ("method", "temperature") if c not in group_keys]
     return (
@@ -80,6 +94,7 @@ def paired_aggregates(paired: pl.LazyFrame, group_keys: list[str]) -> pl.LazyFra
             method_s=stable_sum(pl.col("total_s")),
             ar_s=stable_sum(pl.col("ar_total_s")),
             speedup_paired=stable_mean(ratio),
+            speedup_paired_mmspec=stable_mean(tokens_ratio),
             lossless=same_output.mean(),
         )
         .with_columns(
@@ -94,9 +109,17 @@ def paired_aggregates(paired: pl.LazyFrame, group_keys: list[str]) -> pl.LazyFra
             # The baseline against itself is 1.0 by definition, whatever float noise says.
             speedup_global=pl.when(is_ar).then(1.0).otherwise("speedup_global"),
             speedup_paired=pl.when(is_ar).then(1.0).otherwise("speedup_paired"),
+            speedup_paired_mmspec=pl.when(is_ar).then(1.0).otherwise("speedup_paired_mmspec"),
             lossless=pl.when(is_ar & greedy).then(1.0).otherwise("lossless"),
         )
-        .select(*group_keys, "paired_keys", "speedup_global", "speedup_paired", "lossless")
+        .select(
+            *group_keys,
+            "paired_keys",
+            "speedup_global",
+            "speedup_paired",
+            "speedup_paired_mmspec",
+            "lossless",
+        )
     )
 
 

@@ -85,6 +85,7 @@ class Line:
     ys: Sequence[float]
     color: str
     dashed: bool = False
+    point_labels: Sequence[str] = ()  # a short text beside each point (e.g. its batch size)
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,11 @@ def line_chart(
     y_fmt: Callable[[float], str] = _fmt_tick,
     markers: bool = True,
     reference_y: tuple[float, str] | None = None,
+    diagonal: tuple[str, float] | None = None,
 ) -> str:
-    """A line chart with a legend on the right; `reference_y` draws a labelled dashed level.
+    """A line chart with a legend on the right; `reference_y` draws a labelled dashed level,
+    `diagonal` (label, band) the labelled dashed line y = x (where x and y measure the same
+    thing) and, for a band > 0, dotted lines y = (1 ± band) x around it.
 
     x_log2 spaces x by powers of two (batch sizes); x_ticks then defaults to the data's xs.
     """
@@ -231,8 +235,15 @@ def line_chart(
         y_lo, y_hi = min(y_lo, ticks_y[0]), max(y_hi, ticks_y[-1])
     ticks_y = [t for t in ticks_y if y_lo - 1e-9 <= t <= y_hi + 1e-9]
 
-    legend_w = 26 + _CHAR_W * max([len(ln.label) for ln in drawn] or [4]) + 12
-    height = max(300.0, 96 + 18 * len(drawn))
+    entries = [(ln.label, ln.color, ln.dashed) for ln in drawn]
+    if diagonal is not None:
+        # in the legend rather than on the line, where the points crowd
+        label, band = diagonal
+        entries.append((label, BASELINE_COLOR, True))
+        if band > 0:
+            entries.append((f"± {100 * band:g}%", BASELINE_COLOR, True))
+    legend_w = 26 + _CHAR_W * max([len(label) for label, _, _ in entries] or [4]) + 12
+    height = max(300.0, 96 + 18 * len(entries))
     frame = _Frame(
         left=64,
         top=36,
@@ -258,6 +269,8 @@ def line_chart(
             f'<text x="{frame.left + 5:.1f}" y="{y + 15:.1f}" fill="{BASELINE_COLOR}">'
             f"{escape(label)}</text>"
         )
+    if diagonal is not None:
+        parts += _diagonal(frame, diagonal[1])
     for ln in drawn:
         points = " ".join(f"{frame.x(x):.1f},{frame.y(y):.1f}" for x, y in zip(ln.xs, ln.ys))
         dash = ' stroke-dasharray="6 4"' if ln.dashed else ""
@@ -273,13 +286,36 @@ def line_chart(
                     f'<circle cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="3.6" '
                     f'fill="{ln.color}"><title>{escape(tip)}</title></circle>'
                 )
+        for x, y, text in zip(ln.xs, ln.ys, ln.point_labels):
+            parts.append(
+                f'<text class="point-label" x="{frame.x(x) + 5:.1f}" y="{frame.y(y) - 5:.1f}" '
+                f'fill="{ln.color}">{escape(text)}</text>'
+            )
         parts.append("</g>")
-    parts += _legend(
-        [(ln.label, ln.color, ln.dashed) for ln in drawn],
-        frame.left + frame.width + 16,
-        frame.top + 8,
-    )
+    parts += _legend(entries, frame.left + frame.width + 16, frame.top + 8)
     return "\n".join([*parts, "</svg>"])
+
+
+def _diagonal(frame: _Frame, band: float) -> list[str]:
+    """y = x (dashed) and y = (1 ± band) x (dotted) inside the plot area."""
+    if frame.x_log2:
+        return []
+    parts = []
+    for factor in (1.0, 1.0 + band, 1.0 - band) if band > 0 else (1.0,):
+        if factor <= 0:
+            continue
+        # the stretch of y = factor * x that lies inside both axes' ranges
+        lo = max(frame.x_lo, frame.y_lo / factor)
+        hi = min(frame.x_hi, frame.y_hi / factor)
+        if hi <= lo:
+            continue
+        x0, y0, x1, y1 = frame.x(lo), frame.y(factor * lo), frame.x(hi), frame.y(factor * hi)
+        dash = "6 4" if factor == 1.0 else "2 3"
+        parts.append(
+            f'<line class="reference" x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" y2="{y1:.1f}" '
+            f'stroke="{BASELINE_COLOR}" stroke-dasharray="{dash}"/>'
+        )
+    return parts
 
 
 @dataclass(frozen=True)

@@ -8,26 +8,32 @@ numbers differently between tables, the column lists below say which format show
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import polars as pl
 
+from mmspec.reports.acceptance import hist_column, positions, rate_column
 from mmspec.reports.answer_import import import_info
+from mmspec.reports.families import group_speedups, grouped_methods
 from mmspec.reports.formatting import (
     DASH,
     NOT_MEASURED,
+    UNAVAILABLE,
     energy_per_token,
     gib,
     num,
     pct,
+    signed_pct,
+    speedup,
     transition,
 )
 from mmspec.reports.metrics import ALL_TOPIC
 from mmspec.reports.paired import BASELINE
 from mmspec.reports.viskip import PREFIX, ViSkipRow
 from mmspec.results.environment import Environment
+from mmspec.results.taxonomy import Family
 
 Format = Literal["markdown", "html"]
 Row = dict[str, Any]
@@ -140,7 +146,11 @@ def _number(column: str, spec: str, suffix: str = "") -> Callable[[Row], Cell]:
 
 
 def _measured(text: str) -> Cell:
-    return Cell(text, "missing" if text == NOT_MEASURED else "plain")
+    return Cell(text, "missing" if text in (NOT_MEASURED, UNAVAILABLE) else "plain")
+
+
+def _speedup(column: str, decimals: int = 2) -> Callable[[Row], Cell]:
+    return lambda r: _measured(speedup(r.get(column), decimals))
 
 
 # Every column the per-method tables can show: key -> (header, the cell of a pooled cell row).
@@ -153,8 +163,8 @@ POOLED_COLUMNS: dict[str, tuple[Column, Callable[[Row], Cell]]] = {
     "MAT_with_bonus": (Column("MAT incl. bonus"), _number("MAT_with_bonus", ".2f")),
     "accept_rate": (Column("Accept rate"), lambda r: Cell(pct(r["accept_rate"]))),
     "tokens_per_s": (Column("Tokens/s"), _number("tokens_per_s", ".1f")),
-    "speedup_global": (Column("Speedup (global)"), _number("speedup_global", ".2f", "×")),
-    "speedup_paired": (Column("Speedup (paired)"), _number("speedup_paired", ".2f", "×")),
+    "speedup_global": (Column("Speedup (global)"), _speedup("speedup_global")),
+    "speedup_paired": (Column("Speedup (paired)"), _speedup("speedup_paired")),
     "paired_keys": (Column("Paired keys"), lambda r: _count(r["paired_keys"])),
     "latency_p50_s": (Column("p50 s"), _number("latency_p50_s", ".3f")),
     "latency_p90_s": (Column("p90 s"), _number("latency_p90_s", ".3f")),
@@ -171,7 +181,29 @@ POOLED_COLUMNS: dict[str, tuple[Column, Callable[[Row], Cell]]] = {
     "other_s_mean": (Column("Other s", "other s"), _number("other_s_mean", ".4f")),
     "energy": (Column("Energy / token"), lambda r: _measured(energy_per_token(r))),
     "peak_mem_bytes": (Column("Peak memory"), lambda r: _measured(gib(r["peak_mem_bytes"]))),
+    # MMSpec's definitions (evaluation/summarize_metrics.py)
+    "MAT_mmspec": (Column("MAT (MMSpec)"), _number("MAT_mmspec", ".3f")),
+    "draft_accept_mean": (Column("draft_accept_mean"), _number("draft_accept_mean", ".3f")),
+    # to 3 decimals, as summary.csv is read
+    "speedup_paired_mmspec": (
+        Column("Speedup paired (MMSpec)"),
+        _speedup("speedup_paired_mmspec", 3),
+    ),
+    "speedup_global_mmspec": (
+        Column("Speedup global (MMSpec)"),
+        _speedup("speedup_global_mmspec", 3),
+    ),
+    # throughput against latency
+    "batch_size": (Column("Batch size"), lambda r: Cell(str(r["batch_size"]))),
+    "system_tokens_per_s": (Column("System tokens/s"), _number("system_tokens_per_s", ".1f")),
+    "throughput_speedup": (Column("Throughput speedup"), _speedup("throughput_speedup")),
+    "latency_speedup": (Column("Latency speedup"), _speedup("latency_speedup")),
+    "ttft_p50_s": (Column("TTFT p50 s"), _number("ttft_p50_s", ".4f")),
+    "ttft_p90_s": (Column("TTFT p90 s"), _number("ttft_p90_s", ".4f")),
+    "tpot_p50_s": (Column("TPOT p50 s"), _number("tpot_p50_s", ".4f")),
+    "tpot_p90_s": (Column("TPOT p90 s"), _number("tpot_p90_s", ".4f")),
 }
+
 
 _COUNTS_AND_SPEED = (
     "method",
@@ -226,17 +258,190 @@ def breakdown_table(cells: pl.DataFrame, methods: Sequence[str], fmt: Format) ->
     return pooled_table(cells, methods, BREAKDOWN_COLUMNS[fmt])
 
 
-def speedup_by_batch_table(pooled: pl.DataFrame, methods: Sequence[str]) -> Table:
-    """Speedup (global) per method and batch size; `pooled` is one (model, temperature)."""
+MMSPEC_COLUMNS = (
+    "method",
+    "MAT",
+    "MAT_mmspec",
+    "draft_accept_mean",
+    "speedup_paired_mmspec",
+    "speedup_global_mmspec",
+)
+
+
+def mmspec_table(cells: pl.DataFrame, methods: Sequence[str]) -> Table:
+    """Per method, MMSpec's own MAT, draft_accept_mean and speedups beside our MAT."""
+    return pooled_table(cells, methods, MMSPEC_COLUMNS)
+
+
+# ---------------------------------------------------------------- MMSpec's taxonomy
+
+
+FAMILY_COLUMNS = [
+    Column("Drafting", text=True),
+    Column("Vision", text=True),
+    Column("Training", text=True),
+]
+
+
+def _family_cells(family: Family | None) -> list[Cell]:
+    if family is None:
+        return [Cell("unknown", "missing")] * 3
+    return [Cell(family.drafting), Cell(family.vision), Cell(family.training)]
+
+
+def taxonomy_table(methods: Sequence[str], families: Mapping[str, Family | None]) -> Table:
+    """Each method (`ar` aside) with its drafting, vision and training class."""
+    rows = [[_method(m), *_family_cells(families.get(m))] for m in methods if m != BASELINE]
+    return Table([METHOD, *FAMILY_COLUMNS], rows)
+
+
+def speedup_by_batch_table(
+    pooled: pl.DataFrame, methods: Sequence[str], families: Mapping[str, Family | None]
+) -> Table:
+    """Speedup (global) per method and batch size, `pooled` being one (model, temperature):
+    `ar`, then each taxonomy group (vision-aware first) with its geometric mean after it."""
     sizes = sorted(set(pooled["batch_size"].to_list()))
     by_key = {(r["method"], r["batch_size"]): r for r in pooled.iter_rows(named=True)}
+    present = [m for m in methods if any((m, b) in by_key for b in sizes)]
     rows = []
-    for method in methods:
+
+    def speedups(method: str) -> list[Cell]:
         found = [by_key.get((method, b)) for b in sizes]
-        if any(r is not None for r in found):
-            speedups = [None if r is None else r["speedup_global"] for r in found]
-            rows.append([_method(method), *[Cell(num(s, ".2f", "×")) for s in speedups]])
-    return Table([METHOD, *[Column(f"batch size {b}") for b in sizes]], rows)
+        return [Cell(DASH) if r is None else _measured(speedup(r["speedup_global"])) for r in found]
+
+    if BASELINE in present:
+        rows.append([_method(BASELINE), *[Cell("baseline")] * 3, *speedups(BASELINE)])
+    for group, members in grouped_methods(present, families).items():
+        for method in members:
+            rows.append([_method(method), *_family_cells(families.get(method)), *speedups(method)])
+        means = {g.batch_size: g for g in group_speedups(pooled, members)}
+        rows.append(
+            [
+                Cell(f"{group}: geometric mean"),
+                *[Cell("")] * 3,
+                *[
+                    Cell(
+                        f"{means[b].speedup:.2f}× ({means[b].methods})",
+                        note=f"{means[b].methods} method(s) with a speedup at batch size {b}",
+                    )
+                    if b in means
+                    else Cell(DASH)
+                    for b in sizes
+                ],
+            ]
+        )
+    columns = [METHOD, *FAMILY_COLUMNS, *[Column(f"batch size {b}") for b in sizes]]
+    return Table(columns, rows)
+
+
+# ---------------------------------------------------------------- throughput against latency
+
+
+THROUGHPUT_COLUMNS = (
+    "method",
+    "batch_size",
+    "system_tokens_per_s",
+    "throughput_speedup",
+    "latency_speedup",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "tpot_p50_s",
+    "tpot_p90_s",
+    "latency_p50_s",
+    "latency_p90_s",
+    "latency_p99_s",
+)
+
+
+def throughput_table(pooled: pl.DataFrame, methods: Sequence[str]) -> Table:
+    """Per method and batch size of `pooled` (one model and temperature, topics pooled):
+    system throughput and its speedup beside the latency speedup, TTFT, TPOT and the
+    per-request latency percentiles."""
+    chosen = [POOLED_COLUMNS[k] for k in THROUGHPUT_COLUMNS]
+    order = {m: i for i, m in enumerate(methods)}
+    found = sorted(
+        (r for r in pooled.iter_rows(named=True) if r["method"] in order),
+        key=lambda r: (order[r["method"]], r["batch_size"]),
+    )
+    return Table([c for c, _ in chosen], [[cell(r) for _, cell in chosen] for r in found])
+
+
+def disagreement_table(found: pl.DataFrame) -> Table:
+    """throughput.disagreements()'s cells: where throughput speedup is not latency speedup."""
+    columns = [
+        Column("Model", text=True),
+        Column("T"),
+        METHOD,
+        Column("Batch size"),
+        Column("Throughput speedup"),
+        Column("Latency speedup"),
+        Column("Throughput vs latency"),
+    ]
+    rows = [
+        [
+            Cell(r["model"]),
+            Cell(f"{r['temperature']:g}"),
+            _method(r["method"]),
+            Cell(str(r["batch_size"])),
+            Cell(speedup(r["throughput_speedup"])),
+            Cell(speedup(r["latency_speedup"])),
+            Cell(signed_pct(r["gap"])),
+        ]
+        for r in found.iter_rows(named=True)
+    ]
+    return Table(columns, rows)
+
+
+# ---------------------------------------------------------------- acceptance per position
+
+
+ACCEPT_SHOWN = 10  # positions (and histogram buckets) a table shows; metrics.csv has them all
+
+
+def _accepting(cells: pl.DataFrame, methods: Sequence[str]) -> list[Row]:
+    rows = _in_method_order(cells, methods)
+    return [r for r in rows if r.get("drafting_steps")]
+
+
+def position_table(cells: pl.DataFrame, methods: Sequence[str]) -> Table | None:
+    """Per method: drafting steps and the share of them that accepted at least k drafts,
+    k = 1 .. ACCEPT_SHOWN (vLLM's per-position acceptance rate); None when no method of
+    `cells` recorded step lengths."""
+    longest = positions(cells.columns)
+    rows = _accepting(cells, methods)
+    if longest == 0 or not rows:
+        return None
+    shown = range(1, min(longest, ACCEPT_SHOWN) + 1)
+    columns = [METHOD, Column("Drafting steps"), *[Column(f"k={k}") for k in shown]]
+    body = [
+        [
+            _method(r["method"]),
+            _count(r["drafting_steps"]),
+            *[Cell(pct(r.get(rate_column(k)))) for k in shown],
+        ]
+        for r in rows
+    ]
+    return Table(columns, body)
+
+
+def histogram_table(cells: pl.DataFrame, methods: Sequence[str]) -> Table | None:
+    """Per method: the share of drafting steps that accepted exactly j drafts, j = 0 ..
+    ACCEPT_SHOWN, the last column pooling everything longer; None as position_table."""
+    longest = positions(cells.columns)
+    rows = _accepting(cells, methods)
+    if longest == 0 or not rows:
+        return None
+    last = min(longest, ACCEPT_SHOWN)
+    pooled_tail = longest > last  # the last column then holds j >= last: the rate at `last`
+    labels = [str(j) for j in range(last)] + [f"≥{last}" if pooled_tail else str(last)]
+
+    def share(r: Row, j: int) -> float | None:
+        return r.get(rate_column(j) if j == last and pooled_tail else hist_column(j))
+
+    body = [
+        [_method(r["method"]), *[Cell(pct(share(r, j))) for j in range(last + 1)]] for r in rows
+    ]
+    return Table([METHOD, *[Column(label) for label in labels]], body)
 
 
 # ---------------------------------------------------------------- ViSkip

@@ -87,3 +87,27 @@ def _str(value: Any) -> str | None:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def software(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """What a run's numbers may depend on besides the hardware, as the manifest recorded it:
+    Python, the packages' versions (manifest `packages`), the GPU driver, the CUDA version it
+    supports and the CPU model; what it did not record is left out, so two runs compare on
+    what both recorded."""
+    found: dict[str, str] = {}
+    if isinstance(manifest.get("python"), str):
+        found["Python"] = manifest["python"]
+    packages = manifest.get("packages")
+    if isinstance(packages, Mapping):
+        for name, version in sorted(packages.items()):
+            found[str(name)] = str(version) if version else "not installed"
+    env = Environment.from_manifest(manifest)
+    if env is not None:
+        for label, value in (
+            ("GPU driver", env.gpu_driver),
+            ("CUDA (driver)", env.cuda_driver),
+            ("CPU", env.cpu),
+        ):
+            if value:
+                found[label] = value
+    return found

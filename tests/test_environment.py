@@ -117,3 +117,42 @@ def test_round_trip_and_report(tmp_path: Path) -> None:
     for line in ("| GPUs | T4 (16.00 GiB) |", "| CPU | Test CPU |", "| Memory | 8.00 GiB |"):
         assert line in report
     assert "Environment: the machine the run ran on." in (run / "report.html").read_text()
+
+
+def test_compare_warns_when_the_software_differs(tmp_path: Path) -> None:
+    """Python, package versions, driver and CPU of two runs: a difference is noted, never a
+    failure (an upgrade is often what is being measured); what only one run recorded is not
+    compared."""
+    from mmspec.reports.compare import compare_runs, render_comparison
+    from mmspec.results.environment import software
+
+    def manifest(torch: str, driver: str, python: str = "3.11.9") -> dict[str, Any]:
+        env = Environment("probed", cpu="Test CPU", gpus=(Gpu("T4"),), gpu_driver=driver)
+        return {
+            "python": python,
+            "packages": {"torch": torch, "polars": "2.1.0", "ray": None},
+            "environment": env.to_dict(),
+        }
+
+    assert software(manifest("2.5.1", "550.54.15")) == {
+        "Python": "3.11.9",
+        "polars": "2.1.0",
+        "ray": "not installed",
+        "torch": "2.5.1",
+        "GPU driver": "550.54.15",
+        "CPU": "Test CPU",
+    }
+    rows = make_rows(samples=12)
+    base = write_run(tmp_path / "base", rows, **manifest("2.5.1", "550.54.15"))
+    same = write_run(tmp_path / "same", rows, **manifest("2.5.1", "550.54.15"))
+    new = write_run(tmp_path / "new", rows, **manifest("2.6.0", "560.35.03", python="3.12.4"))
+    assert "environments differ" not in render_comparison(compare_runs(base, same))
+    result = compare_runs(base, new)
+    text = render_comparison(result)
+    assert not result.failed
+    assert (
+        "> Note: the environments differ (Python 3.11.9 vs 3.12.4; torch 2.5.1 vs 2.6.0; "
+        "GPU driver 550.54.15 vs 560.35.03)"
+    ) in text
+    unrecorded = write_run(tmp_path / "old", rows)  # a manifest from before any of it
+    assert "environments differ" not in render_comparison(compare_runs(base, unrecorded))

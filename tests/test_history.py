@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from mmspec.methods.registry import get_drafter, method_names
 from mmspec.orchestrator.grid import load_grid
+from mmspec.reports.acceptance import acceptance_columns, positions
 from mmspec.reports.commands import history
 from mmspec.reports.history import (
     RUN_COLUMNS,
@@ -73,7 +74,11 @@ def test_add_is_idempotent(tmp_path: Path) -> None:
     assert [p.name for p in store.iterdir()] == ["night-00.parquet"]
     # 2 methods x (2 topics + all)
     assert once.height == again.height == 6
-    assert again.columns == [*RUN_COLUMNS, *METRIC_COLUMNS]
+    fixed = [*RUN_COLUMNS, *METRIC_COLUMNS]
+    assert again.columns[: len(fixed)] == fixed
+    # then acceptance per draft position, as many columns as the run's longest accepted draft
+    assert again.columns[len(fixed) :] == acceptance_columns(positions(again.columns))
+    assert positions(again.columns) > 0
     row = again.filter(pl.col("method") == "pld", pl.col("topic") == "all").row(0, named=True)
     assert row["git_sha"] == "0123456789abcdef" and row["machine"] == "testhost"
     assert row["device_name"] == "Test GPU" and row["grid_name"] == "nightly"

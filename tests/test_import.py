@@ -234,6 +234,26 @@ def test_report_of_an_imported_run(mmspec_dir: Path, tmp_path: Path) -> None:
     assert 'id="imported"' in html and "Test GPU" in html
 
 
+def test_msd_means_give_mmspecs_draft_accept_mean_exactly(mmspec_dir: Path, tmp_path: Path) -> None:
+    """Rows hold MSD's mean x rounds as whole tokens; the manifest keeps what rounding left
+    out, so draft_accept_mean is summarize_metrics' sum(mean x rounds) / sum(rounds)."""
+    run = import_answers([mmspec_dir], tmp_path, ImportSettings("mmspec")).run_dir
+    files = {f["method"]: f for f in read_manifest(run)["imported"]["files"]}
+    exact = 4.6666669845581055 * 2 + 4.2 * 1
+    assert files["msd"]["accept_residue"] == {"general vqa": pytest.approx(exact - 13)}
+    assert files["eagle"]["accept_residue"] == {}
+    write_report(run)
+    metrics = pl.read_csv(run / "metrics.csv").filter(pl.col("method") == "msd")
+    for row in metrics.iter_rows(named=True):  # the topic and the pooled "all" alike
+        assert row["draft_accept_mean"] == pytest.approx(exact / 3, rel=1e-12)
+        assert row["MAT"] == pytest.approx(13 / 3)  # ours counts the whole tokens
+        assert row["MAT_mmspec"] == pytest.approx(15 / 3)
+    # ViSkip's skipped rounds are not recorded: no drafting steps to divide by
+    viskip = pl.read_csv(run / "metrics.csv").filter(pl.col("method") == "viskip+vispec")
+    assert viskip["drafting_steps"].null_count() == viskip.height
+    assert viskip["accept_rate_pos_1"].null_count() == viskip.height
+
+
 def test_mask_unrecorded_leaves_our_runs_alone(tmp_path: Path) -> None:
     run = write_run(tmp_path / "ours", make_rows(samples=10))
     metrics = cell_metrics(load_rows(run))
@@ -655,6 +675,73 @@ def test_imported_reference_reproduces_its_summary(split: str, tmp_path: Path) -
             (pl.col("new_tokens") / pl.col("total_s") / pl.col("b_tps")).mean()
         )
         assert paired.item() == pytest.approx(float(ref["speedup_paired"]), rel=1e-12)
+
+
+# metrics.csv column -> summary.csv column: MMSpec's own definitions, written beside ours.
+MMSPEC_COLUMNS = {
+    "MAT_mmspec": "MAT",
+    "draft_accept_mean": "draft_accept_mean",
+    "speedup_paired_mmspec": "speedup_paired",
+    "speedup_global_mmspec": "speedup_global",
+}
+
+
+@needs_reference
+@pytest.mark.parametrize("split", ["mmspec_test", "mmspec_testmini"])
+def test_report_carries_mmspecs_summary_to_3_decimals(split: str, tmp_path: Path) -> None:
+    """metrics.csv's MMSpec columns, number by number, against summary.csv, every method;
+    and the report prints them as summary.csv rounds them."""
+    run = import_answers([LLAVA / split], tmp_path, ImportSettings("mmspec")).run_dir
+    md = write_report(run).read_text()
+    metrics = pl.read_csv(run / "metrics.csv").filter(pl.col("topic") == "all")
+    cells = {r["method"]: r for r in metrics.iter_rows(named=True)}
+    summary = _reference_summary(split)
+    assert {_method(m) for m in summary} == set(cells)
+    for name, ref in summary.items():
+        cell = cells[_method(name)]
+        for ours, theirs in MMSPEC_COLUMNS.items():
+            if ref[theirs] == "nan":  # summarize_metrics' baseline draft_accept_mean
+                assert cell[ours] is None, (name, ours)
+                continue
+            expected = float(ref[theirs])
+            assert round(cell[ours], 3) == round(expected, 3), (name, ours, cell[ours], expected)
+            assert cell[ours] == pytest.approx(expected, rel=1e-9), (name, ours)
+        # the report's "By MMSpec's definitions" row: summary.csv's numbers to 3 decimals
+        accept = ref["draft_accept_mean"]
+        shown = [
+            _method(name),
+            f"{cell['MAT']:.2f}",
+            f"{float(ref['MAT']):.3f}",
+            "–" if accept == "nan" else f"{float(accept):.3f}",
+            f"{float(ref['speedup_paired']):.3f}×",
+            f"{float(ref['speedup_global']):.3f}×",
+        ]
+        assert "| " + " | ".join(shown) + " |" in md, shown
+
+
+@needs_reference
+def test_imported_reference_report_renders_in_chromium(tmp_path: Path) -> None:
+    """The 600-sample, 6-method import's page in a browser, with every chart drawn."""
+    from tests.test_report_html import check_rendered, find_browser, render_summary
+
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium found: apt-get install chromium chromium-driver")
+    settings = ImportSettings("mmspec", model="llava-1.5-7b")
+    run = import_answers([LLAVA / "mmspec_test"], tmp_path / "runs", settings).run_dir
+    md = write_report(run).read_text()
+    summary = render_summary(browser, run / "report.html", tmp_path)
+    check_rendered(summary, md)
+    titles = [p["title"] for p in summary["plots"]]
+    for prefix in (
+        "Speedup vs batch size",
+        "Vision-aware vs vision-agnostic",
+        "Throughput vs latency speedup",
+        "Latency CDF",
+        "Acceptance per draft position",
+        "Acceptance-length histogram",
+    ):
+        assert any(t.startswith(prefix) for t in titles), (prefix, titles)
 
 
 @needs_reference
