@@ -2,7 +2,9 @@
 
 Batch size 1, greedy, same prompts for both sides; warm-up outside the timed window; the
 outputs are checked token for token (a benchmark of a wrong engine would be meaningless).
-Also reports engine overhead: wall time minus the time spent inside the target's forward.
+Also reports overhead: wall time minus the time spent inside the target's forward; and the
+share of it spent in the processor (`Target.encode`: chat template, image preprocessing,
+tokenizer; the same call for both sides), which is per prompt, not per decoding step.
 
     .venv/bin/python benchmarks/bench_engine_vs_hf.py [--split ../shared/data/mmspec/testmini]
 """
@@ -29,12 +31,13 @@ from mmspec.workloads import Sample, load_mmspec, synthetic_suite
 DEFAULT_SPLIT = Path(__file__).resolve().parents[1].parent / "shared/data/mmspec/testmini"
 
 
-class ForwardTimer:
-    """Sums wall time spent inside model.forward (the target's own compute)."""
+class CallTimer:
+    """Sums wall time spent inside `owner.<name>` (by default model.forward: the target's
+    own compute, HF's Python inside forward included)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, owner: object, name: str = "forward") -> None:
         self.total = 0.0
-        orig = model.forward
+        orig = getattr(owner, name)
 
         # wraps keeps forward's signature: generate() inspects it to route model kwargs
         @functools.wraps(orig)
@@ -45,7 +48,7 @@ class ForwardTimer:
             finally:
                 self.total += time.perf_counter() - t0
 
-        model.forward = timed  # instance attribute shadows the bound method
+        setattr(owner, name, timed)  # instance attribute shadows the bound method
 
 
 def _prompts(target: Target, samples: list[Sample]) -> list[tuple[list, list]]:
@@ -65,7 +68,8 @@ def _time(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
 def bench_model(model_id: str, samples: list[Sample], max_new: int, repeats: int) -> list[str]:
     target = load_target(model_id)
     prompts = _prompts(target, samples)
-    timer = ForwardTimer(target.model)
+    timer = CallTimer(target.model)
+    processor = CallTimer(target, "encode")  # both sides encode through it
     engines = {m: Engine(target, get_drafter(m)()) for m in ("ar", "pld")}
 
     def run_engine(method: str) -> list[list[int]]:
@@ -92,14 +96,14 @@ def bench_model(model_id: str, samples: list[Sample], max_new: int, repeats: int
         except Exception as exc:  # a peer that cannot run this model is reported, not hidden
             failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             del cases[name]
-    best: dict[str, tuple[float, float, int]] = {}
+    best: dict[str, tuple[float, float, float, int]] = {}
     outputs: dict[str, list[list[int]]] = {}
     for _ in range(repeats):
         for name, fn in cases.items():
-            timer.total = 0.0
+            timer.total = processor.total = 0.0
             wall, outs = _time(fn)
             if name not in best or wall < best[name][0]:
-                best[name] = (wall, timer.total, sum(len(o) for o in outs))
+                best[name] = (wall, timer.total, processor.total, sum(len(o) for o in outs))
             outputs[name] = outs
     for name, outs in outputs.items():
         # HF may stop one token later/earlier only by EOS handling; compare the common prefix
@@ -108,21 +112,21 @@ def bench_model(model_id: str, samples: list[Sample], max_new: int, repeats: int
         )
         assert same, f"{model_id}: {name} output differs from HF greedy"
     lines = []
-    for name, (wall, fwd, toks) in best.items():
+    for name, (wall, fwd, proc, toks) in best.items():
         lines.append(
             f"| {model_id} | {name} | {toks} | {wall:.2f} | {toks / wall:.1f} | "
-            f"{(wall - fwd) / wall:.1%} |"
+            f"{(wall - fwd) / wall:.1%} | {proc / wall:.1%} | {(wall - fwd - proc) / wall:.1%} |"
         )
-    lines += [f"| {model_id} | {name} | failed: {why} | | | |" for name, why in failed.items()]
-    ar_tps = best["engine ar"][2] / best["engine ar"][0]
-    hf_tps = best["HF generate"][2] / best["HF generate"][0]
+    lines += [f"| {model_id} | {name} | failed: {why} | | | | | |" for name, why in failed.items()]
+    ar_tps = best["engine ar"][3] / best["engine ar"][0]
+    hf_tps = best["HF generate"][3] / best["HF generate"][0]
     pld_speed = best["engine ar"][0] / best["engine pld"][0]
     hf_pld = "failed"
     if "HF prompt lookup" in best:
         hf_pld = f"{best['HF generate'][0] / best['HF prompt lookup'][0]:.2f}x"
     lines.append(
         f"| {model_id} | **ratios** | engine ar / HF tokens/s = **{ar_tps / hf_tps:.2f}x**; "
-        f"pld speedup: engine {pld_speed:.2f}x, HF prompt lookup {hf_pld} | | | |"
+        f"pld speedup: engine {pld_speed:.2f}x, HF prompt lookup {hf_pld} | | | | | |"
     )
     return lines
 
@@ -145,8 +149,11 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, torch threads {args.threads}, "
         f"cpu count {os.cpu_count()}, torch {torch.__version__}"
     )
-    print("| model | decoder | tokens | wall s | tokens/s | overhead (wall - forward) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | decoder | tokens | wall s | tokens/s | overhead (wall - forward) "
+        "| processor | overhead - processor |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for model_id in ("tiny-qwen2.5-vl", "tiny-llava"):
         for line in bench_model(model_id, samples, args.max_new_tokens, args.repeats):
             print(line, flush=True)

@@ -24,6 +24,8 @@ class Acceptance:
 
 def accept_greedy(tree: DraftTree, argmax: list[int]) -> Acceptance:
     """`argmax[i]` is the target's greedy token after q-index i (0 = root)."""
+    if not tree.tokens:  # nothing drafted (AR): the bonus token alone
+        return Acceptance([], [argmax[0]])
     children = _children(tree)
     path: list[int] = []
     q = 0

@@ -8,22 +8,38 @@ emits EOS or reaches max_new_tokens. The KV cache is append-only with a per-row 
 mask of real slots; after each verification only the accepted path's slots are appended
 (left-aligned per row, masked padding where rows accepted fewer), so rejected drafts never
 take cache space, and slots masked as padding are squeezed out when they pile up.
+
+Per-step cost outside the forward matters on small targets (a tiny target's forward is
+~1.5 ms on CPU, and each small tensor op between forwards costs ~5-15 us), so a step builds
+its inputs with as few device ops as it can: per-row scalars are Python lists moved in one
+copy, the validity mask is kept in additive form, and a step with nothing drafted (AR) takes
+a short branch of the same loop.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache
 
 from mmspec.methods.accept import Acceptance, accept_greedy, accept_sampling
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome
-from mmspec.methods.kv_slots import additive_mask, gather_slots, select_rows, squeeze_order
+from mmspec.methods.kv_slots import (
+    additive,
+    additive_mask,
+    gather_new_slots,
+    gather_slots,
+    mask_values,
+    select_rows,
+    squeeze_order,
+)
 from mmspec.methods.tree import DraftTree
 from mmspec.models.feature_taps import Feature, FeatureTap
 from mmspec.models.target import Message, Target
@@ -51,13 +67,18 @@ class Generation:
 
 @dataclass
 class _Live:
-    """Decoding state of the rows still generating (indexed 0..active-1)."""
+    """Decoding state of the rows still generating (indexed 0..active-1), built after prefill.
+
+    Per-row scalars live in Python lists, not tensors: each step moves them to the device in
+    one copy, where tensors cost a few small ops per step to update.
+    """
 
     cache: DynamicCache
-    valid: torch.Tensor  # (active, cache_len) bool: slot holds a real token of this row
-    vision: torch.Tensor  # (active, cache_len) bool: slot holds an image token
-    next_pos: torch.Tensor  # (active,) text position of the pending token
-    pending: torch.Tensor  # (active,) token to feed next: the root of the draft tree
+    valid: InitVar[torch.Tensor]  # (active, prompt_len) bool: real prompt tokens (-> bias)
+    # (active, cache_len) bool: slot holds an image token; None unless the probe reads it
+    vision: torch.Tensor | None
+    next_pos: list[int]  # (active,) text position of the pending token (a tensor is converted)
+    pending: list[int]  # (active,) token to feed next: the root of the draft tree (ditto)
     rows: list[int]  # (active,) batch row of each live row
     tokens: list[list[int]]  # (active,) prompt + generated ids, ending with the pending token
     prompt_lens: list[int]
@@ -66,6 +87,22 @@ class _Live:
     score: torch.Tensor | None = None
     # the prompt's drafter features, until `begin` has them; each (active, P, width)
     features: dict[Feature, torch.Tensor] | None = None
+    # (active,) real slots per row: decides compaction without a device read
+    real: list[int] = field(default_factory=list)
+    # (active, cache_len) the additive mask row all of a row's queries start from: 0 where the
+    # slot holds a real token of this row, the dtype's lowest where it holds padding or a
+    # rejected draft. Kept additive, in the keys' dtype: a bool mask would cost a conversion
+    # per step, and the step's own mask usually holds the next bias already (`_commit`).
+    bias: torch.Tensor = field(init=False)
+
+    def __post_init__(self, valid: torch.Tensor) -> None:
+        self.bias = additive(valid, self.cache.layers[0].keys.dtype)  # the keys it masks
+        if isinstance(self.next_pos, torch.Tensor):
+            self.next_pos = self.next_pos.tolist()
+        if isinstance(self.pending, torch.Tensor):
+            self.pending = self.pending.tolist()
+        if not self.real:
+            self.real = valid.sum(dim=1).tolist()
 
 
 class Engine:
@@ -92,6 +129,9 @@ class Engine:
         drafter.load(target)
         self.tap = FeatureTap(target, drafter.features) if drafter.features else None
 
+    # The whole loop runs in inference mode: the engine's own small tensor ops cost less there
+    # (no autograd bookkeeping), and the target's forwards need not enter it each step.
+    @torch.inference_mode()
     def generate(
         self,
         conversations: list[list[Message]],
@@ -109,8 +149,9 @@ class Engine:
         prompt = self.target.encode(conversations, images)
         cache = DynamicCache(config=self.target.model.config)
         valid = prompt.attention_mask.bool()
-        vision = (prompt.input_ids == self.target.image_token_id) & valid
+        vision = None
         if self.probe:
+            vision = (prompt.input_ids == self.target.image_token_id) & valid
             self.probe.arm(vision, last_only=True)
         if self.tap:
             self.tap.arm()
@@ -120,21 +161,23 @@ class Engine:
         first = self._first_tokens(logits, temperature, gens)
         self._sync()
         prefill_s = time.perf_counter() - start
+        prompt_lens = prompt.prompt_lens
         live = _Live(
             cache=cache,
             valid=valid,
             vision=vision,
             next_pos=next_pos,
-            pending=torch.tensor(first, device=self.target.device),
+            pending=list(first),
             rows=list(range(n)),
             tokens=[[*t, f] for t, f in zip(prompt.tokens(), first)],
-            prompt_lens=prompt.prompt_lens,
+            prompt_lens=prompt_lens,
             score=score,
             features=features,
+            real=list(prompt_lens),
         )
         for i, r in enumerate(results):
             r.prompt_tokens, r.prefill_s, r.tokens = live.prompt_lens[i], prefill_s, [first[i]]
-        done = [self._finished(r, max_new_tokens) for r in results]
+        done = [self._finished(r, max_new_tokens, 1) for r in results]
         self._drop(live, done, results, start)
         if live.rows:
             ctx = self._context(live, temperature)
@@ -162,9 +205,9 @@ class Engine:
         self._sync()
         t1 = time.perf_counter()
         input_ids, positions, mask = self._tree_inputs(live, trees)
-        if self.probe:
-            new = torch.zeros_like(input_ids, dtype=torch.bool)
-            self.probe.arm(torch.cat([live.vision, new], dim=1), last_only=False)
+        q = input_ids.shape[1]
+        if self.probe:  # the new slots are text
+            self.probe.arm(F.pad(live.vision, (0, q)), last_only=False)
         if self.tap:
             self.tap.arm()
         logits = self.target.verify(input_ids, positions, mask, live.cache)
@@ -187,7 +230,7 @@ class Engine:
             trees, [a.path for a in accs], [a.tokens for a in accs], logits, features
         )
         self.drafter.update(ctx, outcome)
-        self._commit(live, accs, cache_len=mask.shape[-1] - input_ids.shape[1])
+        self._commit(live, accs, mask)
         self._sync()
         t3 = time.perf_counter()
         done = []
@@ -202,7 +245,7 @@ class Engine:
             r.verify_s += t2 - t1
             r.commit_s += t3 - t2
             r.tokens.extend(acc.tokens)
-            done.append(self._finished(r, max_new_tokens))
+            done.append(self._finished(r, max_new_tokens, len(acc.tokens)))
         return done
 
     def _tree_inputs(
@@ -211,65 +254,77 @@ class Engine:
         """input ids (b, q), text positions (b, q) and the additive mask (b, 1, q, kv + q)."""
         b, dev = len(trees), self.target.device
         q = 1 + max(len(t) for t in trees)
-        # built in numpy and moved once: many tiny torch ops cost more than the tree itself
-        pending = live.pending.tolist()
-        ids = np.repeat(np.array(pending, dtype=np.int64)[:, None], q, axis=1)  # pad = root
-        depth = np.zeros((b, q), dtype=np.int64)
+        # Lists, then one copy: a step of small numpy/torch ops costs more than the tree itself.
+        # Padding nodes repeat the root at its position.
+        ids, pos = [], []
+        for t, root, start in zip(trees, live.pending, live.next_pos):
+            pad = q - 1 - len(t)
+            ids.append([root, *t.tokens, *[root] * pad])
+            pos.append([start, *[start + d for d in t.depths], *[start] * pad])
+        ids_t, pos_t = torch.tensor([ids, pos], device=dev)
+        if q == 1:  # nothing drafted (AR, or every row skipped): the root sees cache and itself
+            zero = mask_values(live.bias.dtype, dev)[0].expand(b, 1)
+            return ids_t, pos_t, torch.cat([live.bias, zero], dim=1)[:, None, None]
         # padding nodes see only themselves (a row with no visible key would give NaNs)
         tree_mask = np.repeat(np.eye(q, dtype=bool)[None], b, axis=0)
         for i, t in enumerate(trees):
-            n = len(t)
-            if n == 0:
-                continue
-            ids[i, 1 : n + 1] = t.tokens
-            depth[i, 1 : n + 1] = t.depths
-            tree_mask[i, 1 : n + 1, 0] = True  # every node sees the root
-            for j, p in enumerate(t.parents):
-                if p >= 0:  # ancestors of the parent are ancestors of the child
-                    tree_mask[i, j + 1] |= tree_mask[i, p + 1]
-        tree_visible = torch.from_numpy(tree_mask).to(dev)
-        visible = torch.cat([live.valid[:, None, :].expand(-1, q, -1), tree_visible], dim=-1)
-        positions = live.next_pos[:, None] + torch.from_numpy(depth).to(dev)
-        return torch.from_numpy(ids).to(dev), positions, additive_mask(visible, self.target.dtype)
+            if len(t):
+                tree_mask[i, : len(t) + 1, : len(t) + 1] = _ancestors(tuple(t.parents))
+        tree = additive_mask(torch.from_numpy(tree_mask).to(dev), live.bias.dtype)
+        mask = torch.cat([live.bias[:, None, None, :].expand(-1, 1, q, -1), tree], dim=-1)
+        return ids_t, pos_t, mask
 
-    def _commit(self, live: _Live, accs: list[Acceptance], cache_len: int) -> None:
-        """Keep the root and accepted nodes' slots; advance positions and pending tokens."""
+    def _commit(self, live: _Live, accs: list[Acceptance], mask: torch.Tensor) -> None:
+        """Keep the root and accepted nodes' slots; advance positions and pending tokens.
+
+        `mask` is the step's (b, 1, q, cache_len + q) mask from `_tree_inputs`.
+        """
         dev = self.target.device
-        keep = max(len(a.path) for a in accs) + 1
-        index = torch.zeros(len(accs), keep, dtype=torch.long)
-        kept = torch.zeros(len(accs), keep, dtype=torch.bool)
-        for i, a in enumerate(accs):
-            slots = [0] + [n + 1 for n in a.path]  # q-indices: root, then accepted nodes
-            index[i, : len(slots)] = torch.tensor(slots)
-            kept[i, : len(slots)] = True
-        # Chains (and AR) accept a prefix of the new slots: a slice keeps them without a copy.
-        prefix = all(a.path == list(range(len(a.path))) for a in accs)
-        index, kept = index.to(dev), kept.to(dev)
-        for layer in live.cache.layers:
-            for name in ("keys", "values"):
-                full = getattr(layer, name)  # (b, heads, cache_len + q, head_dim)
-                if prefix:
-                    setattr(layer, name, full[:, :, : cache_len + keep])
-                    continue
-                gather = index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
-                new = torch.gather(full[:, :, cache_len:], 2, gather)
-                setattr(layer, name, torch.cat([full[:, :, :cache_len], new], dim=2))
-        live.valid = torch.cat([live.valid, kept], dim=1)
-        live.vision = torch.cat([live.vision, torch.zeros_like(kept)], dim=1)
-        live.next_pos = live.next_pos + kept.sum(dim=1)
-        live.pending = torch.tensor([a.tokens[-1] for a in accs], device=dev)
-        for toks, a in zip(live.tokens, accs):
-            toks.extend(a.tokens)
+        q = mask.shape[2]
+        cache_len = mask.shape[3] - q
+        lens = [len(a.path) + 1 for a in accs]  # kept slots per row: root + accepted nodes
+        keep = max(lens)
+        # A path of strictly increasing nodes ending at node k-1 is nodes 0..k-1: a prefix of
+        # the new slots (chains and AR always are), which a slice keeps without a copy.
+        prefix = all(not a.path or a.path[-1] == len(a.path) - 1 for a in accs)
+        if not prefix:
+            index = np.zeros((len(accs), keep), dtype=np.int64)
+            for i, a in enumerate(accs):  # q-indices: root, then accepted nodes
+                index[i, 1 : lens[i]] = a.path
+                index[i, 1 : lens[i]] += 1
+            gather_new_slots(live.cache, torch.from_numpy(index).to(dev), cache_len)
+        elif keep < q:
+            for layer in live.cache.layers:
+                layer.keys = layer.keys[:, :, : cache_len + keep]
+                layer.values = layer.values[:, :, : cache_len + keep]
+        if prefix and min(lens) == keep:
+            # The last accepted node's mask row is the old bias, then the root and its accepted
+            # path visible: exactly the new bias, already on the device (AR: the root's row).
+            live.bias = mask[:, 0, keep - 1, : cache_len + keep]
+        else:
+            kept = np.arange(keep)[None, :] < np.array(lens)[:, None]
+            new = additive(torch.from_numpy(kept).to(dev), live.bias.dtype)
+            live.bias = torch.cat([live.bias, new], dim=1)
+        if live.vision is not None:
+            live.vision = F.pad(live.vision, (0, keep))
+        for i, (a, n) in enumerate(zip(accs, lens)):
+            live.next_pos[i] += n
+            live.real[i] += n
+            live.pending[i] = a.tokens[-1]
+            live.tokens[i].extend(a.tokens)
         self._maybe_compact(live)
 
     def _maybe_compact(self, live: _Live) -> None:
         """Squeeze masked slots out of the cache once they cost more than `compact_slack`."""
-        order = squeeze_order(live.valid, self.compact_slack)
+        if live.bias.shape[1] - max(live.real) <= self.compact_slack:
+            return  # checked on the host: asking squeeze_order would read the device each step
+        order = squeeze_order(live.bias == 0, self.compact_slack)
         if order is None:
             return
         gather_slots(live.cache, order)
-        live.valid = torch.gather(live.valid, 1, order)
-        live.vision = torch.gather(live.vision, 1, order)
+        live.bias = torch.gather(live.bias, 1, order)
+        if live.vision is not None:
+            live.vision = torch.gather(live.vision, 1, order)
 
     # ---- helpers -------------------------------------------------------------------------
     def _first_tokens(
@@ -280,10 +335,15 @@ class Engine:
         probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
         return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, gens)]
 
-    def _finished(self, r: Generation, max_new_tokens: int) -> bool:
-        """Truncate at the first EOS or at max_new_tokens; say whether the row is done."""
-        for i, tok in enumerate(r.tokens[:max_new_tokens]):
-            if tok in self.target.eos_token_ids:
+    def _finished(self, r: Generation, max_new_tokens: int, new: int) -> bool:
+        """Truncate at the first EOS or at max_new_tokens; say whether the row is done.
+
+        Only the `new` last tokens are searched: earlier ones held no EOS, or the row would
+        have finished then.
+        """
+        first = len(r.tokens) - new
+        for i in range(first, min(len(r.tokens), max_new_tokens)):
+            if r.tokens[i] in self.target.eos_token_ids:
                 del r.tokens[i + 1 :]
                 r.stop = "eos"
                 return True
@@ -302,20 +362,21 @@ class Engine:
             if d:
                 results[live.rows[i]].total_s = now - start
         keep = [i for i, d in enumerate(done) if not d]
+        live.rows = [live.rows[i] for i in keep]
+        if not keep:  # the batch is over: nothing will read the rest
+            return
         idx = torch.tensor(keep, dtype=torch.long, device=self.target.device)
-        if keep:
-            select_rows(live.cache, idx)
-        live.valid = live.valid.index_select(0, idx)
-        live.vision = live.vision.index_select(0, idx)
+        select_rows(live.cache, idx)
+        live.bias = live.bias.index_select(0, idx)
+        if live.vision is not None:
+            live.vision = live.vision.index_select(0, idx)
         if live.score is not None:
             live.score = live.score.index_select(0, idx)
         if live.features is not None:
             live.features = {k: v.index_select(0, idx) for k, v in live.features.items()}
-        live.next_pos = live.next_pos.index_select(0, idx)
-        live.pending = live.pending.index_select(0, idx)
-        live.rows = [live.rows[i] for i in keep]
-        live.tokens = [live.tokens[i] for i in keep]
-        live.prompt_lens = [live.prompt_lens[i] for i in keep]
+        for name in ("next_pos", "pending", "real", "tokens", "prompt_lens"):
+            values = getattr(live, name)
+            setattr(live, name, [values[i] for i in keep])
 
     def _context(self, live: _Live, temperature: float) -> DraftContext:
         return DraftContext(
@@ -325,3 +386,19 @@ class Engine:
             temperature=temperature,
             extras={} if live.score is None else {"vision_score": live.score.tolist()},
         )
+
+
+@lru_cache(maxsize=1024)
+def _ancestors(parents: tuple[int, ...]) -> np.ndarray:
+    """(n + 1, n + 1) bool: q-index i sees q-index j (the root, itself or an ancestor).
+
+    Cached by shape: chains and static trees repeat every step. Callers copy, never write.
+    """
+    n = len(parents)
+    seen = np.eye(n + 1, dtype=bool)
+    seen[1:, 0] = True  # every node sees the root
+    for j, p in enumerate(parents):
+        if p >= 0:  # ancestors of the parent are ancestors of the child
+            seen[j + 1] |= seen[p + 1]
+    seen.flags.writeable = False
+    return seen

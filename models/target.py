@@ -7,9 +7,11 @@ format (M-RoPE for Qwen2.5-VL, 1D for LLaVA) and runs forwards with an explicit 
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from PIL import Image
@@ -45,6 +47,26 @@ def cache_keyword(module: torch.nn.Module) -> str:
     """
     params = inspect.signature(module.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def inference(fn: _Fn) -> _Fn:
+    """Run `fn` under torch.inference_mode(), entering it only when it is not on already.
+
+    The engine decodes in inference mode, and entering it again costs ~15 us a step: about
+    1% of a tiny target's forward.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class Target:
@@ -124,7 +146,7 @@ class Target:
         raise NotImplementedError
 
     # ---- forwards ------------------------------------------------------------------------
-    @torch.inference_mode()
+    @inference
     def prefill(self, prompt: PromptBatch, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompt; returns last-position logits (batch, vocab) and next positions."""
         position_ids, next_pos = self.prefill_positions(prompt)
@@ -137,7 +159,7 @@ class Target:
         )
         return out.logits[:, -1, :], next_pos
 
-    @torch.inference_mode()
+    @inference
     def verify(
         self,
         input_ids: torch.Tensor,

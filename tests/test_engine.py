@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from mmspec.methods.accept import accept_greedy, accept_sampling
-from mmspec.methods.engine import Engine
+from mmspec.methods.engine import Engine, Generation
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.tree import DraftTree
 from mmspec.models.loader import load_target
@@ -172,3 +172,145 @@ def test_accept_sampling_keeps_target_distribution(tree: DraftTree) -> None:
     wrong = torch.zeros(4)
     wrong[tree.tokens[0]] = n  # a rule that always accepts the first draft
     assert float(((wrong - n * p) ** 2 / (n * p)).sum()) > 16.27
+
+
+# ---- per-step bookkeeping without a model ----------------------------------------------------
+
+
+def _bare_engine(dtype: torch.dtype = torch.float32) -> Engine:
+    """An Engine whose target is only what `_tree_inputs` / `_commit` / `_finished` read."""
+    engine = Engine.__new__(Engine)
+    engine.target = type("T", (), {"device": torch.device("cpu"), "dtype": dtype})()
+    engine.target.eos_token_ids = frozenset({0})
+    engine.compact_slack = 10**9
+    return engine
+
+
+def _live(valid: list[list[bool]], heads: int = 1, dim: int = 2):
+    from mmspec.methods.engine import _Live
+
+    valid_t = torch.tensor(valid)
+    b, n = valid_t.shape
+    cache = DynamicCache()
+    keys = torch.arange(b * heads * n * dim, dtype=torch.float32).view(b, heads, n, dim)
+    cache.update(keys, -keys, 0)
+    return _Live(
+        cache=cache,
+        valid=valid_t,
+        vision=None,
+        next_pos=torch.tensor([int(v.sum()) for v in valid_t]),
+        pending=torch.tensor([7 + i for i in range(b)]),
+        rows=list(range(b)),
+        tokens=[[1, 7 + i] for i in range(b)],
+        prompt_lens=[int(v.sum()) for v in valid_t],
+    )
+
+
+def _old_additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask the engine built before it kept the bias (zeros, then masked_fill)."""
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_additive_mask_is_bitwise_the_old_mask(dtype: torch.dtype) -> None:
+    from mmspec.methods.kv_slots import additive_mask
+
+    visible = torch.rand(3, 4, 9) > 0.5
+    got = additive_mask(visible, dtype)
+    assert got.dtype == dtype and torch.equal(got, _old_additive(visible, dtype))
+    assert not torch.signbit(got[got == 0]).any()  # +0, as zeros() gave
+
+
+def _slow_tree_mask(valid: torch.Tensor, trees: list[DraftTree]) -> torch.Tensor:
+    """The visibility rule spelled out: cache slots of the row, then root / ancestors / self."""
+    q = 1 + max(len(t) for t in trees)
+    b, kv = valid.shape
+    vis = torch.zeros(b, q, kv + q, dtype=torch.bool)
+    for i, t in enumerate(trees):
+        vis[i, :, :kv] = valid[i]
+        for node in range(-1, q - 1):
+            vis[i, node + 1, kv + node + 1] = True
+            if node >= len(t):
+                continue  # padding sees only itself
+            n = node
+            while n >= 0:
+                n = t.parents[n]
+                vis[i, node + 1, kv + n + 1] = True
+    return vis
+
+
+@pytest.mark.parametrize(
+    "trees",
+    [
+        [DraftTree.empty(), DraftTree.empty()],  # AR: the one-token branch
+        [DraftTree.chain([3, 4, 5]), DraftTree.empty()],
+        [DraftTree([11, 12, 13, 14, 15, 16], [-1, -1, 0, 0, 2, 1]), DraftTree([21], [-1])],
+    ],
+)
+def test_tree_inputs_follow_the_visibility_rule(trees: list[DraftTree]) -> None:
+    valid = [[False, True, True, True], [True, True, True, True]]
+    engine, live = _bare_engine(), _live(valid)
+    ids, pos, mask = engine._tree_inputs(live, trees)
+    q = 1 + max(len(t) for t in trees)
+    assert ids.shape == pos.shape == (2, q) and mask.shape == (2, 1, q, 4 + q)
+    for i, t in enumerate(trees):
+        assert ids[i].tolist() == [7 + i, *t.tokens] + [7 + i] * (q - 1 - len(t))
+        depths = [0, *t.depths] + [0] * (q - 1 - len(t))
+        assert pos[i].tolist() == [live.next_pos[i] + d for d in depths]
+    want = _old_additive(_slow_tree_mask(torch.tensor(valid), trees), torch.float32)
+    assert torch.equal(mask, want)
+
+
+@pytest.mark.parametrize(
+    ("trees", "paths"),
+    [
+        ([DraftTree.empty(), DraftTree.empty()], [[], []]),  # AR: the mask row is the bias
+        ([DraftTree.chain([3, 4, 5]), DraftTree.chain([6, 7])], [[0, 1], [0, 1]]),  # equal
+        ([DraftTree.chain([3, 4, 5]), DraftTree.chain([6, 7])], [[0, 1, 2], []]),  # ragged
+        ([DraftTree([3, 4, 5, 6], [-1, -1, 1, 2]), DraftTree.chain([6])], [[1, 2], [0]]),
+    ],
+)
+def test_commit_keeps_accepted_slots(trees: list[DraftTree], paths: list[list[int]]) -> None:
+    from mmspec.methods.accept import Acceptance
+
+    valid = [[False, True, True], [True, True, True]]
+    engine, live = _bare_engine(), _live(valid)
+    ids, _, mask = engine._tree_inputs(live, trees)
+    q = ids.shape[1]
+    layer = live.cache.layers[0]
+    new = torch.randn(2, 1, q, 2)  # what the verification appended
+    layer.keys = torch.cat([layer.keys, new], dim=2)
+    layer.values = torch.cat([layer.values, -new], dim=2)
+    old_keys, old_pos = layer.keys.clone(), list(live.next_pos)
+    accs = [
+        Acceptance(p, [t.tokens[n] for n in p] + [90 + i])
+        for i, (t, p) in enumerate(zip(trees, paths))
+    ]
+    engine._commit(live, accs, mask)
+
+    keep = max(len(p) for p in paths) + 1
+    kept = torch.zeros(2, keep, dtype=torch.bool)
+    for i, p in enumerate(paths):
+        kept[i, : len(p) + 1] = True
+        slots = [0] + [n + 1 for n in p]
+        assert torch.equal(
+            layer.keys[i, :, 3 : 3 + len(slots)], old_keys[i, :, [3 + s for s in slots]]
+        )
+        assert live.next_pos[i] == old_pos[i] + len(p) + 1
+        assert live.pending[i] == 90 + i and live.tokens[i][-1] == 90 + i
+    assert layer.keys.shape[2] == 3 + keep and torch.equal(layer.values, -layer.keys)
+    want = _old_additive(torch.cat([torch.tensor(valid), kept], dim=1)[:, None], torch.float32)
+    assert torch.equal(live.bias, want[:, 0, 0])
+    assert live.real == [int(r) for r in torch.cat([torch.tensor(valid), kept], 1).sum(1)]
+
+
+def test_finished_reads_only_new_tokens_and_truncates() -> None:
+    engine = _bare_engine()
+    r = Generation(tokens=[5, 6])
+    assert not engine._finished(r, 8, 2)
+    r.tokens += [7, 0, 9]  # EOS (0) among the new tokens
+    assert engine._finished(r, 8, 3) and r.tokens == [5, 6, 7, 0] and r.stop == "eos"
+    r = Generation(tokens=[5, 6, 7])
+    r.tokens += [8, 0]  # EOS after max_new_tokens does not count
+    assert engine._finished(r, 4, 2) and r.tokens == [5, 6, 7, 8] and r.stop == "length"
