@@ -33,7 +33,7 @@ import yaml
 
 from mmspec.orchestrator.grid import Grid, grid_sha256
 from mmspec.results.ids import safe_name
-from mmspec.results.layout import TIMESTAMP
+from mmspec.results.layout import run_names
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ def _out_argument(out: Path | None, grid_out: str) -> str | None:
 
 
 def _run_id(stem: str, now: datetime | None) -> str:
-    stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime(TIMESTAMP)
-    return f"mmspec-{stem}-{stamp}"
+    return next(run_names(f"mmspec-{stem}", now or datetime.now(UTC)))
 
 
 def _own_version() -> str:

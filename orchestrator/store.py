@@ -22,9 +22,9 @@ from mmspec.results.layout import (
     MANIFEST,
     RESULTS,
     TELEMETRY,
-    TIMESTAMP,
     TMP_SUFFIX,
     LayoutError,
+    run_names,
     shard_path,
     telemetry_path,
 )
@@ -40,18 +40,15 @@ class StoreError(LayoutError):
 
 def create_run_dir(out: str | Path, name: str, now: datetime | None = None) -> Path:
     """Make `<out>/<name>-<UTC timestamp>/` (with a -2, -3... suffix if that second is taken)."""
-    stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime(TIMESTAMP)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    base = f"{name}-{stamp}"
-    for attempt in range(1, 1000):
-        run_dir = root / (base if attempt == 1 else f"{base}-{attempt}")
+    for run_name in run_names(name, now or datetime.now(UTC)):
         try:
-            run_dir.mkdir()
+            (root / run_name).mkdir()
         except FileExistsError:
             continue
-        return run_dir
-    raise StoreError(f"cannot create a run directory under {root} named {base}")
+        return root / run_name
+    raise StoreError(f"cannot create a run directory under {root} for {name!r}: all names taken")
 
 
 def write_manifest(run_dir: Path, manifest: Mapping[str, Any]) -> Path:

@@ -64,7 +64,7 @@ from mmspec.reports.metrics import ALL_TOPIC
 from mmspec.reports.paired import BASELINE
 from mmspec.results.environment import ENVIRONMENT, Environment, Gpu
 from mmspec.results.ids import VISKIP_PREFIX, cell_id, safe_name, shard_id
-from mmspec.results.layout import MANIFEST, RESULTS, TIMESTAMP, part_name, partition
+from mmspec.results.layout import MANIFEST, RESULTS, part_name, partition, run_names
 from mmspec.results.schema import SCHEMA_VERSION, ResultRow, rows_to_table
 from mmspec.results.taxonomy import TAXONOMY, known_taxonomy
 
@@ -566,7 +566,7 @@ def import_answers(
     now = datetime.now(UTC)
     out = Path(out)
     prefix = safe_name(settings.name or f"{settings.fmt}-{model}-{workload}")
-    run_id = _free_name(out, f"{prefix}-{now.strftime(TIMESTAMP)}")
+    run_id = _free_name(out, prefix, now)
 
     parsed: list[_Parsed] = []
     cells: dict[tuple[str, float], Path] = {}
@@ -592,13 +592,12 @@ def import_answers(
     )
 
 
-def _free_name(out: Path, base: str) -> str:
-    """`base`, or base-2, base-3... where a run of that name exists (as the store names runs)."""
-    for attempt in range(1, 1000):
-        name = base if attempt == 1 else f"{base}-{attempt}"
+def _free_name(out: Path, prefix: str, now: datetime) -> str:
+    """The first run folder name the store would also pick that is not taken yet."""
+    for name in run_names(prefix, now):
         if not (out / name).exists():
             return name
-    raise AnswerFileError(f"{out}: cannot find a free run folder name for {base}")
+    raise AnswerFileError(f"{out}: cannot find a free run folder name for {prefix}")
 
 
 def _manifest(

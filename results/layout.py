@@ -16,6 +16,8 @@ results/, so reports never scan it. Nothing here writes; `mmspec.orchestrator.st
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,14 @@ PART_PREFIX, PART_SUFFIX, TMP_SUFFIX = "part-", ".arrow", ".tmp"
 
 class LayoutError(RuntimeError):
     """A run directory or result file that is not what the writer leaves."""
+
+
+def run_names(name: str, now: datetime) -> Iterator[str]:
+    """A run folder's name, `<name>-<UTC timestamp>`, then the -2, -3... a taken one gets."""
+    base = f"{name}-{now.astimezone(UTC).strftime(TIMESTAMP)}"
+    yield base
+    for attempt in range(2, 1000):
+        yield f"{base}-{attempt}"
 
 
 def partition(model: str, method: str, batch_size: int, temperature: float, repeat: int) -> Path:
