@@ -7,6 +7,7 @@ compare step (our venv).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -86,6 +87,10 @@ SAM_ARGS = {"total_token": 30, "depth": 3, "top_k": 8, "threshold": 1.0}
 LOOKAHEAD_ARGS = {"decoding_length": 64, "branch_length": 12}
 RECYCLING_ARGS = {"matrix_top_k": 8, "draft_len": 10}
 
+# the tree every MMSpec script for a trained head passes (scripts/*/eval_*_mmspec.sh)
+MMSPEC_TREE = {"depth": 3, "top_k": 8, "total_token": 30}
+VISPEC_ARGS = {**MMSPEC_TREE, "num_q": 2}
+
 METHODS: dict[str, Method] = {
     "ar": Method(ref="baseline", ours="ar"),
     # scripts/*/eval_pld_mmspec.sh: ngram 4, n_pred 10 (spec_model_pld.py hard-codes both)
@@ -98,7 +103,7 @@ METHODS: dict[str, Method] = {
     "eagle2": Method(
         ref="eagle2",
         ours="eagle2",
-        ref_args={"depth": 3, "top_k": 8, "total_token": 30, "threshold": 0.3},
+        ref_args={**MMSPEC_TREE, "threshold": 0.3},
         head="eagle",
     ),
     # eval_eagle_mmspec.sh: MMSpec's "eagle" is its EAGLE-2 code with the threshold commented
@@ -106,7 +111,7 @@ METHODS: dict[str, Method] = {
     "eagle": Method(
         ref="eagle",
         ours="eagle",
-        ref_args={"depth": 3, "top_k": 8, "total_token": 30},
+        ref_args=MMSPEC_TREE,
         head="eagle",
     ),
     # on LLaVA-1.5 with the head's prompt image slots embedded as the image features (as
@@ -114,20 +119,20 @@ METHODS: dict[str, Method] = {
     "eagle2-imgfeat": Method(
         ref="eagle2-imgfeat",
         ours="eagle2",
-        ref_args={"depth": 3, "top_k": 8, "total_token": 30, "threshold": 0.3},
+        ref_args={**MMSPEC_TREE, "threshold": 0.3},
         head="eagle",
     ),
     "eagle-imgfeat": Method(
         ref="eagle-imgfeat",
         ours="eagle",
-        ref_args={"depth": 3, "top_k": 8, "total_token": 30},
+        ref_args=MMSPEC_TREE,
         head="eagle",
     ),
     # the EAGLE-1 paper's static 25-node tree against MMSpec's "eagle": expected to differ
     "eagle-static": Method(
         ref="eagle",
         ours="eagle",
-        ref_args={"depth": 3, "top_k": 8, "total_token": 30},
+        ref_args=MMSPEC_TREE,
         ours_args={"tree": "static"},
         head="eagle",
     ),
@@ -135,7 +140,7 @@ METHODS: dict[str, Method] = {
     "vispec": Method(
         ref="vispec",
         ours="vispec",
-        ref_args={"depth": 3, "top_k": 8, "total_token": 30, "num_q": 2},
+        ref_args=VISPEC_ARGS,
         head="vispec",
     ),
     # ViSkip: eval_vispec_vskip_mmspec.sh (visual_attn_threshold 0.35, eager attention)
@@ -143,26 +148,14 @@ METHODS: dict[str, Method] = {
     "vispec-vskip": Method(
         ref="vispec-vskip",
         ours="viskip+vispec",
-        ref_args={
-            "depth": 3,
-            "top_k": 8,
-            "total_token": 30,
-            "num_q": 2,
-            "visual_attn_threshold": 0.35,
-        },
+        ref_args={**VISPEC_ARGS, "visual_attn_threshold": 0.35},
         ours_args={"viskip_threshold": 0.35},
         head="vispec",
     ),
     "vispec-vskip-fixed": Method(
         ref="vispec-vskip-fixed",
         ours="viskip+vispec",
-        ref_args={
-            "depth": 3,
-            "top_k": 8,
-            "total_token": 30,
-            "num_q": 2,
-            "visual_attn_threshold": 0.35,
-        },
+        ref_args={**VISPEC_ARGS, "visual_attn_threshold": 0.35},
         ours_args={"viskip_threshold": 0.35},
         head="vispec",
     ),
@@ -170,7 +163,7 @@ METHODS: dict[str, Method] = {
     "medusa": Method(
         ref="medusa",
         ours="medusa",
-        ref_args={"depth": 3, "top_k": 8, "total_token": 30},
+        ref_args=MMSPEC_TREE,
         head="medusa",
     ),
     # eval_sam_mmspec.sh: total_token 30, depth 3, top_k 8, threshold 1.0 (none reaches the
@@ -246,3 +239,16 @@ def write_result(path: Path, data: dict[str, Any]) -> None:
 
 def read_result(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def runner_arguments(description: str) -> argparse.ArgumentParser:
+    """The options both runners take, so the two sides always run the same prompts alike."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default="tiny-qwen2.5-vl")
+    ap.add_argument("--methods", default="ar,pld,eagle2")
+    ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT)
+    ap.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per turn (best kept)")
+    ap.add_argument("--threads", type=int, default=1)
+    return ap

@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 from common import (
-    DEFAULT_PROMPTS,
-    DEFAULT_SPLIT,
     METHODS,
     MODELS,
     Method,
@@ -26,6 +24,7 @@ from common import (
     parity_home,
     pixels_sha256,
     result_path,
+    runner_arguments,
     select_prompts,
     write_result,
 )
@@ -108,14 +107,7 @@ def run_method(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny-qwen2.5-vl")
-    ap.add_argument("--methods", default="ar,pld,eagle2")
-    ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT)
-    ap.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per turn (best kept)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = runner_arguments(__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=parity_home() / "out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
