@@ -683,6 +683,13 @@ def import_info(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
+def _rows_of(source: Mapping[str, Any]) -> pl.Expr:
+    """The rows (of cell metrics or details) that came from one imported file."""
+    return (pl.col("method") == source["method"]) & (
+        pl.col("temperature") == float(source["temperature"])
+    )
+
+
 def mask_unrecorded(frame: pl.DataFrame, manifest: Mapping[str, Any]) -> pl.DataFrame:
     """`frame` (cell metrics or run details' cells) with every metric built on a sentinel set
     to null, per (method, temperature) of the file it came from; unchanged for our own runs."""
@@ -691,9 +698,7 @@ def mask_unrecorded(frame: pl.DataFrame, manifest: Mapping[str, Any]) -> pl.Data
         return frame
     updates: dict[str, pl.Expr] = {}
     for source in info.get("files") or []:
-        hit = (pl.col("method") == source["method"]) & (
-            pl.col("temperature") == float(source["temperature"])
-        )
+        hit = _rows_of(source)
         for row_field in source.get("not_recorded") or []:
             columns = list(_METRICS_OF_FIELD.get(row_field, ()))
             if row_field in _ACCEPTANCE_OF_FIELD:
@@ -718,13 +723,10 @@ def exact_accept_means(frame: pl.DataFrame, manifest: Mapping[str, Any]) -> pl.D
         residue = {str(k): float(v) for k, v in (source.get("accept_residue") or {}).items()}
         if not residue:
             continue
-        hit = (pl.col("method") == source["method"]) & (
-            pl.col("temperature") == float(source["temperature"])
-        )
         per_topic = {**residue, ALL_TOPIC: sum(sorted(residue.values()))}
         extra = pl.col("topic").replace_strict(per_topic, default=0.0, return_dtype=pl.Float64)
         exact = (pl.col("accepted_tokens") + extra) / pl.col("steps")
-        value = pl.when(hit & (pl.col("steps") > 0)).then(exact).otherwise(value)
+        value = pl.when(_rows_of(source) & (pl.col("steps") > 0)).then(exact).otherwise(value)
     return frame.with_columns(draft_accept_mean=value)
 
 

@@ -118,8 +118,10 @@ assert list(_IDENTITY_SCHEMA) == RUN_COLUMNS
 
 def run_identity(run_dir: str | Path, machine: str | None = None) -> dict[str, Any]:
     """The RUN_COLUMNS of a run, from its manifest (and its rows, for the device name)."""
-    run_dir = Path(run_dir)
-    manifest = manifest_or_empty(run_dir)
+    return _identity(Path(run_dir), manifest_or_empty(run_dir), machine)
+
+
+def _identity(run_dir: Path, manifest: dict[str, Any], machine: str | None) -> dict[str, Any]:
     grid = manifest.get("grid")
     env = Environment.from_manifest(manifest)
     return {
@@ -141,13 +143,16 @@ def run_identity(run_dir: str | Path, machine: str | None = None) -> dict[str, A
 
 def run_history_rows(run_dir: str | Path, machine: str | None = None) -> pl.DataFrame:
     """A run's cell metrics with its identity columns first (the rows `add_run` stores)."""
-    return _rows(run_identity(run_dir, machine), run_dir)
+    return _rows(run_dir, machine)[1]
 
 
-def _rows(identity: dict[str, Any], run_dir: str | Path) -> pl.DataFrame:
+def _rows(run_dir: str | Path, machine: str | None) -> tuple[dict[str, Any], pl.DataFrame]:
+    """The run's identity, and its rows for the store (the manifest read once for both)."""
+    manifest = manifest_or_empty(run_dir)
+    identity = _identity(Path(run_dir), manifest, machine)
     ids = pl.DataFrame([identity], schema=_IDENTITY_SCHEMA)
-    metrics = imported_metrics(cell_metrics(load_rows(run_dir)), manifest_or_empty(run_dir))
-    return ids.join(metrics, how="cross")
+    metrics = imported_metrics(cell_metrics(load_rows(run_dir)), manifest)
+    return identity, ids.join(metrics, how="cross")
 
 
 def history_file(store: str | Path, run_id: str) -> Path:
@@ -157,8 +162,7 @@ def history_file(store: str | Path, run_id: str) -> Path:
 
 def add_run(run_dir: str | Path, store: str | Path, machine: str | None = None) -> Path:
     """Write (or replace) the run's file in the store; returns its path."""
-    identity = run_identity(run_dir, machine)
-    frame = _rows(identity, run_dir)
+    identity, frame = _rows(run_dir, machine)
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     path = history_file(store, identity["run_id"])

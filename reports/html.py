@@ -293,6 +293,21 @@ def _errors(details: RunDetails, limit: int = ERROR_LIMIT) -> str:
     return f'<section id="errors"><h2>Errors</h2>{table}{note}</section>'
 
 
+def _by_batch_chart(lines: list[Line], title: str, y_label: str, sizes: list[float]) -> str:
+    """A speedup (y) against batch size (x, log2) chart, with ar's 1× marked."""
+    return line_chart(
+        lines,
+        title=title,
+        x_label="Batch size",
+        y_label=y_label,
+        x_log2=True,
+        x_ticks=sizes,
+        x_fmt=lambda v: f"{v:g}",
+        y_fmt=lambda v: f"{v:.2f}×",
+        reference_y=(1.0, "ar = 1×"),
+    )
+
+
 def _speedup_plot(
     pooled: pl.DataFrame, methods: list[str], colors: dict[str, str], title: str
 ) -> str:
@@ -312,17 +327,7 @@ def _speedup_plot(
             '<p class="note">No speedup to plot: no method shares ok samples with an '
             "<code>ar</code> baseline here.</p>"
         )
-    svg = line_chart(
-        lines,
-        title=title,
-        x_label="Batch size",
-        y_label="Speedup vs ar (×)",
-        x_log2=True,
-        x_ticks=[float(b) for b in sizes],
-        x_fmt=lambda v: f"{v:g}",
-        y_fmt=lambda v: f"{v:.2f}×",
-        reference_y=(1.0, "ar = 1×"),
-    )
+    svg = _by_batch_chart(lines, title, "Speedup vs ar (×)", [float(b) for b in sizes])
     return (
         f'<figure class="wide">{svg}<figcaption>Speedup (global) of each method over '
         "<code>ar</code> at the same batch size; all topics pooled.</figcaption></figure>"
@@ -425,16 +430,11 @@ def _family_plot(
         )
     if not lines:
         return ""
-    svg = line_chart(
+    svg = _by_batch_chart(
         lines,
-        title=title,
-        x_label="Batch size",
-        y_label="Speedup vs ar (geometric mean, ×)",
-        x_log2=True,
-        x_ticks=sorted({float(b) for b in pooled["batch_size"].to_list()}),
-        x_fmt=lambda v: f"{v:g}",
-        y_fmt=lambda v: f"{v:.2f}×",
-        reference_y=(1.0, "ar = 1×"),
+        title,
+        "Speedup vs ar (geometric mean, ×)",
+        sorted({float(b) for b in pooled["batch_size"].to_list()}),
     )
     return (
         f"<figure>{svg}<figcaption>{escape(FAMILY_NOTE)} Geometric mean of the speedups "
