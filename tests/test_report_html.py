@@ -322,3 +322,15 @@ def test_small_real_run_renders_in_chromium(browser: str, tmp_path: Path) -> Non
     assert summary["first_line"].startswith("Lossless: all 2 checks passed")
     image = screenshot(browser, run / "report.html", tmp_path)
     assert len(image.getcolors(maxcolors=1 << 20) or []) > 200
+
+
+def rendered_plot_titles(run: Path, tmp: Path) -> list[str]:
+    """Write `run`'s report, render its page in Chromium (skip without one), check every
+    table and chart drew, and return the charts' titles."""
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium found: apt-get install chromium chromium-driver")
+    md = write_report(run).read_text()
+    summary = render_summary(browser, run / "report.html", tmp)
+    check_rendered(summary, md)
+    return [p["title"] for p in summary["plots"]]
