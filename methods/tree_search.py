@@ -92,13 +92,15 @@ class TreeSearch:
         log_t = math.log(threshold) if threshold < 1.0 else None
         start = self.kv.length
         top = logp.topk(top_k, dim=-1)
+        # host copies are read once per level: per-row and per-element reads would each be
+        # a device op (a sync on a GPU)
         cands = [
-            [_Node(int(t), -1, float(s), 1) for t, s in zip(top.indices[i], top.values[i])]
-            for i in range(b)
+            [_Node(t, -1, s, 1) for t, s in zip(row_tokens, row_scores)]
+            for row_tokens, row_scores in zip(top.indices.tolist(), top.values.tolist())
         ]
         # MMSpec expands level 1 whatever its scores, then tests the threshold after each level
         grows = [True] * b
-        frontier = torch.arange(top_k, device=dev)[None].expand(b, -1)  # candidate indices
+        frontier = [list(range(top_k))] * b  # per row: candidate indices of the newest level
         tokens, scores = top.indices, top.values
         parent_hidden = hidden[:, None, :].expand(-1, top_k, -1)
         anc = torch.zeros(b, top_k, 0, dtype=torch.bool, device=dev)
@@ -109,21 +111,21 @@ class TreeSearch:
             child = lp.topk(top_k, dim=-1)  # (b, k, k)
             cum = (scores[:, :, None] + child.values).flatten(1)  # (b, k * k)
             child_tokens = child.indices.flatten(1)
-            base = torch.tensor([len(c) for c in cands], device=dev)[:, None]
+            level_tokens, level_cum = child_tokens.tolist(), cum.tolist()
+            base = [len(c) for c in cands]  # where this level's candidates start, per row
             for i in range(b):
                 if not grows[i]:  # stopped rows are computed along, never extended
                     continue
-                parents = frontier[i].repeat_interleave(top_k).tolist()
+                parents = [f for f in frontier[i] for _ in range(top_k)]
                 cands[i] += [
-                    _Node(t, p, s, d + 1)
-                    for t, p, s in zip(child_tokens[i].tolist(), parents, cum[i].tolist())
+                    _Node(t, p, s, d + 1) for t, p, s in zip(level_tokens[i], parents, level_cum[i])
                 ]
-                grows[i] = log_t is None or float(cum[i].max()) >= log_t
+                grows[i] = log_t is None or max(level_cum[i]) >= log_t
             if d == depth:
                 break
             best = cum.topk(top_k, dim=-1).indices  # (b, k) into this level's k * k
             parent_of = best // top_k  # the node of this level each new frontier node is under
-            frontier = base + best
+            frontier = [[at + j for j in row] for at, row in zip(base, best.tolist())]
             tokens, scores = child_tokens.gather(1, best), cum.gather(1, best)
             anc = own.gather(1, parent_of[:, :, None].expand(-1, -1, own.shape[-1]))
             parent_hidden = out.gather(1, parent_of[:, :, None].expand(-1, -1, out.shape[-1]))
