@@ -128,6 +128,9 @@ class Engine:
         )
         drafter.load(target)
         self.tap = FeatureTap(target, drafter.features) if drafter.features else None
+        # grows with every forward pass (prefill, each step): read from another thread as a
+        # sign of life by the orchestrator's watchdog; an int bump costs nothing per step
+        self.heartbeat = 0
 
     # The whole loop runs in inference mode: the engine's own small tensor ops cost less there
     # (no autograd bookkeeping), and the target's forwards need not enter it each step.
@@ -156,6 +159,7 @@ class Engine:
         if self.tap:
             self.tap.arm()
         logits, next_pos = self.target.prefill(prompt, cache)
+        self.heartbeat += 1
         score = self.probe.take()[:, 0] if self.probe else None
         features = self.tap.take() if self.tap else None
         first = self._first_tokens(logits, temperature, gens)
@@ -187,6 +191,7 @@ class Engine:
         live.features = None
         while live.rows:
             done = self._step(live, results, max_new_tokens, temperature, gens)
+            self.heartbeat += 1
             self._drop(live, done, results, start)
         return results
 

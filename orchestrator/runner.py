@@ -121,6 +121,11 @@ class ShardRunner:
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
         self.engine.generate([turn], [image], max_new_tokens=4)
 
+    def heartbeat(self) -> int:
+        """Forward passes so far: grows while a shard makes progress (the watchdog reads it
+        from another thread while `run` works)."""
+        return self.engine.heartbeat
+
     def close(self) -> None:
         """Stop the telemetry thread; call when the runner is done (also done on collection)."""
         sampler = getattr(self, "_sampler", None)  # absent when __init__ failed early

@@ -24,6 +24,16 @@ When the cluster shrinks, slots beyond what the live nodes can hold are parked u
 again; if no node can hold a single worker for `capacity_wait_s`, what is left is recorded as
 error rows. The run always ends.
 
+Watchdog. A shard whose worker shows no progress is cancelled, not waited on: every
+`heartbeat_s` the driver asks each busy actor for `Worker.progress()` (forward passes and shards,
+answered on a thread of its own, beside the running shard). A shard that has not moved for the
+stall limit - `shard_timeout_s` from the grid, else `stall_factor` times the longest gap seen
+between two readings of its pair, at least `stall_floor_s` - is failed like a crash: its actor
+is killed and the shard retried on a fresh one, then recorded as error rows naming the
+timeout. A frozen process (SIGSTOP, a wedged kernel) and one that answers but never advances
+are both caught; a long but healthy shard keeps moving and is never killed. A new actor has
+`load_timeout_s` to start and answer its first reading.
+
 Results come back to the driver, which hands each shard's table and telemetry to a sink exactly
 once, so no shared file system is needed and nothing is counted twice.
 """
@@ -51,11 +61,16 @@ log = logging.getLogger(__name__)
 # called in the driver, once per shard: (shard, result table, telemetry table or None)
 ResultSink = Callable[[Shard, pa.Table, pa.Table | None], None]
 
+HEARTBEAT = "heartbeat"  # the actors' concurrency group for progress readings
 _BILLIONS = re.compile(r"(\d+(?:\.\d+)?)[bB](?![A-Za-z])")  # "7B" in "Qwen2.5-VL-7B-Instruct"
 
 
 class SchedulingError(ValueError):
     """The cluster cannot hold a single worker as configured (e.g. too many GPUs per worker)."""
+
+
+class ShardTimeoutError(RuntimeError):
+    """A shard's worker showed no progress within the stall limit (or never started)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,12 @@ class SchedulerSettings:
     method_weights: Mapping[str, float] = field(default_factory=dict)
     poll_s: float = 5.0  # how often to look for returning nodes while slots are parked
     capacity_wait_s: float = 600.0  # no room for any worker this long: fail what is left
+    # the watchdog (module doc): a fixed stall limit, or None to derive it from the run
+    shard_timeout_s: float | None = None
+    stall_floor_s: float = 120.0  # the derived stall limit is never shorter
+    stall_factor: float = 10.0  # x the longest gap seen between two progress readings
+    load_timeout_s: float = 1800.0  # a new actor's process start + model load
+    heartbeat_s: float = 10.0  # how often busy actors are asked for progress
 
 
 @dataclass(frozen=True)
@@ -103,7 +124,8 @@ def plan_slots(
 
     `resources` are the cluster's totals; `nodes` (each live node's resources) make the count
     exact where workers cannot span nodes, e.g. 2 GPUs per worker on nodes of 3 GPUs.
-    Raises SchedulingError when GPUs exist but no node has `gpus_per_worker` of them.
+    Raises SchedulingError when GPUs exist but no node has `gpus_per_worker` of them, or,
+    without GPUs, no node has `threads_per_worker` CPUs.
     """
     gpus = resources.get("GPU", 0)
     if gpus > 0:
@@ -117,12 +139,15 @@ def plan_slots(
                 f"many GPUs ({gpus:g} in all); lower gpus_per_worker or add larger nodes"
             )
         return (min(fits, workers) if workers else fits), True
-    if workers:
-        return workers, False
     if nodes is None:
-        return max(1, int(resources.get("CPU", 1)) // threads_per_worker), False
+        return workers or max(1, int(resources.get("CPU", 1)) // threads_per_worker), False
     fits = sum(worker_fits(n, False, threads_per_worker, gpus_per_worker) for n in nodes)
-    return max(1, fits), False
+    if fits == 0:  # Ray would keep the actors pending until capacity_wait_s gives up
+        raise SchedulingError(
+            f"threads_per_worker is {threads_per_worker}, but no node of this cluster has that "
+            f"many CPUs ({resources.get('CPU', 0):g} in all); lower threads_per_worker"
+        )
+    return workers or fits, False
 
 
 def actor_options(settings: SchedulerSettings) -> dict[str, Any]:
@@ -174,6 +199,12 @@ class _Slot:
     # ObjectRefs of the shards sent to its actor and not yet collected, oldest (running) first
     inflight: deque[Any] = field(default_factory=deque)
     returned: float = -math.inf  # time.monotonic() when its actor's last shard was collected
+    # watchdog: the actor's last progress reading, when it last moved (or the slot got work),
+    # whether the actor has answered at all (it is loaded), the reading not yet answered
+    beat: int | None = None
+    beat_at: float = 0.0
+    answered: bool = False
+    probe: Any = None
 
 
 @dataclass(frozen=True)
@@ -271,7 +302,10 @@ class _Run:
         self.failed = self.retries = self.actors_started = 0
         self.last_poll = time.monotonic()
         self.no_room_since: float | None = None  # when the live nodes last held no worker
-        self.actor_cls = ray.remote(Worker).options(**actor_options(settings))
+        self.last_watch = time.monotonic()
+        self.gaps: dict[PairKey, float] = {}  # longest seen between two progress readings
+        remote = ray.remote(concurrency_groups={HEARTBEAT: 1})(Worker)
+        self.actor_cls = remote.options(**actor_options(settings))
         self.device = "cuda" if settings.use_gpu else "cpu"
 
     def run(self, shards: Sequence[Shard]) -> ScheduleSummary:
@@ -292,6 +326,7 @@ class _Run:
                 for ref in self.wait():
                     self.collect(ref)
                 self.poll_cluster()
+                self.watch()
         finally:
             for slot in self.slots:
                 self.retire(slot)
@@ -359,6 +394,7 @@ class _Run:
                     self.settings.threads_per_worker,
                 )
                 slot.pair, slot.fresh, slot.returned = pair, True, -math.inf
+                slot.beat, slot.answered = None, False
                 self.actors_started += 1
             self.send(slot, pair)
         if prefetch:
@@ -379,7 +415,10 @@ class _Run:
 
     def send(self, slot: _Slot, pair: PairKey) -> None:
         shard = self.pop(pair)
-        attempt = _Attempt(slot, shard, time.monotonic(), slot.fresh)
+        now = time.monotonic()
+        if not slot.inflight:  # idle until now: the stall clock starts with the work
+            slot.beat_at = now
+        attempt = _Attempt(slot, shard, now, slot.fresh)
         ref = slot.actor.run_packed.remote(shard)
         self.in_flight[ref] = attempt
         slot.inflight.append(ref)
@@ -394,7 +433,7 @@ class _Run:
     def retire(self, slot: _Slot) -> None:
         if slot.actor is not None:
             ray.kill(slot.actor, no_restart=True)
-        slot.actor, slot.pair = None, None
+        slot.actor, slot.pair, slot.probe = None, None, None
 
     def wait(self) -> list[Any]:
         """Refs that are ready; none after `poll_s` so the loop can look at the cluster."""
@@ -421,7 +460,7 @@ class _Run:
             now = time.monotonic()
             # a shard that waited behind another started when that one returned
             seconds = now - max(attempt.started, slot.returned)
-            slot.returned = now
+            slot.returned = slot.beat_at = now
             cost = self.cost[shard.shard_id]
             self.clock.record(pair_of(shard.cell), seconds, cost, attempt.fresh)
             self.finish(shard, table, telemetry)
@@ -480,6 +519,61 @@ class _Run:
         for pair in list(self.queues):
             while pair in self.queues:
                 self.give_up(self.pop(pair), error)
+
+    # ---- watchdog -------------------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Every `heartbeat_s`: read each busy actor's progress, ask again, and fail the shard
+        of any actor that has not moved for its limit."""
+        now = time.monotonic()
+        if now - self.last_watch < self.settings.heartbeat_s:
+            return
+        self.last_watch = now
+        for slot in self.slots:
+            if slot.actor is None or not slot.inflight:
+                continue
+            self.read_progress(slot, now)
+            limit = self.stall_limit(slot)
+            if now - slot.beat_at > limit:
+                self.stalled(slot, now - slot.beat_at, limit)
+            elif slot.probe is None:
+                slot.probe = slot.actor.progress.options(concurrency_group=HEARTBEAT).remote()
+
+    def read_progress(self, slot: _Slot, now: float) -> None:
+        if slot.probe is None or not ray.wait([slot.probe], timeout=0)[0]:
+            return  # still unanswered: a frozen process never answers, which is the point
+        probe, slot.probe = slot.probe, None
+        try:
+            beat = ray.get(probe)
+        except Exception:  # a dead actor: its shard's own result reports that
+            return
+        if not slot.answered:  # loaded and answering: the stall clock starts now
+            slot.answered, slot.beat_at = True, now
+        elif beat != slot.beat:
+            assert slot.pair is not None
+            self.gaps[slot.pair] = max(self.gaps.get(slot.pair, 0.0), now - slot.beat_at)
+            slot.beat_at = now
+        slot.beat = beat
+
+    def stall_limit(self, slot: _Slot) -> float:
+        s = self.settings
+        if not slot.answered:
+            return s.load_timeout_s
+        if s.shard_timeout_s is not None:
+            return s.shard_timeout_s
+        assert slot.pair is not None
+        return max(s.stall_floor_s, s.stall_factor * self.gaps.get(slot.pair, 0.0))
+
+    def stalled(self, slot: _Slot, idle_s: float, limit: float) -> None:
+        """Fail the slot's running shard as if its worker had crashed: kill, retry elsewhere."""
+        ref = slot.inflight.popleft()
+        shard = self.in_flight.pop(ref).shard
+        what = "made no progress" if slot.answered else "did not start"
+        error = f"the worker {what} for {idle_s:.0f} s (limit {limit:.0f} s)"
+        log.error("shard %s: %s; killing the worker", shard.shard_id, error)
+        self.failure(slot, shard, ShardTimeoutError(error))
+        if not slot.parked:
+            self.dispatch(slot)
 
     # ---- outcomes -------------------------------------------------------------------------
 

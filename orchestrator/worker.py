@@ -64,6 +64,7 @@ class Worker:
     ) -> None:
         self._pair: PairKey = (model, method, json.dumps(method_args, sort_keys=True))
         self._runner: Any = None  # the ShardRunner (or a test double) once built
+        self._beats = 0  # shards started and finished: progress even without a runner heartbeat
         self._init_error: str | None = None  # what went wrong if building it failed
         try:
             self._runner = runner_cls(
@@ -80,6 +81,16 @@ class Worker:
     def pair(self) -> PairKey:
         return self._pair
 
+    def progress(self) -> int:
+        """A number that grows while this worker makes progress: shards started and finished,
+        plus the runner's `heartbeat()` (forward passes) when it has one.
+
+        The scheduler's watchdog calls it on the actor's own heartbeat thread (a Ray
+        concurrency group) while `run` works, so it only reads counters.
+        """
+        beat = getattr(self._runner, "heartbeat", None)
+        return self._beats + (beat() if callable(beat) else 0)
+
     def run(self, shard: Shard) -> tuple[pa.Table, pa.Table | None]:
         """All rows of the shard as a RESULT_SCHEMA table, and the shard's telemetry series.
 
@@ -93,7 +104,9 @@ class Worker:
         if hasattr(self._runner, "last_telemetry"):
             # a runner that skips setting it must not hand over the previous shard's series
             self._runner.last_telemetry = None
+        self._beats += 1
         table = rows_to_table(self._runner.run(shard))
+        self._beats += 1
         return table, getattr(self._runner, "last_telemetry", None)
 
     def run_packed(self, shard: Shard) -> tuple[bytes, bytes | None]:

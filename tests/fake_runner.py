@@ -7,9 +7,13 @@ FakeRunner reads its behaviour from the cell's method_args (scheduler tests only
   fail_always: [shard_id]      raise on these shards, every attempt
   fail_once: [shard_id]        raise on the first attempt only (marker files in marker_dir)
   crash_once: [shard_id]       kill the worker process on the first attempt
+  hang_once: [shard_id]        on the first attempt, stop making progress forever (a wedged
+                               kernel: the process lives and answers, the shard never ends)
   drop_rows: [shard_id]        return no row for the shard's last (sample, turn)
   init_fail: true              raise in the constructor
-  delay_s: float               sleep this long per sample (so a test can strike mid-shard)
+  delay_s: float               sleep this long per sample (so a test can strike mid-shard);
+                               `heartbeat()` grows after each sample, as ShardRunner's does
+                               with every forward pass
   slow: {shard_id: seconds}    sleep this much longer on these shards (a sure target)
   trace: true                  on starting a shard, write marker_dir/start-<shard_id>-<pid>
                                holding {"pid", "node_id", "instance"} (who runs what, where)
@@ -43,6 +47,7 @@ CONTROL_KEYS = (
     "fail_always",
     "fail_once",
     "crash_once",
+    "hang_once",
     "drop_rows",
     "init_fail",
     "marker_dir",
@@ -100,6 +105,10 @@ class FakeRunner:
         self.args = {**self.controls, **method_args}
         self.device, self.threads = device, threads
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{id(self)}"
+        self.beats = 0
+
+    def heartbeat(self) -> int:
+        return self.beats
 
     def _first_time(self, shard: Shard, what: str) -> bool:
         marker = Path(self.args["marker_dir"]) / f"{what}-{shard.shard_id}"
@@ -128,8 +137,14 @@ class FakeRunner:
             raise RuntimeError(f"fake first-attempt failure on {sid}")
         if sid in self.args.get("crash_once", ()) and self._first_time(shard, "crash"):
             os._exit(1)
-        delay = float(self.args.get("delay_s", 0.0)) * len(shard.samples)
-        time.sleep(delay + float(self.args.get("slow", {}).get(sid, 0.0)))
+        if sid in self.args.get("hang_once", ()) and self._first_time(shard, "hang"):
+            self.beats += 1
+            while True:
+                time.sleep(1.0)
+        for _ in shard.samples:
+            time.sleep(float(self.args.get("delay_s", 0.0)))
+            self.beats += 1
+        time.sleep(float(self.args.get("slow", {}).get(sid, 0.0)))
         rows = [
             base_row(
                 shard,

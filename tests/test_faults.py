@@ -301,7 +301,11 @@ def test_plan_slots_per_node() -> None:
         plan_slots(total, None, 1, 4, nodes)
     cpu_nodes = [{"CPU": 3.0}, {"CPU": 3.0}]
     assert plan_slots({"CPU": 6.0}, None, 2, 1, cpu_nodes) == (2, False)  # not 6 // 2
-    assert plan_slots({"CPU": 6.0}, None, 4, 1, cpu_nodes) == (1, False)
+    assert plan_slots({"CPU": 6.0}, 5, 2, 1, cpu_nodes) == (5, False)  # workers wins
+    # no node holds a 4-thread worker: refused at once, not left pending for capacity_wait_s
+    for workers in (None, 1):
+        with pytest.raises(SchedulingError, match="no node of this cluster has that many CPUs"):
+            plan_slots({"CPU": 6.0}, workers, 4, 1, cpu_nodes)
 
 
 def test_actor_options_reserve_gpus_per_worker() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
@@ -63,6 +64,7 @@ def run(
     max_retries: int = 2,
     order: list[str] | None = None,
     on_result: Any = None,
+    **settings_kw: Any,
 ) -> tuple[Any, dict[str, pa.Table]]:
     from mmspec.orchestrator.scheduler import Scheduler, SchedulerSettings
 
@@ -78,7 +80,9 @@ def run(
         if on_result is not None:
             on_result(shard)
 
-    settings = SchedulerSettings(slots=slots, threads_per_worker=1, max_retries=max_retries)
+    settings = SchedulerSettings(
+        slots=slots, threads_per_worker=1, max_retries=max_retries, **settings_kw
+    )
     summary = Scheduler(settings, runner_cls=FakeRunner).run(shards, sink)
     assert set(calls.values()) <= {1}, "a shard reached the sink twice"
     return summary, written
@@ -295,3 +299,114 @@ def test_a_runner_that_cannot_load_reports_our_own_errors_in_one_line() -> None:
     with pytest.raises(RunnerInitError) as err:  # a bug keeps its traceback
         Worker(Crashes, cell.model, cell.method, cell.method_args, "cpu", 1).run(shard)
     assert "Traceback" in str(err.value) and "deep inside" in str(err.value)
+
+
+WATCHDOG = {"heartbeat_s": 0.2, "poll_s": 0.2}  # readings often, so the tests run in seconds
+
+
+def test_a_hung_shard_is_killed_and_retried_on_a_fresh_actor(
+    ray_local: None, tmp_path: Path
+) -> None:
+    base = make_cells(models=("m-a",), batch_sizes=(2,))
+    hung = f"{base[0].cell_id}__s001"
+    args = {"marker_dir": str(tmp_path), "hang_once": [hung]}
+    cells = make_cells(models=("m-a",), batch_sizes=(2,), args=args)
+    shards = make_shards(cells, {"w": SAMPLES}, "run", shard_size=2)
+    assert hung in {s.shard_id for s in shards}
+    summary, written = run(shards, slots=2, shard_timeout_s=3.0, **WATCHDOG)
+    # the hang was real: the first attempt started, and would never have ended on its own
+    assert (tmp_path / f"hang-{hung}").exists()
+    assert summary.retries == 1 and summary.failed == 0
+    assert summary.actors_started >= 3  # the hung actor was replaced
+    assert {r["status"] for t in written.values() for r in t.to_pylist()} == {"ok"}
+    got = keys_of(written)
+    assert len(got) == len(set(got)) == len(SAMPLES) + 1
+
+
+def test_a_shard_that_always_hangs_becomes_error_rows_naming_the_timeout(
+    ray_local: None, tmp_path: Path
+) -> None:
+    base = make_cells(models=("m-a",), batch_sizes=(4,))
+    hung = f"{base[0].cell_id}__s000"
+    # a fresh marker directory for every attempt: each one hangs again
+    cells = make_cells(models=("m-a",), batch_sizes=(4,), args={"hang_once": [hung]})
+
+    class AlwaysHangs(FakeRunner):
+        def _first_time(self, shard: Shard, what: str) -> bool:
+            return True
+
+    from mmspec.orchestrator.scheduler import Scheduler, SchedulerSettings
+
+    shards = make_shards(cells, {"w": SAMPLES}, "run", shard_size=4)
+    written: dict[str, pa.Table] = {}
+    settings = SchedulerSettings(slots=1, max_retries=1, shard_timeout_s=1.5, **WATCHDOG)
+    summary = Scheduler(settings, runner_cls=AlwaysHangs).run(
+        shards, lambda shard, table, _: written.__setitem__(shard.shard_id, table)
+    )
+    assert summary.failed == 1 and summary.retries == 1
+    dead = written[hung].to_pylist()
+    assert {r["status"] for r in dead} == {"error"}
+    timeout = "ShardTimeoutError: the worker made no progress"
+    assert all(r["error"].startswith(timeout) for r in dead)
+    others = [t for sid, t in written.items() if sid != hung]
+    assert {r["status"] for t in others for r in t.to_pylist()} == {"ok"}
+
+
+def test_a_long_shard_that_keeps_moving_is_never_killed(ray_local: None) -> None:
+    # 8 samples x 0.3 s: 2.4 s per shard, past the 1.5 s limit, but progress every 0.3 s
+    cells = make_cells(models=("m-a",), batch_sizes=(1,), args={"delay_s": 0.3})
+    shards = make_shards(cells, {"w": SAMPLES[:8]}, "run", shard_size=8)
+    summary, written = run(shards, slots=1, shard_timeout_s=1.5, **WATCHDOG)
+    assert summary.retries == 0 and summary.failed == 0 and summary.actors_started == 1
+    assert {r["status"] for t in written.values() for r in t.to_pylist()} == {"ok"}
+
+
+def test_a_frozen_worker_process_is_replaced(ray_local: None, tmp_path: Path) -> None:
+    """SIGSTOP: the process neither answers nor dies; Ray alone would wait minutes."""
+    import os
+    import signal
+    import threading
+
+    base = make_cells(models=("m-a",), batch_sizes=(1,))
+    target = f"{base[0].cell_id}__s000"
+    args = {"marker_dir": str(tmp_path), "trace": True, "slow": {target: 30.0}}
+    cells = make_cells(models=("m-a",), batch_sizes=(1,), args=args)
+    shards = make_shards(cells, {"w": SAMPLES[:4]}, "run", shard_size=2)
+    stopped: list[int] = []
+
+    def freeze_the_first_worker_on_target() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not stopped:
+            for marker in tmp_path.glob(f"start-{target}-*"):
+                pid = json.loads(marker.read_text())["pid"]
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+                (tmp_path / "slow-done").touch()
+                break
+            time.sleep(0.05)
+
+    class NotSlowTwice(FakeRunner):
+        def run(self, shard: Shard) -> Any:
+            if (Path(self.args["marker_dir"]) / "slow-done").exists():
+                self.args = {**self.args, "slow": {}}  # the retry runs at normal speed
+            return super().run(shard)
+
+    from mmspec.orchestrator.scheduler import Scheduler, SchedulerSettings
+
+    freezer = threading.Thread(target=freeze_the_first_worker_on_target, daemon=True)
+    freezer.start()
+    written: dict[str, pa.Table] = {}
+    settings = SchedulerSettings(slots=1, shard_timeout_s=2.0, **WATCHDOG)
+    try:
+        summary = Scheduler(settings, runner_cls=NotSlowTwice).run(
+            shards, lambda shard, table, _: written.__setitem__(shard.shard_id, table)
+        )
+    finally:
+        freezer.join()
+        for pid in stopped:  # never leave a stopped process behind, killed or not
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert stopped, "the worker was never frozen: the test proved nothing"
+    assert summary.retries == 1 and summary.failed == 0
+    assert {r["status"] for t in written.values() for r in t.to_pylist()} == {"ok"}
+    assert len(keys_of(written)) == 4
