@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from mmspec.methods.base import DraftContext
 from mmspec.methods.engine import Engine, _Live
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.tree import DraftTree
@@ -109,9 +110,37 @@ def test_threshold_extremes(runners: dict[str, ShardRunner]) -> None:
     assert [r.accepted_tokens for r in rows["never"]] == [r.accepted_tokens for r in rows["pld"]]
     assert sum(r.skipped_steps for r in rows["never"]) == 0
     assert sum(r.accepted_tokens for r in rows["pld"]) > 0
-    # threshold 0.0 skips every step: AR in disguise, and the rows say so
-    assert all(r.skipped_steps == r.steps > 0 for r in rows["always"])
-    assert sum(r.drafted_tokens for r in rows["always"]) == 0
+    # threshold 0.0 skips every other step: the gate reads only verifications of drafts
+    assert all(r.skipped_steps == r.steps // 2 > 0 for r in rows["always"])
+    assert sum(r.drafted_tokens for r in rows["always"]) > 0
+
+
+def test_the_gate_reads_only_verifications_of_drafts_by_default() -> None:
+    """MMSpec's vispec_vskip rule: a row's first step and the step after a skipped one draft
+    whatever the score; `every_step` gates them all."""
+    ctx = DraftContext(rows=[0, 1], tokens=[[1, 2, 3], [1, 2, 4]], prompt_lens=[2, 2])
+    high, low = 0.9, 0.1
+    scores = [[high, low], [high, high], [high, high], [low, high], [high, high]]
+    want = {
+        "after_draft": [[0, 0], [1, 1], [0, 0], [0, 1], [1, 0]],
+        "every_step": [[1, 0], [1, 1], [1, 1], [0, 1], [1, 1]],
+    }
+    for gate, skips in want.items():
+        drafter = get_drafter("viskip+pld")(viskip_threshold=0.5, viskip_gate=gate)
+        for _ in range(2):  # a new generation starts over
+            drafter.begin(ctx)
+            got = []
+            for step in scores:
+                ctx.extras["vision_score"] = step
+                got.append([int(t.skipped) for t in drafter.propose(ctx)])
+            assert got == skips, gate
+    # at the threshold itself the step is skipped (>=, as MMSpec compares)
+    drafter = get_drafter("viskip+pld")(viskip_threshold=0.5, viskip_gate="every_step")
+    drafter.begin(ctx)
+    ctx.extras["vision_score"] = [0.5, 0.4999]
+    assert [t.skipped for t in drafter.propose(ctx)] == [True, False]
+    with pytest.raises(ValueError, match="viskip_gate"):
+        get_drafter("viskip+pld")(viskip_gate="sometimes")
 
 
 def test_bad_threshold_is_a_clear_error() -> None:
@@ -135,5 +164,5 @@ def test_several_viskip_engines_share_one_target() -> None:
     want = ar.generate(*args)[0].tokens
     results = [engine.generate(*args)[0] for engine in engines]
     assert [r.tokens for r in results] == [want] * 3
-    # threshold 0 skips every step, 1.0 none: each engine read its own probe
-    assert results[0].skipped_steps == results[0].steps > 0 and results[1].skipped_steps == 0
+    # threshold 0 skips every other step, 1.0 none: each engine read its own probe
+    assert results[0].skipped_steps == results[0].steps // 2 > 0 and results[1].skipped_steps == 0
