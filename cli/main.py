@@ -4,15 +4,24 @@ answer files as a run.
 A Ray Jobs address (`--address http://HEAD:8265`, or RAY_ADDRESS set to one) submits the run as
 a Ray Job instead and prints its run id, which `status`, `logs` and `cancel` take (jobs.py).
 
-Exit codes: 0 done (or submitted); 1 some shards were recorded as errors, the report failed, or a
-followed job did not succeed; 2 the grid, workloads, answer files or run directory are invalid,
-or the Jobs server cannot be reached or has no such run (nothing was started, no run directory
-made).
+Every failure the user can cause or fix is one line on stderr and an exit code, never a
+traceback. Exit codes:
+  0  done (or submitted).
+  1  the run could not finish, or finished with errors: some shards were recorded as error
+     rows, the report failed, a followed job did not succeed, or results could not be written
+     mid-run (a full disk: the line then ends with the exact `mmspec-orch submit --resume
+     RUN_DIR` that finishes it; every shard already written is complete and kept).
+  2  input, and nothing was started: the grid, workloads, answer files or run directory are
+     invalid, the output folder cannot be written (checked at validation, so `--dry-run` says
+     so too), another `submit` holds the run directory (the line names its host and pid), or
+     the Jobs server cannot be reached or has no such run.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -40,7 +49,16 @@ from mmspec.orchestrator.grid import (
 )
 from mmspec.orchestrator.manifest import build_manifest
 from mmspec.orchestrator.shards import Shard
-from mmspec.orchestrator.store import create_run_dir, remove_stale_tmp, write_manifest, write_shard
+from mmspec.orchestrator.store import (
+    RunLock,
+    StoreError,
+    check_writable,
+    create_run_dir,
+    os_error_text,
+    remove_stale_tmp,
+    write_manifest,
+    write_shard,
+)
 from mmspec.orchestrator.workload_config import load_samples, workload_error_types
 from mmspec.reports.commands import compare, export, history
 from mmspec.results.layout import MANIFEST, LayoutError, completed_shards, read_manifest
@@ -49,7 +67,7 @@ from mmspec.workloads.sample import Sample
 
 log = logging.getLogger(__name__)
 
-EXIT_FAILED_SHARDS = 1
+EXIT_FAILED = 1
 EXIT_INVALID = 2
 _PIPE_WIDTH = 200
 
@@ -63,6 +81,10 @@ class Hooks:
 
 class _Invalid(Exception):
     """Input problem: print the message, exit 2, start nothing."""
+
+
+class _Unwritable(Exception):
+    """Results could not be written mid-run: print the message, exit 1; `--resume` finishes."""
 
 
 @click.group()
@@ -128,6 +150,7 @@ def submit(
             ctx.exit(_submit_job(jobs_address, grid_file, resume_dir, out, not no_upload, env))
         try:
             grid, grid_text, manifest = _read_grid(grid_file, resume_dir, out)
+            check_writable(resume_dir if resume_dir is not None else grid.out)
             samples = _load_workloads(grid)
             if manifest is not None and workload_sha256(samples) != manifest.get("workload_sha256"):
                 raise _Invalid(
@@ -138,33 +161,20 @@ def submit(
             click.echo(str(exc), err=True)
             ctx.exit(EXIT_INVALID)
 
-        cells = expand(grid)
         if dry_run:
             run_id = manifest["run_id"] if manifest else "dry-run"
-            shards = make_shards(cells, samples, run_id, grid.shard_size)
+            shards = make_shards(expand(grid), samples, run_id, grid.shard_size)
             done = completed_shards(resume_dir) if resume_dir else set()
             _print_plan(grid, shards, samples, done)
             return
 
-        if resume_dir is not None:
-            run_dir = resume_dir
-            remove_stale_tmp(run_dir)
-        else:
-            run_dir = create_run_dir(grid.out, grid.name)
-            write_manifest(run_dir, build_manifest(run_dir.name, grid, samples, grid_text))
-        shards = make_shards(cells, samples, run_dir.name, grid.shard_size)
-        done = completed_shards(run_dir)
-        todo = [s for s in shards if s.shard_id not in done]
-        click.echo(f"run: {run_dir} ({len(todo)} of {len(shards)} shards to run)", err=True)
-
         try:
-            failed = _run_shards(todo, grid, run_dir, local, address, hooks) if todo else 0
-        except _Invalid as exc:
+            lock = _claim_run(resume_dir, grid, grid_text, samples)
+        except LayoutError as exc:
             click.echo(str(exc), err=True)
             ctx.exit(EXIT_INVALID)
-        report_ok = _report(run_dir, echo_markdown=False)
-        if failed or not report_ok:
-            ctx.exit(EXIT_FAILED_SHARDS)
+        with lock:  # from before the first write until the report is written
+            ctx.exit(_finish_run(lock, grid, samples, local, address, hooks))
 
 
 @main.command()
@@ -173,7 +183,7 @@ def submit(
 def report(ctx: click.Context, run_dir: Path) -> None:
     """Write RUN_DIR's report and print its markdown."""
     if not _report(run_dir, echo_markdown=True):
-        ctx.exit(EXIT_FAILED_SHARDS)
+        ctx.exit(EXIT_FAILED)
 
 
 @main.command("import")
@@ -282,7 +292,7 @@ def import_answers(
             err=True,
         )
     if not _report(result.run_dir, echo_markdown=False):
-        ctx.exit(EXIT_FAILED_SHARDS)
+        ctx.exit(EXIT_FAILED)
 
 
 _jobs_address_option = click.option(
@@ -328,7 +338,7 @@ def logs(ctx: click.Context, run_id: str, address: str | None, follow: bool) -> 
         ctx.exit(EXIT_INVALID)
     click.echo(f"{run_id}: {final}", err=True)
     if final != "SUCCEEDED":
-        ctx.exit(EXIT_FAILED_SHARDS)
+        ctx.exit(EXIT_FAILED)
 
 
 @main.command()
@@ -370,6 +380,66 @@ def _read_grid(
     if grid_file is not None and grid_sha256(load_grid(grid_file)) != manifest.get("grid_sha256"):
         raise _Invalid(f"{grid_file}: differs from the grid of {resume_dir}; cannot resume with it")
     return grid, None, manifest
+
+
+def _claim_run(
+    resume_dir: Path | None, grid: Grid, grid_text: str | None, samples: dict[str, list[Sample]]
+) -> RunLock:
+    """The run directory, locked by this process: the resumed one (its stale temp files
+    removed), or a new one with its manifest. StoreError (one line) if it cannot be."""
+    if resume_dir is not None:
+        lock = RunLock(resume_dir).acquire()
+        try:
+            remove_stale_tmp(lock)
+        except OSError as exc:
+            lock.release()
+            raise StoreError(f"cannot write in {resume_dir}: {os_error_text(exc)}") from None
+        return lock
+    try:
+        run_dir = create_run_dir(grid.out, grid.name)
+    except OSError as exc:
+        raise StoreError(f"cannot write results in {grid.out}: {os_error_text(exc)}") from None
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+        write_manifest(run_dir, build_manifest(run_dir.name, grid, samples, grid_text))
+    except (OSError, StoreError) as exc:
+        # nothing ran and nothing can resume a run without its manifest: leave no husk
+        lock.release()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        reason = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+        raise StoreError(f"cannot start a run in {grid.out}: {reason}") from None
+    return lock
+
+
+def _finish_run(
+    lock: RunLock,
+    grid: Grid,
+    samples: dict[str, list[Sample]],
+    local: bool,
+    address: str | None,
+    hooks: Hooks,
+) -> int:
+    """Run the shards the locked run directory lacks, then write its report; the exit code."""
+    run_dir = lock.run_dir
+    shards = make_shards(expand(grid), samples, run_dir.name, grid.shard_size)
+    done = completed_shards(run_dir)
+    todo = [s for s in shards if s.shard_id not in done]
+    click.echo(f"run: {run_dir} ({len(todo)} of {len(shards)} shards to run)", err=True)
+    try:
+        failed = _run_shards(todo, grid, run_dir, local, address, hooks) if todo else 0
+    except _Invalid as exc:
+        click.echo(str(exc), err=True)
+        return EXIT_INVALID
+    except _Unwritable as exc:
+        click.echo(str(exc), err=True)
+        return EXIT_FAILED
+    report_ok = _report(run_dir, echo_markdown=False)
+    return EXIT_FAILED if failed or not report_ok else 0
+
+
+def _resume_command(run_dir: Path) -> str:
+    return f"mmspec-orch submit --resume {shlex.quote(str(run_dir))}"
 
 
 def _load_workloads(grid: Grid) -> dict[str, list[Sample]]:
@@ -448,16 +518,27 @@ def _run_shards(
         except SchedulingError as exc:
             raise _Invalid(
                 f"{exc}. Nothing ran; the run directory {run_dir} is kept: "
-                f"`mmspec-orch submit --resume {run_dir}` on a cluster that fits"
+                f"`{_resume_command(run_dir)}` on a cluster that fits"
             ) from None
         log.info("ray %s: %d worker slot(s), %s", session.mode, slots, "GPU" if use_gpu else "CPU")
         settings = SchedulerSettings(
-            slots, use_gpu, grid.threads_per_worker, gpus_per_worker=grid.gpus_per_worker
+            slots,
+            use_gpu,
+            grid.threads_per_worker,
+            gpus_per_worker=grid.gpus_per_worker,
+            shard_timeout_s=grid.shard_timeout_s,
         )
         with ShardProgress(shards) as progress:
 
             def sink(shard: Shard, table: pa.Table, telemetry: pa.Table | None) -> None:
-                write_shard(run_dir, shard, table, telemetry)
+                try:
+                    write_shard(run_dir, shard, table, telemetry)
+                except OSError as exc:  # the disk, not the shard: stop; every file is whole
+                    raise _Unwritable(
+                        f"cannot write results in {run_dir}: {os_error_text(exc)}; every shard "
+                        f"written so far is complete and kept: once that is fixed, finish the "
+                        f"run with `{_resume_command(run_dir)}`"
+                    ) from None
                 progress.advance(shard, table)
 
             summary = Scheduler(settings, runner_cls=_runner_cls(hooks)).run(shards, sink)

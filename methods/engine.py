@@ -149,7 +149,7 @@ class Engine:
         gens = [torch.Generator().manual_seed(s) for s in (seeds or [0] * n)]
         self._sync()
         start = time.perf_counter()
-        prompt = self.target.encode(conversations, images)
+        prompt = self.target.encode(conversations, images, max_new_tokens)
         cache = DynamicCache(config=self.target.model.config)
         valid = prompt.attention_mask.bool()
         vision = None

@@ -42,8 +42,12 @@ def check_model_id(model_id: str) -> None:
     if model_id in REGISTRY:
         return
     path = Path(model_id).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
+    try:
+        found, config = path.exists(), (path / "config.json").is_file()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise UnknownModelError(f"model path {model_id} cannot be read: {exc.strerror}") from None
+    if found:
+        if not config:
             raise UnknownModelError(f"model path {model_id} has no config.json")
         return
     if model_id.startswith((".", "/", "~")):

@@ -22,6 +22,14 @@ from mmspec.models.prompting import system_messages
 Message = dict[str, Any]  # HF chat format: {"role": ..., "content": [{"type": "text", ...}]}
 
 
+class ContextLengthError(ValueError):
+    """Prompts that leave no room for `max_new_tokens` in the model's context."""
+
+    def __init__(self, message: str, rows: list[int]) -> None:
+        super().__init__(message)
+        self.rows = rows  # the batch rows that do not fit
+
+
 @dataclass
 class PromptBatch:
     """Encoded prompts of a batch, left padded."""
@@ -97,12 +105,22 @@ class Target:
         if self.pad_token_id is None:
             self.pad_token_id = min(self.eos_token_ids)
         self._cache_kw = cache_keyword(model)
+        # tokens the model can hold, prompt and answer together; None when its config is silent
+        self.context_length: int | None = getattr(
+            model.config.get_text_config(), "max_position_embeddings", None
+        )
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(
-        self, conversations: list[list[Message]], images: list[Image.Image | None]
+        self,
+        conversations: list[list[Message]],
+        images: list[Image.Image | None],
+        max_new_tokens: int | None = None,
     ) -> PromptBatch:
-        """Chat-template and tokenise a batch; `images[i]` goes with conversation i's first turn."""
+        """Chat-template and tokenise a batch; `images[i]` goes with conversation i's first turn.
+
+        Given `max_new_tokens`, raise ContextLengthError for prompts it does not fit beside.
+        """
         system = system_messages(self.prompt_style)
         texts = [
             self.tokenizer.apply_chat_template(
@@ -113,7 +131,28 @@ class Target:
         present = [im for im in images if im is not None]
         feats = self._process(texts, present)
         inputs = self.place(feats)
-        return PromptBatch(inputs, inputs["input_ids"], inputs["attention_mask"])
+        prompt = PromptBatch(inputs, inputs["input_ids"], inputs["attention_mask"])
+        if max_new_tokens is not None:
+            self.check_context(prompt, max_new_tokens)
+        return prompt
+
+    def check_context(self, prompt: PromptBatch, max_new_tokens: int) -> None:
+        """Fail a batch whose prompt plus `max_new_tokens` exceeds the model's context, before
+        prefill: generation would run past the positions the model knows, and for a huge
+        `max_new_tokens` (nearly) forever."""
+        context = self.context_length
+        # the padded width bounds every row: the common case reads nothing off the device
+        if context is None or prompt.input_ids.shape[1] + max_new_tokens <= context:
+            return
+        lens = prompt.prompt_lens
+        rows = [i for i, n in enumerate(lens) if n + max_new_tokens > context]
+        if rows:
+            raise ContextLengthError(
+                f"prompt of {lens[rows[0]]} tokens (batch row {rows[0]}) + max_new_tokens "
+                f"{max_new_tokens} exceeds model {self.name or '<unnamed>'}'s context of "
+                f"{context} tokens",
+                rows,
+            )
 
     def place(self, feats: Any) -> dict[str, torch.Tensor]:
         """Processor outputs as model inputs: on the model's device, pixels in its dtype."""

@@ -1,9 +1,10 @@
 """grid.yaml: parse and validate it, expand it into cells, chunk cells into shards.
 
-A grid file is data, never code: it is read with `yaml.safe_load`, and methods, models and
-workloads are looked up by name in their registries. Every problem is reported as a
-`GridError` naming the file, the key path (`models[1].id`) and what is allowed, before
-anything is started.
+A grid file is data, never code: it is read with YAML's safe loader (no aliases or anchors,
+no key given twice), and methods, models and workloads are looked up by name in their
+registries. Every problem is reported as a `GridError` naming the file, the key path
+(`models[1].id`) and what is allowed, before anything is started; a value it quotes is cut
+to `QUOTE_CHARS` characters, so no input can make a message (or its making) large.
 """
 
 from __future__ import annotations
@@ -14,20 +15,25 @@ import json
 import logging
 import math
 import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from mmspec.models.model_limits import ModelLimits, model_limits
 from mmspec.models.prompting import PROMPT_STYLES, default_prompt_style
 from mmspec.models.registry import UnknownModelError, check_model_id
 from mmspec.orchestrator.shards import Shard
 from mmspec.orchestrator.workload_config import WorkloadConfig, builtin_workloads
 from mmspec.results.cells import Cell, ModelConfig
 from mmspec.results.ids import cell_id, safe_name, shard_id
-from mmspec.workloads.sample import TOPICS, Sample
+from mmspec.workloads.sample import TOPICS, Sample, lone_surrogate
+
+if TYPE_CHECKING:  # the drafters import torch: only loaded when a grid names methods
+    from mmspec.methods.base import MethodArgError
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +57,16 @@ GRID_KEYS = (
     "workers",
     "threads_per_worker",
     "gpus_per_worker",
+    "shard_timeout_s",
 )
 REQUIRED_KEYS = ("name", "workloads", "models", "methods")
 WORKLOAD_KEYS = ("builtin", "path", "name", "limit", "topics")
 MODEL_KEYS = ("id", "dtype", "revision", "trust_remote_code", "prompt_style")
 EXCLUDE_KEYS = ("model", "method", "batch_size", "temperature", "repeat", "workload")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+QUOTE_CHARS = 80  # the most of a user's value an error message repeats
+PROBLEM_CHARS = 240  # the most of a message from elsewhere (a drafter, a registry) repeated
+HASH_EXCLUDED = ("out", "shard_timeout_s")  # where and how long, not what was run
 
 
 class GridError(ValueError):
@@ -83,6 +93,8 @@ class Grid:
     workers: int | None = None  # worker slots; None = one per GPU, else CPUs // threads
     threads_per_worker: int = 1
     gpus_per_worker: int = 1  # GPUs one worker reserves, all on one node (models that need several)
+    # seconds one shard may run before it is given up; None: derived from the shard's size
+    shard_timeout_s: float | None = None
     source: str = field(default="<grid>", compare=False)  # file name, for messages only
 
 
@@ -93,17 +105,80 @@ def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid file."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise GridError(f"{source}: cannot read the grid file: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GridError(
+            f"{source}: not UTF-8 text: byte {raw[exc.start]:#04x} at byte offset {exc.start} "
+            f"({exc.reason})"
+        ) from None
+    return parse_grid(read_yaml(text, source), source, base_dir=Path(path).parent)
+
+
+def read_yaml(text: str, source: str = "<grid>") -> Any:
+    """Parse a grid's YAML text as plain data, or raise GridError naming the file and line."""
+    try:
+        return yaml.load(text, Loader=_GridLoader)  # a SafeLoader: plain data only
+    except _AliasError as exc:
+        raise GridError(
+            f"YAML aliases and anchors are not supported: {source}:{exc.line}"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or exc
         raise GridError(f"{source}: not valid YAML{where}: {problem}") from None
-    return parse_grid(data, source, base_dir=Path(path).parent)
+    except RecursionError:
+        raise GridError(f"{source}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise GridError(f"{source}: not valid YAML: {_clip(str(exc), PROBLEM_CHARS)}") from None
+
+
+class _AliasError(yaml.YAMLError):
+    def __init__(self, mark: yaml.Mark) -> None:
+        super().__init__(f"alias or anchor at line {mark.line + 1}")
+        self.line = mark.line + 1
+
+
+class _GridLoader(yaml.SafeLoader):
+    """The safe loader, minus what lets a small file stand for a huge value or hide a value:
+    aliases and anchors (`&a`, `*a`: nested, they expand a few lines into gigabytes), a key
+    given twice (YAML forbids it; PyYAML keeps the last), a string that is not Unicode text."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AliasError(event.start_mark)
+        return super().compose_node(parent, index)
+
+    def compose_scalar_node(self, anchor: Any) -> Any:
+        node = super().compose_scalar_node(anchor)
+        index = lone_surrogate(node.value)
+        if index is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a lone surrogate {node.value[index]!r} is not text", node.start_mark
+            )
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # a merge (`<<`) may override; other key kinds fail in the base class
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {_quote(key)} given twice (lines {first_line[key]} and {line})",
+                    key_node.start_mark,
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def parse_grid(data: Any, source: str = "<grid>", base_dir: str | Path | None = None) -> Grid:
@@ -137,12 +212,14 @@ def to_dict(grid: Grid) -> dict[str, Any]:
         "workers": grid.workers,
         "threads_per_worker": grid.threads_per_worker,
         "gpus_per_worker": grid.gpus_per_worker,
+        "shard_timeout_s": grid.shard_timeout_s,
     }
 
 
 def grid_sha256(grid: Grid) -> str:
-    """sha256 of the canonical JSON of the grid; `out` is left out (where, not what)."""
-    canonical = {k: v for k, v in to_dict(grid).items() if k != "out"}
+    """sha256 of the canonical JSON of the grid, less `HASH_EXCLUDED` (where results go and
+    how long a shard may take are not what was run; runs from before a key hash alike)."""
+    canonical = {k: v for k, v in to_dict(grid).items() if k not in HASH_EXCLUDED}
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -244,15 +321,32 @@ def _listing(values: Sequence[Any]) -> str:
     return ", ".join(str(v) for v in values) if values else "(none)"
 
 
+_REPR = reprlib.Repr()  # bounded: never walks (or builds) more of a value than it shows
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, QUOTE_CHARS, QUOTE_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+
+
+def _quote(value: Any) -> str:
+    """A user's value as an error message repeats it: its repr, at most QUOTE_CHARS long."""
+    return _clip(_REPR.repr(value), QUOTE_CHARS)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class _Parser:
     """Validates one grid; holds the file name so every error can name it."""
 
     def __init__(self, source: str, base_dir: Path) -> None:
         self.source = source  # the file the data came from, for messages
         self.base_dir = base_dir  # relative workload paths start here
+        # what each model can hold, for those whose config.json is on this machine
+        self.limits: list[tuple[ModelConfig, ModelLimits]] = []
 
     def error(self, key: str, problem: str, allowed: str | None = None) -> GridError:
-        where = f"{self.source}: {key}: " if key else f"{self.source}: "
+        where = f"{self.source}: {_clip(key, PROBLEM_CHARS)}: " if key else f"{self.source}: "
+        problem = _clip(problem, PROBLEM_CHARS)
         return GridError(where + problem + (f"; allowed: {allowed}" if allowed else ""))
 
     def grid(self, data: Any) -> Grid:
@@ -264,6 +358,8 @@ class _Parser:
                 raise self.error(key, "missing required key", _listing(GRID_KEYS))
 
         models = self.models(data["models"])
+        limits = ((m, model_limits(m.id, m.revision)) for m in models)
+        self.limits = [(m, limit) for m, limit in limits if limit is not None]
         methods = self.methods(data["methods"])
         workloads = self.workloads(data["workloads"])
         batch_sizes = self.positive_ints(data.get("batch_sizes", [1]), "batch_sizes")
@@ -278,7 +374,7 @@ class _Parser:
             method_args=self.method_args(data.get("method_args") or {}, methods),
             batch_sizes=batch_sizes,
             temperatures=temperatures,
-            max_new_tokens=self.positive_int(data.get("max_new_tokens", 256), "max_new_tokens"),
+            max_new_tokens=self.max_new_tokens(data.get("max_new_tokens", 256)),
             repeats=repeats,
             seed=self.seed(data.get("seed", 0)),
             exclude=(),
@@ -288,6 +384,9 @@ class _Parser:
                 data.get("threads_per_worker", 1), "threads_per_worker"
             ),
             gpus_per_worker=self.gpus_per_worker(data.get("gpus_per_worker", 1)),
+            shard_timeout_s=self.optional_positive_number(
+                data.get("shard_timeout_s"), "shard_timeout_s"
+            ),
             source=self.source,
         )
         grid = dataclasses.replace(grid, exclude=self.exclude(data.get("exclude") or [], grid))
@@ -305,40 +404,60 @@ class _Parser:
 
     def mapping(self, value: Any, key: str, allowed: Sequence[str]) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
-            raise self.error(key, f"expected a mapping, got {value!r}", _listing(allowed))
+            raise self.error(key, f"expected a mapping, got {_quote(value)}", _listing(allowed))
         self.keys(value, key, allowed)
         return value
 
     def items(self, value: Any, key: str, what: str) -> list[Any]:
         if not isinstance(value, list) or not value:
-            raise self.error(key, f"expected a non-empty list, got {value!r}", what)
+            raise self.error(key, f"expected a non-empty list, got {_quote(value)}", what)
         return value
 
     def text(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not value.strip():
-            raise self.error(key, f"expected a non-empty string, got {value!r}")
+            raise self.error(key, f"expected a non-empty string, got {_quote(value)}")
         return value
 
     def name(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not _NAME.match(value):
             raise self.error(
-                key, f"bad name {value!r}", "letters, digits, '.', '_', '-' (not first)"
+                key, f"bad name {_quote(value)}", "letters, digits, '.', '_', '-' (not first)"
             )
         return value
 
     def positive_int(self, value: Any, key: str) -> int:
         if not _is_int(value) or value < 1:
-            raise self.error(key, f"got {value!r}", "positive integers")
+            raise self.error(key, f"got {_quote(value)}", "positive integers")
         return value
 
     def optional_positive_int(self, value: Any, key: str) -> int | None:
         return None if value is None else self.positive_int(value, key)
 
+    def optional_positive_number(self, value: Any, key: str) -> float | None:
+        if value is None:
+            return None
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise self.error(key, f"got {_quote(value)}", "positive numbers (seconds), or null")
+        return float(value)
+
+    def max_new_tokens(self, value: Any) -> int:
+        tokens = self.positive_int(value, "max_new_tokens")
+        for model, limit in self.limits:
+            context = limit.context_length
+            if context is not None and tokens >= context:
+                raise self.error(
+                    "max_new_tokens",
+                    f"{tokens} new tokens do not fit in model {model.id}'s context of {context} "
+                    "tokens (the prompt takes its share too)",
+                    f"positive integers below {context}",
+                )
+        return tokens
+
     def gpus_per_worker(self, value: Any) -> int:
         if not _is_int(value) or value < 1:
             raise self.error(
                 "gpus_per_worker",
-                f"got {value!r}",
+                f"got {_quote(value)}",
                 "positive integers: the GPUs one worker reserves on one node (default 1); "
                 "on a cluster without GPUs it is ignored",
             )
@@ -346,7 +465,7 @@ class _Parser:
 
     def seed(self, value: Any) -> int:
         if not _is_int(value) or value < 0:
-            raise self.error("seed", f"got {value!r}", "integers >= 0")
+            raise self.error("seed", f"got {_quote(value)}", "integers >= 0")
         return value
 
     def positive_ints(self, value: Any, key: str) -> tuple[int, ...]:
@@ -362,7 +481,7 @@ class _Parser:
         result: list[float] = []
         for i, v in enumerate(values):
             if not _is_number(v) or not math.isfinite(v) or v < 0:
-                raise self.error(f"temperatures[{i}]", f"got {v!r}", "numbers >= 0")
+                raise self.error(f"temperatures[{i}]", f"got {_quote(v)}", "numbers >= 0")
             if float(v) in result:
                 raise self.error(f"temperatures[{i}]", f"duplicate value {v}", "each value once")
             result.append(float(v))
@@ -387,22 +506,24 @@ class _Parser:
                 raise self.error(f"{key}.id", str(exc)) from None
             dtype = entry.get("dtype", "float32")
             if dtype not in DTYPES:
-                raise self.error(f"{key}.dtype", f"unknown dtype {dtype!r}", _listing(DTYPES))
+                raise self.error(f"{key}.dtype", f"unknown dtype {_quote(dtype)}", _listing(DTYPES))
             revision = entry.get("revision")
             if revision is not None:
                 revision = self.text(revision, f"{key}.revision")
             trust = entry.get("trust_remote_code", False)
             if not isinstance(trust, bool):
-                raise self.error(f"{key}.trust_remote_code", f"got {trust!r}", "true, false")
+                raise self.error(f"{key}.trust_remote_code", f"got {_quote(trust)}", "true, false")
             style = entry.get("prompt_style", default_prompt_style(model_id))
             if style not in PROMPT_STYLES:
                 raise self.error(
                     f"{key}.prompt_style",
-                    f"unknown prompt style {style!r}",
+                    f"unknown prompt style {_quote(style)}",
                     _listing(PROMPT_STYLES),
                 )
             if any(safe_name(m.id) == safe_name(model_id) for m in models):
-                raise self.error(f"{key}.id", f"model {model_id!r} appears twice", "each once")
+                raise self.error(
+                    f"{key}.id", f"model {_quote(model_id)} appears twice", "each once"
+                )
             models.append(ModelConfig(model_id, dtype, revision, trust, style))
         return tuple(models)
 
@@ -415,9 +536,11 @@ class _Parser:
         entries = self.items(value, "methods", _listing(known))
         for i, method in enumerate(entries):
             if not isinstance(method, str) or method not in known:
-                raise self.error(f"methods[{i}]", f"unknown method {method!r}", _listing(known))
+                raise self.error(
+                    f"methods[{i}]", f"unknown method {_quote(method)}", _listing(known)
+                )
             if method in entries[:i]:
-                raise self.error(f"methods[{i}]", f"method {method!r} appears twice")
+                raise self.error(f"methods[{i}]", f"method {_quote(method)} appears twice")
         if BASELINE not in entries:
             log.info(
                 "%s: methods: added the %r baseline (every speedup is measured against it)",
@@ -429,14 +552,14 @@ class _Parser:
 
     def method_args(self, value: Any, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
         if not isinstance(value, Mapping):
-            raise self.error("method_args", f"expected a mapping, got {value!r}")
+            raise self.error("method_args", f"expected a mapping, got {_quote(value)}")
         result: dict[str, dict[str, Any]] = {}
         for method, args in value.items():
             key = f"method_args.{method}"
             if method not in methods:
-                raise self.error(key, f"{method!r} is not in methods", _listing(methods))
+                raise self.error(key, f"{_quote(method)} is not in methods", _listing(methods))
             if not isinstance(args, Mapping):
-                raise self.error(key, f"expected a mapping of arguments, got {args!r}")
+                raise self.error(key, f"expected a mapping of arguments, got {_quote(args)}")
             args = dict(args)
             try:
                 json.dumps(args, allow_nan=False)
@@ -447,18 +570,42 @@ class _Parser:
         return result
 
     def drafter_accepts(self, method: str, args: dict[str, Any], key: str) -> None:
-        # Building the drafter now catches a bad argument before any worker starts.
+        # The drafter's own schema (its constructor's annotations) checks each option's type;
+        # building it checks the ranges; both before any worker starts.
+        from mmspec.methods.base import MethodArgError
         from mmspec.methods.registry import UnknownMethodError, get_drafter
 
         try:
             drafter_cls = get_drafter(method)
         except UnknownMethodError as exc:
             raise self.error(key, str(exc)) from None
-        params = drafter_cls.arg_names()
+        try:
+            drafter_cls.check_args(args)
+        except MethodArgError as exc:
+            raise self.bad_option(key, exc) from None
         try:
             drafter_cls(**args)
         except (TypeError, ValueError) as exc:
-            raise self.error(key, f"bad arguments for {method}: {exc}", _listing(params)) from None
+            problem = f"bad arguments for {method}: {exc}"
+            raise self.error(key, problem, _listing(drafter_cls.arg_names())) from None
+        for name, layers in drafter_cls.layer_args(args).items():
+            self.layers_exist(f"{key}.{name}", layers)
+
+    def bad_option(self, key: str, exc: MethodArgError) -> GridError:
+        if not exc.expected:
+            return self.error(key, f"unknown option {_quote(exc.name)}", _listing(exc.known))
+        return self.error(f"{key}.{exc.name}", f"got {_quote(exc.value)}", exc.expected)
+
+    def layers_exist(self, key: str, layers: Sequence[int]) -> None:
+        for model, limit in self.limits:
+            n = limit.num_layers
+            bad = [i for i in layers if n is not None and not -n <= i < n]
+            if bad:
+                raise self.error(
+                    key,
+                    f"layer {bad[0]} is out of range for model {model.id} ({n} decoder layers)",
+                    f"integers from {-n} to {n - 1}",
+                )
 
     def workloads(self, value: Any) -> tuple[WorkloadConfig, ...]:
         entries = self.items(value, "workloads", "mappings with keys " + _listing(WORKLOAD_KEYS))
@@ -474,18 +621,13 @@ class _Parser:
                 known = builtin_workloads()
                 if builtin not in known:
                     raise self.error(
-                        f"{key}.builtin", f"unknown builtin workload {builtin!r}", _listing(known)
+                        f"{key}.builtin",
+                        f"unknown builtin workload {_quote(builtin)}",
+                        _listing(known),
                     )
                 default_name = builtin
             else:
-                written = self.text(entry["path"], f"{key}.path")
-                resolved = (self.base_dir / Path(written).expanduser()).resolve()
-                if not resolved.exists():
-                    raise self.error(
-                        f"{key}.path",
-                        f"workload path {written!r} does not exist (looked at {resolved})",
-                        "an existing directory with mmspec.jsonl + images/",
-                    )
+                resolved = self.workload_path(self.text(entry["path"], f"{key}.path"), key)
                 path = str(resolved)
                 # a split is named by its folder: `test` for /data/MMSpec/test[/mmspec.jsonl]
                 folder = resolved.parent if resolved.suffix == ".jsonl" else resolved
@@ -493,7 +635,7 @@ class _Parser:
             name = self.name(entry.get("name", default_name), f"{key}.name")
             if any(w.name == name for w in workloads):
                 raise self.error(
-                    f"{key}.name", f"workload name {name!r} appears twice", "unique names"
+                    f"{key}.name", f"workload name {_quote(name)} appears twice", "unique names"
                 )
             limit = self.optional_positive_int(entry.get("limit"), f"{key}.limit")
             topics = None
@@ -502,15 +644,34 @@ class _Parser:
                 for j, topic in enumerate(listed):
                     if topic not in TOPICS:
                         raise self.error(
-                            f"{key}.topics[{j}]", f"unknown topic {topic!r}", _listing(TOPICS)
+                            f"{key}.topics[{j}]", f"unknown topic {_quote(topic)}", _listing(TOPICS)
                         )
                 topics = tuple(listed)
             workloads.append(WorkloadConfig(name, builtin, path, limit, topics))
         return tuple(workloads)
 
+    def workload_path(self, written: str, key: str) -> Path:
+        allowed = "an existing directory with mmspec.jsonl + images/"
+        try:
+            resolved = (self.base_dir / Path(written).expanduser()).resolve()
+            found = resolved.exists()
+        except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
+            problem = getattr(exc, "strerror", None) or type(exc).__name__
+            raise self.error(
+                f"{key}.path", f"workload path {_quote(written)} cannot be read: {problem}", allowed
+            ) from None
+        if not found:
+            raise self.error(
+                f"{key}.path",
+                f"workload path {_quote(written)} does not exist (looked at "
+                f"{_quote(str(resolved))})",
+                allowed,
+            )
+        return resolved
+
     def exclude(self, value: Any, grid: Grid) -> tuple[dict[str, Any], ...]:
         if not isinstance(value, list):
-            raise self.error("exclude", f"expected a list, got {value!r}")
+            raise self.error("exclude", f"expected a list, got {_quote(value)}")
         choices: dict[str, list[Any]] = {
             "model": [m.id for m in grid.models],
             "method": list(grid.methods),
@@ -531,7 +692,7 @@ class _Parser:
                 if field_value not in allowed or isinstance(field_value, bool):
                     raise self.error(
                         f"{key}.{field_name}",
-                        f"{field_value!r} is not in the grid",
+                        f"{_quote(field_value)} is not in the grid",
                         _listing(allowed),
                     )
             if entry.get("method") == BASELINE:

@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 from mmspec.methods.engine import Engine, Generation
 from mmspec.methods.registry import get_drafter
 from mmspec.models.loader import load_target
-from mmspec.models.target import Message
+from mmspec.models.target import ContextLengthError, Message
 from mmspec.orchestrator.oom import (
     generate_unless_oom,
     halves,
@@ -186,14 +186,15 @@ class ShardRunner:
                 ),
                 can_split=len(convs) > 1,
             )
+        except ContextLengthError as exc:  # only the rows that do not fit fail; the rest run
+            err = f"{type(exc).__name__}: {exc}"
+            too_long = [c for i, c in enumerate(convs) if i in exc.rows]
+            rest = [c for i, c in enumerate(convs) if i not in exc.rows]
+            rows = self._fail(shard, too_long, turn, err)
+            return rows + (self._run_turn(shard, rest, turn, batch_index, oom_at) if rest else [])
         except Exception as exc:  # an OOM or a bad input must not lose the rest of the shard
             log.exception("batch %d of %s failed", batch_index, shard.shard_id)
-            err = f"{type(exc).__name__}: {exc}"
-            rows = []
-            for c in convs:
-                rows += [self._error_row(shard, c.sample, t, err) for t in _turns(c.sample)[turn:]]
-                c.answers.clear()  # drops the sample from later turns
-            return rows
+            return self._fail(shard, convs, turn, f"{type(exc).__name__}: {exc}")
         if results is None:  # out of memory: run each half on its own (see oom.py)
             release_memory(self.target.device)
             failed = oom_at or len(convs)
@@ -215,6 +216,16 @@ class ShardRunner:
         if oom_at is not None:
             for row in rows:
                 row.error = reduced_batch_note(oom_at, len(convs))
+        return rows
+
+    def _fail(
+        self, shard: Shard, convs: list[_Conversation], turn: int, error: str
+    ) -> list[ResultRow]:
+        """Error rows for this and every later turn of each conversation, which then ends."""
+        rows = []
+        for c in convs:
+            rows += [self._error_row(shard, c.sample, t, error) for t in _turns(c.sample)[turn:]]
+            c.answers.clear()  # drops the sample from later turns
         return rows
 
     # ---- rows ----------------------------------------------------------------------------

@@ -395,6 +395,7 @@ class _Run:
                 )
                 slot.pair, slot.fresh, slot.returned = pair, True, -math.inf
                 slot.beat, slot.answered = None, False
+                self.ask(slot)  # answered the moment the model is loaded: then the clock runs
                 self.actors_started += 1
             self.send(slot, pair)
         if prefetch:
@@ -537,7 +538,10 @@ class _Run:
             if now - slot.beat_at > limit:
                 self.stalled(slot, now - slot.beat_at, limit)
             elif slot.probe is None:
-                slot.probe = slot.actor.progress.options(concurrency_group=HEARTBEAT).remote()
+                self.ask(slot)
+
+    def ask(self, slot: _Slot) -> None:
+        slot.probe = slot.actor.progress.options(concurrency_group=HEARTBEAT).remote()
 
     def read_progress(self, slot: _Slot, now: float) -> None:
         if slot.probe is None or not ray.wait([slot.probe], timeout=0)[0]:

@@ -7,6 +7,7 @@ The first line is the verdict (lossless checks and error rows) so a glance, a CI
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from html import escape
 from typing import Any
 
 import polars as pl
@@ -92,7 +93,11 @@ DEFINITIONS = [
         "the largest `peak_mem_bytes` of the cell's rows (GPU allocator peak, "
         "or the worker's peak RSS on CPU).",
     ),
-    ("Errors", "error rows are counted, then left out of every other number."),
+    (
+        "Errors",
+        "error rows are counted, then left out of every other number. Messages are grouped "
+        "with per-object noise masked (memory addresses as 0x…, Ray ids as …, pid=…).",
+    ),
     (
         "MAT (MMSpec)",
         "MMSpec's MAT (`evaluation/summarize_metrics.py`): sum(new_tokens) / sum(steps), tokens "
@@ -176,16 +181,22 @@ DEFINITIONS = [
 LEGEND = "## Legend\n" + "".join(f"- **{term}**: {text}\n" for term, text in DEFINITIONS)
 
 
+def md_text(value: Any) -> str:
+    """Text from a run (model names, sample ids, error messages) as report.md holds it: HTML
+    escaped, so a Markdown viewer shows `<img onerror=...>` as text instead of running it."""
+    return escape(str(value), quote=False)
+
+
 def markdown_table(
     header: Sequence[Any], rows: Iterable[Sequence[Any]], *, one_line: bool = True
 ) -> list[str]:
-    """Lines of a Markdown table; pipes inside values are escaped. With `one_line`, runs of
-    whitespace become one space: a line break inside a value (an exception message) would
-    split the table."""
+    """Lines of a Markdown table; HTML and pipes inside values are escaped. With `one_line`,
+    runs of whitespace become one space: a line break inside a value (an exception message)
+    would split the table."""
 
     def cell(value: Any) -> str:
         text = " ".join(str(value).split()) if one_line else str(value)
-        return text.replace("|", "\\|")
+        return md_text(text).replace("|", "\\|")
 
     lines = ["| " + " | ".join(cell(h) for h in header) + " |"]
     lines.append("|" + "|".join("---" for _ in header) + "|")
@@ -210,7 +221,7 @@ def method_order(metrics: pl.DataFrame, manifest: dict[str, Any]) -> list[str]:
 
 def _cell_label(row: dict[str, Any]) -> str:
     where = f"batch size {row['batch_size']}, T={row['temperature']:g}"
-    return f"{row['method']} on {row['model']} ({where})"
+    return f"{md_text(row['method'])} on {md_text(row['model'])} ({where})"
 
 
 def headline(metrics: pl.DataFrame) -> str:
@@ -306,7 +317,7 @@ def _speedup_by_batch(
 ) -> list[str]:
     lines = ["## Speedup (global) vs batch size", "", FAMILY_NOTE, ""]
     for model, temperature, part in model_blocks(metrics):
-        lines += [f"{model} · T={temperature:g}:", ""]
+        lines += [f"{md_text(model)} · T={temperature:g}:", ""]
         lines += [*table_lines(speedup_by_batch_table(part, methods, found)), ""]
     return lines
 
@@ -335,7 +346,7 @@ def disagreement_note(found: pl.DataFrame, pooled: pl.DataFrame) -> str:
 def _throughput(metrics: pl.DataFrame, methods: list[str]) -> list[str]:
     lines = ["## Throughput vs latency", "", THROUGHPUT_NOTE, ""]
     for model, temperature, part in model_blocks(metrics):
-        lines += [f"{model} · T={temperature:g}:", ""]
+        lines += [f"{md_text(model)} · T={temperature:g}:", ""]
         lines += [*table_lines(throughput_table(part, methods)), ""]
         found = disagreements(part)
         lines += [disagreement_note(found, part), ""]
@@ -383,7 +394,7 @@ def run_summary(metrics: pl.DataFrame, details: RunDetails | None) -> str:
     total = details.rows if details is not None else int(pooled["samples"].sum()) + errors
 
     def listed(col: str, fmt: str = "") -> str:
-        return ", ".join(f"{v:{fmt}}" for v in sorted(set(pooled[col].to_list())))
+        return ", ".join(md_text(f"{v:{fmt}}") for v in sorted(set(pooled[col].to_list())))
 
     return (
         f"{total:,} rows ({errors:,} errors) · models: {listed('model')} · "
@@ -399,7 +410,7 @@ def _sections(
     for model, temperature, batch_size in blocks(metrics):
         block = block_rows(metrics, model, temperature, batch_size)
         present = [m for m in methods if m in set(block["method"].to_list())]
-        lines += [f"## {model} · T={temperature:g} · batch size {batch_size}", ""]
+        lines += [f"## {md_text(model)} · T={temperature:g} · batch size {batch_size}", ""]
         lines += ["MAT / speedup (global) per topic:", ""]
         lines += [*table_lines(topic_table(block, present)), ""]
         lines += ["Per method, all topics pooled:", ""]
@@ -422,7 +433,7 @@ def viskip_lines(merged: pl.DataFrame) -> list[str]:
         return []
     lines = ["## ViSkip", "", VISKIP_NOTE, ""]
     for (model, temperature), part in grouped(rows).items():
-        lines += [f"{model} · T={temperature:g}:", ""]
+        lines += [f"{md_text(model)} · T={temperature:g}:", ""]
         lines += [*table_lines(viskip_table(part)), ""]
     return lines
 
@@ -457,7 +468,7 @@ def render_markdown(
     `details` run_details()'s (without it the breakdown, energy and error sections are left out).
     """
     run_id = manifest.get("run_id", "unknown run")
-    lines = [headline(metrics), "", f"# MMSpec report: {run_id}", ""]
+    lines = [headline(metrics), "", f"# MMSpec report: {md_text(run_id)}", ""]
     if metrics.height:
         lines += [run_summary(metrics, details), ""]
     lines += import_lines(manifest)

@@ -354,6 +354,24 @@ def cell_metrics(rows: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
 # ---------------------------------------------------------------- what the report adds
 
 
+# Per-object noise in error texts: PIL names the BytesIO it could not read by its address, Ray
+# names actors, tasks and nodes by id. Masked before grouping, so one failure is one line.
+_ERROR_NOISE = (
+    (r"0x[0-9a-fA-F]+", "0x…"),  # memory addresses
+    (r"\b[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\b", "…"),  # UUIDs
+    (r"\b[0-9a-f]{16,}\b", "…"),  # Ray's hex ids (actors, tasks, nodes, objects)
+    (r"\bpid=\d+", "pid=…"),  # Ray's "(pid=1234, ip=...)" prefix
+)
+
+
+def error_message(error: pl.Expr) -> pl.Expr:
+    """An error text with its per-object noise masked (`0x7f3a…` -> `0x…`): the form every
+    grouping of error messages uses."""
+    for pattern, mask in _ERROR_NOISE:
+        error = error.str.replace_all(pattern, mask)
+    return error
+
+
 # The report's own inputs: cell_metrics' plus error text and telemetry.
 REPORT_INPUTS = [*CELL_INPUTS, "error", "energy_j", "peak_mem_bytes"]
 # Latency CDF points: every percentile, plus the far tail where speculation tends to differ.
@@ -369,7 +387,8 @@ class RunDetails:
     cells:   CELL_KEYS, total_s_mean, other_s_mean (total_s minus the four timed phases, see
              markdown.LEGEND), energy_rows, energy_per_token_j, peak_mem_bytes
     latency: CELL_KEYS, quantile, latency_s: total_s at each of CDF_QUANTILES (linear)
-    errors:  CELL_KEYS, error, rows: the error rows of each cell by message, most frequent first
+    errors:  CELL_KEYS, error, rows: the error rows of each cell by message (error_message's
+             form), most frequent first
     rows:    every row of the run, errors included
     """
 
@@ -435,6 +454,7 @@ def run_details(rows: pl.LazyFrame | pl.DataFrame) -> RunDetails:
             _cell_details(ok.lazy()),
             frame.lazy()
             .filter(~is_ok)
+            .with_columns(error_message(pl.col("error")))
             .group_by(*CELL_KEYS, "error")
             .agg(rows=pl.len().cast(pl.UInt32)),
         ]

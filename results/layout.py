@@ -3,14 +3,16 @@
 ```
 <out>/<name>-<UTC timestamp>/          run_id = this folder's name
     manifest.json                      written before any result
+    run.lock                           the one writer's lock: while held, its host, pid, since
     results/model=<m>/method=<m>/batch_size=<b>/temperature=<t>/repeat=<r>/part-<shard_id>.arrow
     telemetry/<the same partitions>/part-<shard_id>.arrow    the shard's sampler time series
     metrics.arrow, metrics.csv         per-cell metrics (written by the report)
     report.md, report.html
 ```
 A result file appears only when complete (the writer renames a temp file into place), so its
-presence is what "shard done" means: it is the completion marker. Telemetry lives outside
-results/, so reports never scan it. Nothing here writes; `mmspec.orchestrator.store` does.
+presence is what "shard done" means: it is the completion marker. Temp files sit beside their
+file, `<file>.<host>.<pid>.<random>.tmp`, and never count. Telemetry lives outside results/,
+so reports never scan it. Nothing here writes; `mmspec.orchestrator.store` does.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mmspec.results.ids import safe_name
 from mmspec.results.schema import RESULT_SCHEMA
 
 MANIFEST = "manifest.json"
+LOCK = "run.lock"
 RESULTS = "results"
 TELEMETRY = "telemetry"
 METRICS_ARROW = "metrics.arrow"
@@ -81,6 +84,11 @@ def shard_path(run_dir: str | Path, cell: Cell, shard_id: str) -> Path:
 def telemetry_path(run_dir: str | Path, cell: Cell, shard_id: str) -> Path:
     """Where a shard's telemetry series lives: the result file's place, under telemetry/."""
     return Path(run_dir) / TELEMETRY / _cell_partition(cell) / part_name(shard_id)
+
+
+def lock_path(run_dir: str | Path) -> Path:
+    """The run's lock file (see `mmspec.orchestrator.store.RunLock`)."""
+    return Path(run_dir) / LOCK
 
 
 def result_files(run_dir: str | Path) -> list[Path]:

@@ -16,7 +16,8 @@ FakeRunner reads its behaviour from the cell's method_args (scheduler tests only
                                with every forward pass
   slow: {shard_id: seconds}    sleep this much longer on these shards (a sure target)
   trace: true                  on starting a shard, write marker_dir/start-<shard_id>-<pid>
-                               holding {"pid", "node_id", "instance"} (who runs what, where)
+                               holding {"pid", "node_id", "instance", "at"} (who runs what,
+                               where, from when: time.time())
   telemetry: true              keep a small series per shard in `last_telemetry`, as
                                ShardRunner does (otherwise there is no such attribute)
 
@@ -122,7 +123,7 @@ class FakeRunner:
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         marker = Path(self.args["marker_dir"]) / f"start-{shard.shard_id}-{os.getpid()}"
-        info = {"pid": os.getpid(), "node_id": node, "instance": self.instance}
+        info = {"pid": os.getpid(), "node_id": node, "instance": self.instance, "at": time.time()}
         tmp = marker.with_name("." + marker.name)
         tmp.write_text(json.dumps(info))
         tmp.replace(marker)  # a watcher never reads half a marker

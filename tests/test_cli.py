@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -15,10 +24,17 @@ from mmspec.cli.main import Hooks, main
 from mmspec.methods.registry import method_names
 from mmspec.orchestrator import ray_session as ray_session_module
 from mmspec.orchestrator.grid import expand, load_grid
-from mmspec.results.layout import completed_shards, read_manifest, result_files
+from mmspec.results.layout import (
+    check_result_file,
+    completed_shards,
+    lock_path,
+    read_manifest,
+    result_files,
+)
 from tests.fake_runner import FakeRunner, ship_to_ray
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grid.yaml"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "grid.yaml"
 
 
 def small_grid(tmp_path: Path, **changes: Any) -> Path:
@@ -192,3 +208,171 @@ def test_the_cli_starts_without_torch() -> None:
     code = "import sys, mmspec.cli.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------- the output folder and the disk
+
+
+def one_line_exit(result: Any, code: int) -> str:
+    """The one stderr line of a failure that ended with `code` on purpose, not by a traceback."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    [line] = [x for x in result.stderr.splitlines() if x.strip()]
+    return line
+
+
+@pytest.mark.parametrize("where", ["file", "below a file", "read-only", "no permission"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_unwritable_out_exits_2_before_anything_starts(
+    tmp_path: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch, where: str, dry_run: bool
+) -> None:
+    from mmspec.orchestrator import store
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    out, reason = {
+        "file": (taken, f"{taken} is not a folder"),
+        "below a file": (taken / "runs", f"{taken} is not a folder"),
+        "read-only": (parent / "runs", f"{parent} is on a read-only file system"),
+        "no permission": (parent / "runs", f"{parent}: permission denied"),
+    }[where]
+    # Tests may run as root, whom modes do not stop, and cannot mount: those two are faked.
+    if where == "read-only":
+        real = os.statvfs
+
+        def statvfs(path: Any) -> Any:
+            found = real(path)
+            flags = found.f_flag | (os.ST_RDONLY if Path(path) == parent else 0)
+            return os.statvfs_result((*found[:8], flags, found.f_namemax))
+
+        monkeypatch.setattr(store.os, "statvfs", statvfs)
+    if where == "no permission":
+        real_access = os.access
+        monkeypatch.setattr(
+            store.os, "access", lambda path, mode: Path(path) != parent and real_access(path, mode)
+        )
+    args = ["submit", str(small_grid(tmp_path, out=str(out)))]
+    line = one_line_exit(invoke(*args, "--dry-run" if dry_run else "--local"), 2)
+    assert line == f"cannot write results in {out}: {reason}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml", "parent", "taken"]
+    assert list(parent.iterdir()) == []
+
+
+def rows_per_key(run_dir: Path) -> Counter[tuple[str, str, int]]:
+    """How often each (cell, sample, turn) appears in the run's result files."""
+    found: Counter[tuple[str, str, int]] = Counter()
+    for path in result_files(run_dir):
+        table = pa.ipc.open_file(str(path)).read_all()
+        keys = zip(*(table.column(c).to_pylist() for c in ("cell_id", "sample_id", "turn")))
+        found.update(keys)
+    return found
+
+
+def expected_keys(grid_file: Path) -> set[tuple[str, str, int]]:
+    from mmspec.orchestrator.workload_config import load_samples
+
+    grid = load_grid(grid_file)
+    samples = {w.name: load_samples(w) for w in grid.workloads}
+    return {
+        (cell.cell_id, sample.id, turn)
+        for cell in expand(grid)
+        for sample in samples[cell.workload]
+        for turn in range(len(sample.turns))
+    }
+
+
+def test_a_disk_that_fills_mid_run_exits_1_and_resume_finishes_the_run(
+    ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmspec.orchestrator import store
+
+    grid = small_grid(tmp_path)
+    real_write = store._write_atomic
+    writes: list[Path] = []
+
+    def disk_fills(path: Path, write: Any) -> None:
+        # the manifest and two shards fit; from then on the disk is full, mid-file
+        writes.append(path)
+        if len(writes) <= 3:
+            return real_write(path, write)
+
+        def no_space(f: Any) -> None:
+            f.write(b"the first bytes")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real_write(path, no_space)
+
+    monkeypatch.setattr(store, "_write_atomic", disk_fills)
+    result = invoke("submit", str(grid), "--local")
+    [run_dir] = (tmp_path / "runs").iterdir()
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    [line] = [x for x in result.stderr.splitlines() if "No space left on device" in x]
+    assert line.startswith(f"cannot write results in {run_dir}: No space left on device (ENOSPC)")
+    assert line.endswith(f"`mmspec-orch submit --resume {run_dir}`")
+    assert "Traceback" not in result.output
+    written = result_files(run_dir)
+    assert len(written) == 2 and not list(run_dir.rglob("*.tmp"))
+    for path in written:
+        check_result_file(path)  # whole files only
+
+    monkeypatch.undo()  # room again
+    again = invoke("submit", "--resume", str(run_dir))
+    assert again.exit_code == 0, again.output
+    found = rows_per_key(run_dir)
+    assert set(found) == expected_keys(grid) and set(found.values()) == {1}
+
+
+# ----------------------------------------------------------------- one writer per run directory
+
+
+def test_two_resumes_at_once_one_runs_the_other_refuses(
+    ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    grid = small_grid(tmp_path)
+    assert invoke("submit", str(grid), "--local").exit_code == 0
+    [run_dir] = (tmp_path / "runs").iterdir()
+    for lost in result_files(run_dir)[:2]:
+        lost.unlink()
+
+    # the first resume: a real process, running the fake runner on this module's Ray node
+    log = tmp_path / "first.log"
+    address = ray.get_runtime_context().gcs_address
+    args = ["-m", "tests.fake_cli", "submit", "--resume", str(run_dir), "--address", address]
+    with open(log, "wb") as out:
+        first = subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
+    lock = lock_path(run_dir)
+    try:
+        # Once it holds the lock, freeze it there: the second resume surely meets it running.
+        deadline = time.monotonic() + 120
+        holder = f'"pid": {first.pid}'
+        while first.poll() is None and time.monotonic() < deadline:
+            if lock.exists() and holder in lock.read_text():
+                break
+            time.sleep(0.02)
+        assert first.poll() is None, log.read_text(errors="replace")
+        first.send_signal(signal.SIGSTOP)
+        before = sorted(result_files(run_dir))
+
+        def refuse(**kwargs: Any) -> None:
+            raise AssertionError("the refused resume must not start Ray")
+
+        monkeypatch.setattr(ray_session_module, "ray_session", refuse)
+        second = invoke("submit", "--resume", str(run_dir))
+        line = one_line_exit(second, 2)
+        assert line.startswith(f"{run_dir} is in use by pid {first.pid} on {socket.gethostname()}")
+        assert sorted(result_files(run_dir)) == before
+        assert holder in lock.read_text()
+        monkeypatch.undo()
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, log.read_text(errors="replace")
+    found = rows_per_key(run_dir)
+    assert set(found) == expected_keys(grid) and set(found.values()) == {1}
+    assert lock.read_text() == ""  # released

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mmspec.methods.engine import Generation
+from mmspec.models.target import ContextLengthError
 from mmspec.orchestrator import store
 from mmspec.orchestrator.grid import GridError, parse_grid, to_dict
 from mmspec.orchestrator.oom import halves, is_out_of_memory, reduced_batch_note
@@ -26,6 +27,7 @@ from mmspec.orchestrator.worker import Worker
 from mmspec.results import layout
 from mmspec.results.cells import Cell, ModelConfig
 from mmspec.results.schema import rows_to_table
+from mmspec.workloads.sample import Sample
 from mmspec.workloads.synthetic import synthetic_suite
 from tests.fake_runner import FakeRunner, make_samples
 
@@ -56,6 +58,9 @@ class FakeEngine:
         self.batches.append(len(conversations))
         if self.limit is not None and len(conversations) > self.limit:
             raise self.error("CUDA out of memory. Tried to allocate 20.00 GiB")
+        too_long = [i for i, c in enumerate(conversations) if "TOO LONG" in json.dumps(c)]
+        if too_long:  # as Target.encode does, before any generation
+            raise ContextLengthError("prompt + max_new_tokens exceeds the context", too_long)
         results = []
         for conv in conversations:
             digest = hashlib.sha256(json.dumps(conv, sort_keys=True).encode()).digest()
@@ -140,6 +145,20 @@ def test_other_errors_are_not_split(runner: Any) -> None:
     batches = runner.engine.batches
     assert batches == [4, 2]  # one try per batch: a bad input does not get smaller
     assert {r.status for r in rows} == {"error"}
+
+
+def test_only_the_prompts_that_do_not_fit_the_context_fail(runner: Any) -> None:
+    samples = [
+        Sample(id=f"s{i}", topic="general vqa", category="c", turns=(text,), image_bytes=None)
+        for i, text in enumerate(["fits", "TOO LONG", "fits too", "TOO LONG again"])
+    ]
+    cell = Cell("c", runner.model_config, "ar", {}, 4, 0.0, 0, 0, 8, "synthetic")
+    rows = runner.run(Shard("run", "c__s000", cell, tuple(samples)))
+    assert [(r.sample_id, r.status) for r in rows] == [
+        ("s1", "error"), ("s3", "error"), ("s0", "ok"), ("s2", "ok")
+    ]  # fmt: skip
+    assert all(r.error.startswith("ContextLengthError: prompt") for r in rows[:2])
+    assert runner.engine.batches == [4, 2]  # the rest ran together, once
 
 
 def test_is_out_of_memory() -> None:
@@ -372,10 +391,18 @@ def test_a_shard_waits_behind_the_running_one_only_while_the_pair_has_enough_lef
     from mmspec.orchestrator.scheduler import SchedulerSettings, _Run, _Slot, expected_cost
     from mmspec.orchestrator.worker import pair_of
 
+    class FakeProbe:  # actor.progress.options(...).remote(): a reading never answered
+        def options(self, **kwargs: Any) -> FakeProbe:
+            return self
+
+        def remote(self) -> object:
+            return object()
+
     class FakeActor:  # stands in for a Worker actor handle: `run.remote` gives a fresh ref
         def __init__(self, *args: Any) -> None:
             self.sent: list[str] = []
             self.run_packed = self  # actor.run_packed.remote(shard)
+            self.progress = FakeProbe()
 
         def remote(self, shard: Shard) -> object:
             self.sent.append(shard.shard_id)

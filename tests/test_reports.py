@@ -407,3 +407,63 @@ def test_viskip_section_sets_each_wrapped_cell_beside_its_method(tmp_path: Path)
     plain = write_run(tmp_path / "plain", rows)
     frame = load_rows(plain)
     assert "## ViSkip" not in render_markdown(cell_metrics(frame), MANIFEST, run_details(frame))
+
+
+def test_report_md_escapes_run_text_and_groups_errors_without_addresses(tmp_path: Path) -> None:
+    model, topic = "org/<b>vl</b>", "<script>alert(1)</script>"
+    pil = "UnidentifiedImageError: cannot identify image file <_io.BytesIO object at {}>"
+    rows = [_row(m, 1, 0.0, 0, i, model=model) for m in ("ar", "pld") for i in (0, 1, 2)]
+    rows[0].topic = topic
+    # one failure, three memory addresses: one line of the Errors table, not three
+    rows += [
+        _row("pld", 1, 0.0, 0, i, model=model, status="error", error=pil.format(address))
+        for i, address in ((3, "0x7f3a2b1c4d50"), (4, "0x7f3a2b1c9e10"))
+    ]
+    rows.append(
+        _row("ar", 1, 0.0, 0, 3, model=model, status="error", error=pil.format("0x55d1c0ffee00"))
+    )
+    rows.append(
+        _row(
+            "ar",
+            1,
+            0.0,
+            0,
+            4,
+            model=model,
+            status="error",
+            error="sample <img src=x onerror=alert(1)> | broken",
+        )
+    )
+    text = write_report(write_run(tmp_path / "run", rows)).read_text()
+    for raw in (model, topic, "<_io", "<img", "0x7f3a", "0x55d1"):
+        assert raw not in text
+    assert "## org/&lt;b&gt;vl&lt;/b&gt; · T=0 · batch size 1" in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    errors = text[text.index("## Errors") :].split("\n## ")[0]
+    table = [line for line in errors.splitlines() if line.startswith("| org/")]
+    grouped = pil.format("0x…").replace("<", "&lt;").replace(">", "&gt;")
+    assert sorted(table) == [
+        f"| org/&lt;b&gt;vl&lt;/b&gt; | ar | 1 | 0 | {grouped} | 1 |",
+        "| org/&lt;b&gt;vl&lt;/b&gt; | ar | 1 | 0 | sample &lt;img src=x onerror=alert(1)&gt; "
+        "\\| broken | 1 |",
+        f"| org/&lt;b&gt;vl&lt;/b&gt; | pld | 1 | 0 | {grouped} | 2 |",
+    ]
+
+
+def test_error_messages_lose_per_object_noise() -> None:
+    from mmspec.reports.metrics import error_message
+
+    texts = [
+        "cannot identify image file <_io.BytesIO object at 0x7f3a2b1c4d50>",
+        "The actor 3f2a9c0d1e2b3c4d5e6f708192a3b4c5 died (pid=1234, ip=10.0.0.1)",
+        "task 123e4567-e89b-12d3-a456-426614174000 lost",
+        "CUDA out of memory",
+    ]
+    frame = pl.DataFrame({"error": [*texts, None]})
+    assert frame.select(error_message(pl.col("error")))["error"].to_list() == [
+        "cannot identify image file <_io.BytesIO object at 0x…>",
+        "The actor … died (pid=…, ip=10.0.0.1)",
+        "task … lost",
+        "CUDA out of memory",
+        None,
+    ]

@@ -7,6 +7,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -215,3 +216,61 @@ def test_completed_shards_ignores_temp_files(run_dir: Path) -> None:
 def test_read_manifest_of_a_non_run(tmp_path: Path) -> None:
     with pytest.raises(layout.LayoutError, match="not a run directory"):
         layout.read_manifest(tmp_path)
+
+
+def test_temp_files_are_named_by_their_writer(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shard = make_shard()
+    opened: list[Path] = []
+    real_replace = store.os.replace
+
+    def spy(src: Any, dst: Any) -> None:
+        opened.append(Path(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", spy)
+    store.write_shard(run_dir, shard, table_for(shard))
+    store.write_shard(run_dir, shard, table_for(shard))
+    first, second = opened
+    part = layout.shard_path(run_dir, shard.cell, shard.shard_id).name
+    assert first.name.startswith(f"{part}.") and first.name.endswith(".tmp")
+    assert f".{os.getpid()}." in first.name
+    assert first != second  # a random part too: two writers in one process never share
+
+
+def test_check_writable_accepts_a_folder_still_to_make(tmp_path: Path) -> None:
+    store.check_writable(tmp_path / "runs" / "deeper")
+    assert not (tmp_path / "runs").exists()  # a check, not a mkdir
+
+
+@pytest.mark.parametrize("below", ["", "runs"])
+def test_check_writable_refuses_a_file(tmp_path: Path, below: str) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    with pytest.raises(store.StoreError) as refused:
+        store.check_writable(taken / below)
+    assert str(refused.value) == (
+        f"cannot write results in {taken / below}: {taken} is not a folder"
+    )
+
+
+def test_check_writable_names_a_read_only_file_system_and_permissions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tests may run as root, for whom modes do not bar writing: the answers are faked here.
+    real_statvfs = os.statvfs
+
+    def read_only(path: Any) -> Any:
+        found = real_statvfs(path)
+        if Path(path) != tmp_path:
+            return found
+        return os.statvfs_result((*found[:8], found.f_flag | os.ST_RDONLY, found.f_namemax))
+
+    monkeypatch.setattr(store.os, "statvfs", read_only)
+    with pytest.raises(store.StoreError, match=f"{tmp_path} is on a read-only file system"):
+        store.check_writable(tmp_path / "runs")
+    monkeypatch.undo()
+    monkeypatch.setattr(store.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(store.StoreError, match=f"{tmp_path}: permission denied"):
+        store.check_writable(tmp_path / "runs")

@@ -227,6 +227,11 @@ def test_empty_file(tmp_path: Path) -> None:
         (_record(0, image="../secret.png"), "must be a path inside images/"),
         (_record(0, image="/etc/passwd"), "must be a path inside images/"),
         (["not", "an", "object"], "expected a JSON object, got list"),
+        # valid JSON ("\ud800"), not text: the workload hash could not encode it
+        (_record(0, id="s\ud800"), "field 'id' holds a lone surrogate '\\ud800' at character 1"),
+        (_record(0, turns=["fine", "x \udfff"]), "field 'turns' (turn 2) holds a lone surrogate"),
+        (_record(0, image="\udc80.png"), "field 'image' holds a lone surrogate"),
+        (_record(0, category="\ud83d"), "field 'category' holds a lone surrogate"),
     ],
 )
 def test_bad_record_names_file_line_and_field(tmp_path: Path, record: Any, message: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import WorkloadError
-from .sample import Sample
+from .sample import Sample, lone_surrogate
 from .selection import check_limit, filter_topics, spread_limit
 
 JSONL_NAME = "mmspec.jsonl"
@@ -129,6 +129,8 @@ def _parse_record(data: Any, where: str) -> _Record:
     for number, turn in enumerate(turns, start=1):
         if not turn.strip():
             raise WorkloadError(f"{where}: turn {number} is empty")
+    _check_text([(repr(name), data[name]) for name in _STRING_FIELDS], where)
+    _check_text([(f"'turns' (turn {n})", t) for n, t in enumerate(turns, start=1)], where)
     return _Record(
         id=data["id"],
         image=image,
@@ -136,6 +138,17 @@ def _parse_record(data: Any, where: str) -> _Record:
         category=data["category"],
         topic=data["topic"],
     )
+
+
+def _check_text(fields: list[tuple[str, str]], where: str) -> None:
+    # refused here, with file:line, rather than later in the workload hash or a file name
+    for label, text in fields:
+        index = lone_surrogate(text)
+        if index is not None:
+            raise WorkloadError(
+                f"{where}: field {label} holds a lone surrogate {text[index]!r} at character "
+                f"{index}: not Unicode text (a JSON \\u escape of half a surrogate pair?)"
+            )
 
 
 def _describe(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -15,6 +16,16 @@ TOPICS: tuple[str, ...] = (
     "complex reasoning pro",
     "multi-turn conversation",
 )
+
+# Valid JSON ("\ud800") and YAML can spell a surrogate on its own: a Python str holds it, but
+# it is not Unicode text and cannot be encoded (hashed, written, printed) as UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate in `text` (unencodable as UTF-8), or None."""
+    found = _LONE_SURROGATE.search(text)
+    return found.start() if found else None
 
 
 class SampleError(ValueError):
