@@ -29,9 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mmspec.orchestrator.grid import Grid, grid_sha256
+from mmspec.orchestrator.grid import Grid, grid_sha256, read_yaml
 from mmspec.results.ids import safe_name
 from mmspec.results.layout import run_names
 
@@ -169,7 +167,7 @@ def _check_travels(grid_file: Path, folder: Path) -> None:
 
     The validated Grid holds resolved paths only, so the file is read again for what was written.
     """
-    data = yaml.safe_load(grid_file.read_text(encoding="utf-8"))
+    data = read_yaml(grid_file.read_text(encoding="utf-8"), str(grid_file))
     for i, entry in enumerate(data.get("workloads") or []):
         written = entry.get("path") if isinstance(entry, Mapping) else None
         if not isinstance(written, str) or written.startswith(("/", "~")):
