@@ -1,18 +1,30 @@
-"""EAGLE-3: a draft head on fused low/mid/high target features, trained by training-time test.
+"""EAGLE-3: a draft head on three fused target features, trained by training-time test.
 
 Li et al., "EAGLE-3: Scaling up Inference Acceleration of Large Language Models via
 Training-Time Test" (2025); reference: SafeAILab/EAGLE `eagle/model/cnets.py` (inference)
 and `eagle/traineagle3/` (training).
 
-Features. The head reads three target hidden states, from a low, a middle and a high layer:
-the reference takes the inputs of decoder layers 2, L//2 and L-3, i.e. the outputs of
-layers (1, L//2 - 1, L - 4), which is what `feature_layers` returns for L >= 8. On shallower
-targets (the tiny test models have L = 4) those collide, so there it takes the outputs of
-layers (0, L//2 - 1, L - 2): still distinct low / middle / high ones, never the last
-layer's. The resolved indices live in the head's `config.extra["feature_layers"]`, so a
-saved head keeps reading the layers it was trained on.
+Features. MMSpec's rule (method/eagle3/spec_model.py), the default for new heads: the head
+fuses the target's `hidden_states[0..2]` - the input embeddings (at image slots the
+projected image features, our `EMBEDS` tap) and the outputs of decoder layers 0 and 1,
+whatever the depth - with every image position's row set to zero; and at an image slot the
+token embedding the head reads is that of the pad token (`image_slot_token`, MMSpec's
+`tokenizer.pad_token_id or 0`), not the image features. So the head never sees the picture
+itself, only what the target's text positions made of it. The config's
+`feature_layers` names the three taps (`["embeds", 0, 1]`; an int is a decoder layer's output,
+"final" the normed last hidden state) and `zero_image_positions` switches the image rule;
+`prepare_features` (the zeroed rows) and `token_embeddings` (the pad token at image slots)
+apply it, and training and drafting call both alike. Equal to MMSpec's on targets of 3 or
+more layers (on fewer, its hs[2] is the normed last state), and for the prompt's image slots:
+MMSpec would also zero the row of a generated token that equals the image-token id, ours
+zeroes prompt slots only (no such token came up in the parity runs).
 
-Head. `fc` (3H -> H, no bias) fuses cat(low, mid, high) into one hidden state g. One
+Heads trained before that rule hold three ints and no `zero_image_positions` (the outputs of
+layers (1, L//2 - 1, L - 4), SafeAILab's inputs of layers 2, L//2 and L-3; (0, 1, 2) on the
+4-layer tiny targets): they keep reading those outputs as tapped, image slots included. A
+head can name any three taps (`head_args`), with or without the image rule.
+
+Head. `fc` (3H -> H, no bias) fuses the cat of the three features into one hidden state g. One
 decoder layer (`midlayer`) reads cat(input_layernorm(embedding of token t+1),
 hidden_norm(g_t)) - 2H wide, embeddings first - through its q/k/v projections, adds the
 attention output to g_t (the residual is the hidden state, not the concatenation), then the
@@ -55,31 +67,22 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from mmspec.methods.base import DraftContext
 from mmspec.methods.dynamic_tree import DynamicTreeDrafter
 from mmspec.methods.head_config import DraftConfig, decoder_layer, rotary
 from mmspec.methods.head_training import TeacherBatch
 from mmspec.methods.kv_slots import additive_mask
 from mmspec.methods.registry import register
-from mmspec.models.feature_taps import EMBEDS, Feature
+from mmspec.models.feature_taps import EMBEDS, FINAL, Feature
 from mmspec.models.target import Target, cache_keyword
 
 TTT_STEPS = 7
 TTT_DECAY = 0.8  # weight of unrolled step j: 0.8 ** j
 REFERENCE_DRAFT_VOCAB = 32000
 SMALL_VOCAB = 4096  # at most this many target ids: draft vocabulary = half of them
-
-
-def feature_layers(num_layers: int) -> tuple[int, int, int]:
-    """Decoder layers whose outputs EAGLE-3 fuses (low, middle, high) on an L-layer target.
-
-    L >= 8: the reference's inputs of layers (2, L//2, L-3) = outputs of (1, L//2-1, L-4).
-    4 <= L < 8: (0, L//2-1, L-2), three distinct layers where the reference's collide.
-    """
-    if num_layers >= 8:
-        return (1, num_layers // 2 - 1, num_layers - 4)
-    if num_layers >= 4:
-        return (0, num_layers // 2 - 1, num_layers - 2)
-    raise ValueError(f"EAGLE-3 fuses three layers below the last; got a {num_layers}-layer target")
+# MMSpec's taps (method/eagle3/spec_model.py): hidden_states[0..2] = the input embeddings and
+# the outputs of decoder layers 0 and 1
+MMSPEC_TAPS: tuple[Feature, ...] = (EMBEDS, 0, 1)
 
 
 def default_draft_vocab(vocab_size: int) -> int:
@@ -88,21 +91,41 @@ def default_draft_vocab(vocab_size: int) -> int:
     return min(vocab_size, REFERENCE_DRAFT_VOCAB)
 
 
-def _target_layer_count(name: str) -> int:
-    """The decoder-layer count of the target `name` (registry name, path or hub id), read
-    from its config.json. Only for heads built from a bare DraftConfig (see `draft_config`)."""
-    from transformers import AutoConfig
+def image_slot_token(target: Target) -> int:
+    """The token whose embedding the head reads at image slots: MMSpec's
+    `tokenizer.pad_token_id or 0`."""
+    return int(target.tokenizer.pad_token_id or 0)
+
+
+def _target_image_slot_token(name: str) -> int:
+    """`image_slot_token` of the target `name` (registry name, path or hub id), read from its
+    tokenizer. Only for heads built from a bare DraftConfig (see `draft_config`)."""
+    from transformers import AutoTokenizer
 
     from mmspec.models.loader import resolve_model_source
 
     if not name:
         raise ValueError(
-            "an EAGLE-3 head needs config.extra['feature_layers'] or the target's name; "
+            "an EAGLE-3 head needs config.extra['image_slot_token'] or the target's name; "
             "build its config with Eagle3Head.draft_config(method, target)"
         )
     source, local = resolve_model_source(name)
-    text = AutoConfig.from_pretrained(source, local_files_only=local).get_text_config()
-    return int(text.num_hidden_layers)
+    return int(AutoTokenizer.from_pretrained(source, local_files_only=local).pad_token_id or 0)
+
+
+def parse_feature(name: Any) -> Feature:
+    """A `feature_layers` entry from config.json: "embeds", "final" or a layer index."""
+    if name in (EMBEDS, FINAL) or (isinstance(name, int) and not isinstance(name, bool)):
+        return name
+    raise ValueError(f"EAGLE-3 feature {name!r}: use {EMBEDS!r}, {FINAL!r} or a layer index")
+
+
+def zero_image_rows(
+    feats: dict[Feature, torch.Tensor], image: torch.Tensor
+) -> dict[Feature, torch.Tensor]:
+    """Every feature (b, L, width) with the rows of image positions `image` (b, L) set to 0."""
+    rows = image[..., None]
+    return {name: x.masked_fill(rows, 0.0) for name, x in feats.items()}
 
 
 def token_counts(batch: TeacherBatch) -> torch.Tensor:
@@ -169,17 +192,26 @@ class Eagle3Head(nn.Module):
         super().__init__()
         extra = config.extra  # resolved in place, so the saved config.json records them
         vocab = config.vocab_size
-        if "feature_layers" not in extra:
-            extra["feature_layers"] = list(feature_layers(_target_layer_count(config.target)))
+        if "feature_layers" not in extra:  # a new head: MMSpec's rule
+            extra["feature_layers"] = list(MMSPEC_TAPS)
+            extra.setdefault("zero_image_positions", True)
+        # a head from before the image rule reads its taps as they are
+        extra.setdefault("zero_image_positions", False)
+        if extra["zero_image_positions"] and "image_slot_token" not in extra:
+            extra["image_slot_token"] = _target_image_slot_token(config.target)
         extra["draft_vocab_size"] = min(
             vocab, int(extra.get("draft_vocab_size") or default_draft_vocab(vocab))
         )
         extra.setdefault("ttt_steps", TTT_STEPS)
         self.config = config
-        self.target_features: tuple[Feature, ...] = tuple(int(i) for i in extra["feature_layers"])
+        self.target_features = tuple(parse_feature(i) for i in extra["feature_layers"])
         if len(self.target_features) != 3:
-            raise ValueError(f"EAGLE-3 fuses three layers, got {self.target_features}")
+            raise ValueError(f"EAGLE-3 fuses three features, got {self.target_features}")
+        self.zero_image = bool(extra["zero_image_positions"])
         h, draft = config.hidden_size, extra["draft_vocab_size"]
+        # the target's embedding of image_slot_token (`bind_embeddings`): under the image rule,
+        # what the head reads at image slots; not saved, the target's table is the truth
+        self.register_buffer("slot_embed", torch.zeros(h), persistent=False)
         self.fc = nn.Linear(3 * h, h, bias=False)
         self.midlayer = Eagle3Layer(config)
         self.norm = copy.deepcopy(self.midlayer.post_attention_layernorm)
@@ -196,9 +228,36 @@ class Eagle3Head(nn.Module):
 
     @classmethod
     def draft_config(cls, method: str, target: Target, **extra: Any) -> DraftConfig:
-        """The head's DraftConfig for `target`, its feature layers read off the target."""
-        extra.setdefault("feature_layers", list(feature_layers(len(target.text_layers()))))
+        """The head's DraftConfig for `target`: MMSpec's taps and image rule unless `extra`
+        names others, the image-slot token read off the target's tokenizer."""
+        extra.setdefault("feature_layers", list(MMSPEC_TAPS))
+        extra.setdefault("zero_image_positions", True)
+        if extra["zero_image_positions"]:
+            extra.setdefault("image_slot_token", image_slot_token(target))
         return DraftConfig.for_target(method, target, **extra)
+
+    # ---- what the head reads (training and drafting alike) -------------------------------------
+    def prepare_features(
+        self, feats: dict[Feature, torch.Tensor], image: torch.Tensor
+    ) -> dict[Feature, torch.Tensor]:
+        """The tapped features (b, L, width) as the head reads them; `image` (b, L) marks the
+        image slots. Under the image rule each of their rows is 0, EMBEDS included (at image
+        slots the token embedding is `token_embeddings`' business)."""
+        return zero_image_rows(feats, image) if self.zero_image else feats
+
+    def token_embeddings(self, embeds: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The token embeddings (…, h) the head reads beside the features; `image` (…) marks
+        image slots, which under the image rule read `image_slot_token`'s embedding."""
+        if not self.zero_image:
+            return embeds
+        return torch.where(image[..., None], self.slot_embed.to(embeds.dtype), embeds)
+
+    @torch.no_grad()
+    def bind_embeddings(self, embed: nn.Module) -> None:
+        """Take `image_slot_token`'s embedding from the target's table `embed`."""
+        if self.zero_image:
+            token = torch.tensor(self.config.extra["image_slot_token"], device=embed.weight.device)
+            self.slot_embed.copy_(embed(token))
 
     # ---- the draft vocabulary ----------------------------------------------------------------
     @property
@@ -251,7 +310,7 @@ class Eagle3Head(nn.Module):
         self, embeds: torch.Tensor, hidden: torch.Tensor, image: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         positions = torch.arange(embeds.shape[0], device=embeds.device)
-        return self.combine(embeds, hidden, None), positions, None
+        return self.combine(self.token_embeddings(embeds, image), hidden, None), positions, None
 
     # ---- training ------------------------------------------------------------------------------
     def unroll(
@@ -286,14 +345,16 @@ class Eagle3Head(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Training-time test over `ttt_steps` unrolled steps (see the module docstring).
 
-        `embed` and `lm_head` (the target's) are unused: image slots come embedded in
-        batch.features[EMBEDS], and the head has its own LM head. `noise` is ignored: EAGLE-3
-        trains without feature noise.
+        `embed` (the target's) gives `image_slot_token`'s embedding; tokens come embedded in
+        batch.features[EMBEDS]. `lm_head` is unused: the head has its own. `noise` is ignored:
+        EAGLE-3 trains without feature noise.
         """
         if not self.vocab_ready:
             self.set_draft_vocab(token_counts(batch))
         steps = int(self.config.extra["ttt_steps"])
-        fused = self.fuse(batch.features)
+        feats = self.prepare_features(batch.features, batch.image)
+        self.bind_embeddings(embed)
+        fused = self.fuse(feats)
         rows = batch.rows()
         dev = fused.device
         width = batch.real.shape[1]
@@ -310,7 +371,8 @@ class Eagle3Head(nn.Module):
             return torch.gather(x, 1, col[..., None].expand(-1, -1, x.shape[-1]))
 
         # the embeddings of tokens 1 .. m + steps - 1 (past a row's end: ignored padding)
-        embeds = at(batch.features[EMBEDS], column(1, m + steps - 1)[0])
+        cols = column(1, m + steps - 1)[0]
+        embeds = self.token_embeddings(at(feats[EMBEDS], cols), torch.gather(batch.image, 1, cols))
         outs = self.unroll(embeds, at(fused, column(0)[0]), counts, steps)
         real = torch.arange(m, device=dev)[None] < counts[:, None]
         ids = self.draft_ids
@@ -343,31 +405,53 @@ class Eagle3Head(nn.Module):
     def from_reference(
         cls, raw: dict[str, Any], state: dict[str, torch.Tensor], target: Target, where: str
     ) -> tuple[DraftConfig, dict[str, torch.Tensor]]:
-        """A reference EAGLE-3 checkpoint (LLaMA-style config.json with draft_vocab_size)."""
+        """A reference EAGLE-3 checkpoint (LLaMA-style config.json with draft_vocab_size).
+
+        Read with MMSpec's rule (its published heads, `OFFICIAL_HEADS`, run on
+        hidden_states[0..2] with image rows zeroed, whatever the checkpoint), unless the config
+        names its layers as SpecForge / vLLM heads do (`eagle_aux_hidden_state_layer_ids`,
+        indices of layer *inputs*; no image rule). Keys are normalised as MMSpec loads them.
+        """
         from mmspec.methods.draft_checkpoint import CheckpointError, reference_config
 
-        # SpecForge / vLLM heads may name the layers: indices of layer *inputs*
         named = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        rule: dict[str, Any] = {
+            "feature_layers": list(MMSPEC_TAPS),
+            "zero_image_positions": True,
+            "image_slot_token": image_slot_token(target),
+        }
         if named:
             if len(named) != 3 or min(int(i) for i in named) < 1:
                 raise CheckpointError(f"{where}: unusable eagle_aux_hidden_state_layer_ids {named}")
-            layers = [int(i) - 1 for i in named]
-        else:
-            layers = list(feature_layers(len(target.text_layers())))
+            rule = {"feature_layers": [int(i) - 1 for i in named], "zero_image_positions": False}
+        state = _reference_keys(state)
         vocab = raw.get("vocab_size")
         extra = {
-            "feature_layers": layers,
+            **rule,
             "draft_vocab_size": int(raw.get("draft_vocab_size") or vocab or 0),
             "qkv_bias": "midlayer.self_attn.q_proj.bias" in state,
         }
         config = reference_config("eagle3", raw, target, where, **extra)
-        state = {k: v for k, v in state.items() if k != "embed_tokens.weight"}
         draft = extra["draft_vocab_size"]
         if draft == config.vocab_size and "d2t" not in state and "t2d" not in state:
             # a full-vocabulary head may leave its (identity) map out
             state["d2t"] = torch.zeros(draft, dtype=torch.long)
             state["t2d"] = torch.ones(draft, dtype=torch.bool)
         return config, state
+
+
+def _reference_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A reference state dict under our keys, as MMSpec's loader reads one: `module.` and
+    `model.` prefixes dropped, `layers.0.` is `midlayer.`; without the frozen embedding copy
+    (`embed_tokens.weight`, or a bare `weight` in some checkpoints)."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.").removeprefix("model.")
+        if key.startswith("layers.0."):
+            key = "midlayer." + key.removeprefix("layers.0.")
+        if key not in ("embed_tokens.weight", "weight"):
+            out[key] = value
+    return out
 
 
 def _vocab_loaded(module: nn.Module, incompatible: Any) -> None:
@@ -378,3 +462,23 @@ def _vocab_loaded(module: nn.Module, incompatible: Any) -> None:
 @register("eagle3")
 class Eagle3(DynamicTreeDrafter):
     head_cls = Eagle3Head
+
+    def load(self, target: Target) -> None:
+        super().load(target)
+        self.head.bind_embeddings(self.embed)
+
+    @torch.inference_mode()
+    def begin(self, ctx: DraftContext) -> None:
+        # the head's rule applied to the prompt's features before anything reads them
+        feats = ctx.extras["features"]
+        image = self._prompt_image(ctx, feats[EMBEDS].shape[1], feats[EMBEDS].device)
+        ctx.extras["features"] = self.head.prepare_features(feats, image)
+        super().begin(ctx)
+
+    def _prompt_image(self, ctx: DraftContext, width: int, device: torch.device) -> torch.Tensor:
+        """(b, width) whether each position of the left-padded prompt is an image slot."""
+        image = torch.zeros(len(ctx.tokens), width, dtype=torch.bool, device=device)
+        for i, (tokens, n) in enumerate(zip(ctx.tokens, ctx.prompt_lens)):
+            ids = torch.tensor(tokens[:n], device=device)
+            image[i, width - n :] = ids == self.target.image_token_id
+        return image

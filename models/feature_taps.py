@@ -3,11 +3,13 @@
 A drafter names what it reads (`Drafter.features`):
 
 - `EMBEDS`: what the language model is fed - token embeddings, and at image slots the
-  projected image features (the only place a drafter can see the picture);
+  projected image features (the only place a drafter can see the picture): the model's
+  `output_hidden_states[0]`;
 - `FINAL`: the last hidden state after the final norm, what the LM head reads (EAGLE-1/2,
   Medusa, ViSpec, MSD);
-- an int `i`: the output of decoder layer `i` (negative counts from the end; EAGLE-3 fuses a
-  low, a middle and a high one).
+- an int `i`: the output of decoder layer `i` (negative counts from the end), the model's
+  `output_hidden_states[i + 1]` except for the last layer (there it is the un-normed one).
+  EAGLE-3 fuses three features (MMSpec's: EMBEDS, 0 and 1).
 
 The hooks cost nothing while disarmed; armed, they keep references to tensors the forward
 computes anyway, so the target runs exactly as without them.
@@ -46,7 +48,7 @@ class FeatureTap:
     def __init__(self, target: Target, names: Sequence[Feature]) -> None:
         if not names:
             raise ValueError("a feature tap needs at least one feature")
-        self.names = tuple(names)
+        self.names = tuple(dict.fromkeys(names))  # a name given twice is tapped once
         self.armed = False
         self._seen: dict[Feature, torch.Tensor] = {}
         lm = target.model.model.language_model

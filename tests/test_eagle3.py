@@ -1,5 +1,6 @@
-"""EAGLE-3 (methods/eagle3.py): feature layers, the training-time test's attention against the
-tree it trains for, the draft vocabulary, lossless drafting, reference checkpoints, training."""
+"""EAGLE-3 (methods/eagle3.py): MMSpec's features (and the int-only configs of before), the
+training-time test's attention against the tree it trains for, the draft vocabulary, lossless
+drafting, reference checkpoints, training."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from mmspec.methods.draft_checkpoint import CheckpointError
 from mmspec.methods.engine import Engine
 from mmspec.methods.head_cache import DraftKV, feed
 from mmspec.methods.head_config import save_head
+from mmspec.methods.head_training import TeacherBatch
 from mmspec.methods.registry import get_drafter
+from mmspec.models.feature_taps import EMBEDS
 from tests.conftest import reference_head_config
 
 MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
@@ -50,29 +53,138 @@ def _random_head(target, seed: int = 0, **extra):
     return head.eval()
 
 
-def test_feature_layers_follow_the_reference_and_stay_distinct_when_shallow(e3) -> None:
-    feature_layers = e3.feature_layers
-    # reference: inputs of layers 2, L//2, L-3 = outputs of 1, L//2-1, L-4
-    assert feature_layers(32) == (1, 15, 28)
-    assert feature_layers(28) == (1, 13, 24)
-    assert feature_layers(8) == (1, 3, 4)
-    for n in range(4, 8):  # the tiny targets have 4 layers
-        low, mid, high = feature_layers(n)
-        assert 0 <= low < mid < high < n - 1
-    assert feature_layers(4) == (0, 1, 2)
-    with pytest.raises(ValueError):
-        feature_layers(3)
-
-
-def test_a_bare_config_resolves_and_records_the_layers(e3, targets) -> None:
+def _legacy(head):
+    """`head` with a config of before MMSpec's rule: three decoder layers, no image rule."""
+    from mmspec.methods.eagle3 import Eagle3Head
     from mmspec.methods.head_config import DraftConfig
 
-    # how the trainer builds heads: DraftConfig.for_target, then the class
-    head = e3.Eagle3Head(DraftConfig.for_target("eagle3", targets["tiny-qwen2.5-vl"]))
-    assert head.target_features == (0, 1, 2)
-    extra = json.loads(head.config.to_json())["extra"]
-    assert extra["feature_layers"] == [0, 1, 2]
-    assert extra["draft_vocab_size"] == 512 and extra["ttt_steps"] == 7
+    raw = json.loads(head.config.to_json())
+    for key in ("zero_image_positions", "image_slot_token"):
+        del raw["extra"][key]
+    raw["extra"]["feature_layers"] = [0, 1, 2]
+    old = Eagle3Head(DraftConfig.from_json(json.dumps(raw)))
+    old.load_state_dict(head.state_dict())
+    return old.eval()
+
+
+def test_new_heads_take_mmspecs_features_and_image_rule(e3, targets) -> None:
+    from mmspec.methods.head_config import DraftConfig
+
+    target = targets["tiny-llava"]
+    pad = target.tokenizer.pad_token_id
+    assert pad == 4  # not 0: the check below could not pass by a default
+    # how the trainer builds heads (draft_config), and a bare DraftConfig for the target
+    for config in (
+        e3.Eagle3Head.draft_config("eagle3", target),
+        DraftConfig.for_target("eagle3", target),
+    ):
+        head = e3.Eagle3Head(config)
+        assert head.target_features == (EMBEDS, 0, 1) and head.zero_image
+        extra = json.loads(head.config.to_json())["extra"]
+        assert extra["feature_layers"] == ["embeds", 0, 1]
+        assert extra["zero_image_positions"] is True and extra["image_slot_token"] == pad
+        assert extra["draft_vocab_size"] == 512 and extra["ttt_steps"] == 7
+    with pytest.raises(ValueError, match="layer index"):
+        e3.Eagle3Head(e3.Eagle3Head.draft_config("eagle3", target, feature_layers=["x", 0, 1]))
+
+
+def test_an_int_only_config_loads_as_before(targets, tmp_path) -> None:
+    old = _legacy(_random_head(targets["tiny-llava"]))
+    save_head(old, old.config, tmp_path / "old")
+    extra = json.loads((tmp_path / "old" / "config.json").read_text())["extra"]
+    assert extra["feature_layers"] == [0, 1, 2] and extra["zero_image_positions"] is False
+    raw = json.loads((tmp_path / "old" / "config.json").read_text())
+    del raw["extra"]["zero_image_positions"]  # as the zoo's heads of before were saved
+    (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
+    drafter = get_drafter("eagle3")(checkpoint=str(tmp_path / "old"))
+    drafter.load(targets["tiny-llava"])
+    assert drafter.head.target_features == (0, 1, 2) and not drafter.head.zero_image
+
+
+def _hidden_states(target, conv, image):
+    """The target's own view of one prompt: ids, `output_hidden_states`, logits, image mask."""
+    prompt = target.encode([conv], [image])
+    positions, _ = target.prefill_positions(prompt)
+    with torch.inference_mode():
+        out = target.model(**prompt.inputs, position_ids=positions, output_hidden_states=True)
+    image = prompt.input_ids == target.image_token_id
+    assert image.any() and not image[:, -2:].any()
+    return prompt, out.hidden_states, out.logits, image
+
+
+def _first_inputs(head) -> tuple[dict, list]:
+    """Records the first input of head.fc and of the head's layer (its token embeddings)."""
+    seen: dict = {}
+
+    def fc(module, args):
+        seen.setdefault("fused", args[0].detach().clone())
+
+    def layer(module, args):
+        seen.setdefault("embeds", args[0].detach().clone())
+
+    hooks = [
+        head.fc.register_forward_pre_hook(fc),
+        head.midlayer.register_forward_pre_hook(layer),
+    ]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("rule", ["mmspec", "int-only"])
+def test_the_head_reads_mmspecs_features_drafting_and_training(
+    targets, samples, tmp_path, model, rule
+) -> None:
+    """Drafting and training fuse [embeddings, layer 0 out, layer 1 out] = the target's own
+    hidden_states[0..2] with image rows zeroed, and at image slots read the pad token's
+    embedding (MMSpec's rule); an int-only config reads hidden_states[1..3] as they are."""
+    target = targets[model]
+    convs, images = samples
+    prompt, hs, logits, image = _hidden_states(target, convs[0], images[0])
+    head = _random_head(target)
+    if rule == "mmspec":
+        want = torch.cat(hs[0:3], dim=-1).masked_fill(image[..., None], 0.0)
+        slot = target.model.get_input_embeddings().weight[target.tokenizer.pad_token_id]
+    else:
+        head = _legacy(head)
+        want = torch.cat(hs[1:4], dim=-1)
+        slot = None
+    # embeddings of tokens 1..n-1 (the last position reads the first generated token)
+    want_embeds = hs[0][0, 1:].clone()
+    if slot is not None:
+        want_embeds[image[0, 1:]] = slot
+    assert not torch.equal(want_embeds, hs[0][0, 1:]) or slot is None
+
+    save_head(head, head.config, tmp_path / "eagle3")
+    engine = Engine(target, get_drafter("eagle3")(checkpoint=str(tmp_path / "eagle3")))
+    seen, hooks = _first_inputs(engine.drafter.head)
+    engine.generate(convs[:1], images[:1], 4)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(seen["fused"], want, atol=1e-5)
+    assert torch.allclose(seen["embeds"][0, :-1], want_embeds, atol=1e-5)
+    if rule == "mmspec":
+        assert torch.equal(seen["fused"][image], torch.zeros_like(seen["fused"][image]))
+
+    # training reads the same: a teacher batch of that prompt, as the tap hands it over
+    real = prompt.attention_mask.bool()
+    batch = TeacherBatch(
+        input_ids=prompt.input_ids,
+        real=real,
+        answer=real,
+        image=image,
+        features={EMBEDS: hs[0], 0: hs[1], 1: hs[2], 2: hs[3]},
+        logits=logits,
+    )
+    trained = _random_head(target) if rule == "mmspec" else _legacy(_random_head(target))
+    seen, hooks = _first_inputs(trained)
+    embed = target.model.get_input_embeddings()
+    trained.train_loss(batch, embed, target.model.get_output_embeddings())
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(seen["fused"], want, atol=1e-5)
+    # step 0's embeddings: tokens 1..n-1, then past the row's end (padding)
+    n = prompt.input_ids.shape[1]
+    assert torch.allclose(seen["embeds"][0, : n - 1], want_embeds, atol=1e-5)
 
 
 def test_log_probs_cover_the_draft_vocabulary_only(targets) -> None:
@@ -132,7 +244,7 @@ def test_an_untrained_head_is_lossless(targets, samples, tmp_path, model) -> Non
     ref = Engine(target, get_drafter("ar")()).generate(convs, images, 24)
     engine = Engine(target, get_drafter("eagle3")(checkpoint=str(tmp_path / "eagle3")))
     assert torch.equal(engine.drafter.head.d2t, head.d2t)
-    assert engine.drafter.features[1:] == (0, 1, 2)
+    assert engine.drafter.head.target_features == (EMBEDS, 0, 1)
     one = [r for i in range(4) for r in engine.generate(convs[i : i + 1], images[i : i + 1], 24)]
     four = engine.generate(convs, images, 24)
     assert [r.tokens for r in one] == [r.tokens for r in ref]
@@ -190,7 +302,19 @@ def test_reference_checkpoints_load_and_bad_keys_are_named(targets, tmp_path) ->
     for k, v in loaded.items():
         assert torch.equal(v, state[k]), k
     assert drafter.head.draft_ids.tolist() == used.tolist()
-    assert drafter.head.target_features == (0, 1, 2)
+    # MMSpec's published heads run on its rule, whatever the checkpoint
+    assert drafter.head.target_features == (EMBEDS, 0, 1) and drafter.head.zero_image
+    # as MMSpec's loader: `model.` / `module.` dropped, `layers.0.` read as `midlayer.`
+    prefixed = {
+        "module.model." + k.replace("midlayer.", "layers.0."): v
+        for k, v in state.items()
+        if k != "embed_tokens.weight"
+    }
+    drafter = get_drafter("eagle3")(
+        checkpoint=str(_reference_checkpoint(tmp_path / "prefixed", target, prefixed))
+    )
+    drafter.load(target)
+    assert all(torch.equal(v, state[k]) for k, v in drafter.head.state_dict().items())
     # heads that name their layers (inputs of layers 2, 3, 4 -> outputs of 1, 2, 3)
     named = _reference_checkpoint(
         tmp_path / "named",
@@ -200,7 +324,7 @@ def test_reference_checkpoints_load_and_bad_keys_are_named(targets, tmp_path) ->
     )
     drafter = get_drafter("eagle3")(checkpoint=str(named))
     drafter.load(target)
-    assert drafter.head.target_features == (1, 2, 3)
+    assert drafter.head.target_features == (1, 2, 3) and not drafter.head.zero_image
     renamed = dict(state)
     renamed["midlayer.hidden_norm.w"] = renamed.pop("midlayer.hidden_norm.weight")
     bad = _reference_checkpoint(tmp_path / "bad", target, renamed)

@@ -314,8 +314,13 @@ def _curve(result: HeadTrainResult, rows: int = 12) -> str:
     return "\n".join(lines)
 
 
-def training_markdown(result: HeadTrainResult, command: str) -> str:
+def training_markdown(
+    result: HeadTrainResult, command: str, resolved: dict[str, Any] | None = None
+) -> str:
+    """The TRAINING.md record; `resolved`: the head's options as its config.json holds them
+    (what `head_args` left to the defaults included), else those given."""
     c = result.config
+    options = resolved if resolved is not None else c.head_args
     d = c.distill
     runs = ", ".join(HEAD_METHODS[c.method])
     return f"""# {c.method} head for {c.target}: training record
@@ -337,7 +342,7 @@ to {d.per_topic} training-split conversations per topic (data seed {d.data_seed}
 warm-up steps then cosine to {c.min_lr_ratio} x lr, grad-norm clip {c.grad_clip} |
 | batches | length-sorted, {c.token_budget} padded tokens each |
 | feature noise | uniform, width {c.noise} |
-| head options | {json.dumps(c.head_args) if c.head_args else "-"} |
+| head options | {json.dumps(options) if options else "-"} |
 | seed / threads | {c.seed} / {c.threads} |
 | training time | {result.train_s / 60:.1f} min wall (torch {torch.__version__}) |
 
@@ -350,7 +355,7 @@ on training batches; per-step values in training_log.json):
 
 def write_head(head: torch.nn.Module, result: HeadTrainResult, out: Path, command: str) -> None:
     save_head(head, head.config, out)
-    (out / "TRAINING.md").write_text(training_markdown(result, command))
+    (out / "TRAINING.md").write_text(training_markdown(result, command, head.config.extra))
     log_record = {
         "command": command,
         "config": asdict(result.config),

@@ -136,6 +136,13 @@ METHODS: dict[str, Method] = {
         ours_args={"tree": "static"},
         head="eagle",
     ),
+    # eval_eagle3_mmspec.sh: depth 3, top_k 8, total_token 30 (no threshold reaches it)
+    "eagle3": Method(
+        ref="eagle3",
+        ours="eagle3",
+        ref_args=MMSPEC_TREE,
+        head="eagle3",
+    ),
     # eval_vispec_mmspec.sh: depth 3, top_k 8, total_token 30, num_q 2
     "vispec": Method(
         ref="vispec",

@@ -242,6 +242,84 @@ def convert_medusa_head(src: Path, target: Path, dst: Path) -> None:
     (dst / "config.json").write_text(json.dumps(econfig(ours, text), indent=2) + "\n")
 
 
+# ---- EAGLE-3 head ----------------------------------------------------------------------------
+MMSPEC_EAGLE3 = {"feature_layers": ["embeds", 0, 1], "zero_image_positions": True}
+EAGLE3_KEYS = {
+    "fc.weight",
+    "norm.weight",
+    "lm_head.weight",
+    "d2t",
+    "t2d",
+    *(f"midlayer.self_attn.{p}_proj.weight" for p in "qkvo"),
+    *(f"midlayer.mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+    *(f"midlayer.{n}.weight" for n in ("hidden_norm", "input_layernorm")),
+    "midlayer.post_attention_layernorm.weight",
+}
+
+
+def slow_pad_id(target: Path) -> int:
+    """What MMSpec's EAGLE-3 embeds at image slots: its slow tokenizer's `pad_token_id or 0`,
+    read from the converted target's tokenizer files."""
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    pad = config.get("pad_token")
+    if not pad:
+        return 0
+    added = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
+    vocab = json.loads((target / "vocab.json").read_text())
+    return added.get(pad, vocab.get(pad)) or 0
+
+
+def write_weight_index(target: Path) -> None:
+    """model.safetensors.index.json for the one-file target: MMSpec's EAGLE-3 head reads the
+    target's embedding table only through an index (its 7B checkpoints are sharded), and
+    4.51.3's from_pretrained still loads model.safetensors first."""
+    from safetensors import safe_open
+
+    with safe_open(str(target / "model.safetensors"), framework="pt") as f:
+        weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    index = {"metadata": {}, "weight_map": weight_map}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def convert_eagle3_head(src: Path, target: Path, dst: Path) -> None:
+    """Our EAGLE-3 head -> MMSpec's (`method/eagle3/cnets.py` `Model`): the same `fc`,
+    `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d` tensors; an EConfig config.json with
+    `draft_vocab_size` and no `target_hidden_size` (so it loads the embedding table from the
+    target, through the index written beside it). MMSpec's code reads only its own rule
+    (hidden_states[0..2], image rows zeroed, the pad token embedded at image slots) and has
+    no q/k/v biases, so any other head is refused."""
+    ours = json.loads((src / "config.json").read_text())
+    extra = ours.get("extra", {})
+    rule = {k: extra.get(k) for k in MMSPEC_EAGLE3}
+    if ours.get("method") != "eagle3" or rule != MMSPEC_EAGLE3 or extra.get("qkv_bias"):
+        raise ValueError(
+            f"{src}: an EAGLE-3 head with {rule} (qkv_bias {extra.get('qkv_bias', False)}); "
+            f"MMSpec's method/eagle3 runs only {MMSPEC_EAGLE3} without q/k/v biases: retrain "
+            "it with the default taps (mmspec-orch train-drafter --method eagle3)"
+        )
+    if ours["hidden_size"] // ours["num_attention_heads"] != ours["head_dim"]:
+        raise ValueError(f"{src}: head_dim {ours['head_dim']} is not hidden / heads")
+    if extra["image_slot_token"] != slow_pad_id(target):
+        raise ValueError(
+            f"{src}: embeds image slots as token {extra['image_slot_token']}, MMSpec would "
+            f"use {slow_pad_id(target)} (the target's pad token)"
+        )
+    state = load_file(str(src / "model.safetensors"))
+    if set(state) != EAGLE3_KEYS:
+        raise ValueError(f"{src}: expected the keys {sorted(EAGLE3_KEYS)}, found {sorted(state)}")
+    text, _ = target_text(target)
+    config = {
+        **econfig(ours, text),
+        "draft_vocab_size": extra["draft_vocab_size"],
+        "qkv_bias": False,
+        "bias": False,  # read by its SpecModel, unused by its Model (fc has no bias)
+    }
+    write_weight_index(target)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 TARGET_CONVERTERS = {"qwen2.5-vl": convert_qwen_target, "llava": convert_llava_target}
 
 
@@ -253,6 +331,7 @@ HEAD_CONVERTERS = {
     "eagle": convert_eagle_head,
     "vispec": convert_vispec_head,
     "medusa": convert_medusa_head,
+    "eagle3": convert_eagle3_head,
 }
 
 

@@ -159,6 +159,14 @@ class Eagle2(Spec):
     load_keys = ("total_token", "depth", "top_k", "threshold")
 
 
+class Eagle3(Spec):
+    """eval_eagle3_mmspec.py: method/eagle3/spec_model.py, total_token, depth and top_k to
+    from_pretrained (threshold left at its 1.0; its topK_genrate reads none)."""
+
+    module = "method.eagle3.spec_model"
+    load_keys = ("total_token", "depth", "top_k")
+
+
 class ViSpec(Spec):
     """eval_vispec_mmspec.py: method/vispec/spec_model_ours.py, num_q to from_pretrained
     (its --attn-implementation defaults to none: the model's own)."""
@@ -346,6 +354,7 @@ ADAPTERS = {
     "eagle2": Eagle2,
     "eagle-imgfeat": EagleImageFeatures,
     "eagle2-imgfeat": Eagle2ImageFeatures,
+    "eagle3": Eagle3,
     "medusa": Medusa,
     "vispec": ViSpec,
     "vispec-vskip": ViSpecSkip,
