@@ -61,7 +61,9 @@ from mmspec.orchestrator.store import (
 )
 from mmspec.orchestrator.workload_config import load_samples, workload_error_types
 from mmspec.reports.commands import compare, export, history
+from mmspec.results.cells import Cell
 from mmspec.results.layout import MANIFEST, LayoutError, completed_shards, read_manifest
+from mmspec.results.variants import arg_text, variants_of
 from mmspec.workloads.fingerprint import workload_sha256
 from mmspec.workloads.sample import Sample
 
@@ -379,7 +381,30 @@ def _read_grid(
     grid = parse_grid(manifest.get("grid"), source=str(resume_dir / MANIFEST))
     if grid_file is not None and grid_sha256(load_grid(grid_file)) != manifest.get("grid_sha256"):
         raise _Invalid(f"{grid_file}: differs from the grid of {resume_dir}; cannot resume with it")
+    _check_settings(resume_dir, grid, manifest)
     return grid, None, manifest
+
+
+def _check_settings(resume_dir: Path, grid: Grid, manifest: dict[str, Any]) -> None:
+    """A resumed run's methods must run with the arguments its first part ran with: a default
+    changed since (an upgrade) would file rows of another setting under the same cells."""
+    recorded = variants_of(manifest)  # {} for a run from before variants: nothing to check
+    for variant in grid.variants:
+        before = recorded.get(variant.name)
+        if before is None or before.resolved_json == variant.resolved_json:
+            continue
+        then, now = before.resolved, variant.resolved
+        name = next(k for k in [*then, *now] if then.get(k, ...) != now.get(k, ...))
+        raise _Invalid(
+            f"{resume_dir}: {variant.name} would run with other arguments than the run started "
+            f"with ({name}: {_brief(then.get(name, '(none)'))} then, "
+            f"{_brief(now.get(name, '(none)'))} now; a default changed?); start a new run instead"
+        )
+
+
+def _brief(value: Any) -> str:
+    text = arg_text(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _claim_run(
@@ -462,11 +487,12 @@ def _print_plan(
     per_cell: dict[str, int] = {}
     for shard in shards:
         per_cell[shard.cell.cell_id] = per_cell.get(shard.cell.cell_id, 0) + 1
+    cells = expand(grid)
     table = Table(title=f"grid {grid.name}: cells")
     for column in ("model", "method", "batch", "temp", "repeat", "workload", "samples", "shards"):
         justify = "right" if column in ("samples", "shards") else "left"
         table.add_column(column, justify=justify, overflow="fold")  # never crop an id
-    for cell in expand(grid):
+    for cell in cells:
         table.add_row(
             escape(cell.model.id),
             escape(cell.method),
@@ -481,12 +507,38 @@ def _print_plan(
     if not console.is_terminal:  # a log or a pipe: no reason to squeeze into 80 columns
         console.width = max(console.width, _PIPE_WIDTH)
     console.print(table)
+    swept = [v for v in grid.variants if v.name != v.method]
+    if swept:
+        console.print(_variant_table(grid, cells, per_cell))
     todo = sum(s.shard_id not in done for s in shards)
     sizes = sorted({chunk_size(grid.shard_size, b) for b in grid.batch_sizes})
+    variants = f"; {len(swept)} method variants" if swept else ""
     click.echo(
         f"{len(per_cell)} cells, {len(shards)} shards ({todo} to run), "
-        f"samples per shard: {', '.join(map(str, sizes))}"
+        f"samples per shard: {', '.join(map(str, sizes))}{variants}"
     )
+
+
+def _variant_table(grid: Grid, cells: list[Cell], per_cell: dict[str, int]) -> Table:
+    """The variants the grid expands to: what each runs, with which arguments, in how many
+    cells and shards."""
+    table = Table(title=f"grid {grid.name}: method variants")
+    for column in ("variant", "method", "arguments", "cells", "shards"):
+        justify = "right" if column in ("cells", "shards") else "left"
+        table.add_column(column, justify=justify, overflow="fold")
+    for variant in grid.variants:
+        if variant.name == variant.method:
+            continue
+        mine = [c for c in cells if c.method == variant.name]
+        args = ", ".join(f"{k}={arg_text(v)}" for k, v in variant.args.items())
+        table.add_row(
+            escape(variant.name),
+            escape(variant.method),
+            escape(args or "(defaults)"),
+            str(len(mine)),
+            str(sum(per_cell.get(c.cell_id, 0) for c in mine)),
+        )
+    return table
 
 
 def _run_shards(

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
+import itertools
 import json
 import logging
 import math
 import re
 import reprlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,11 +31,12 @@ from mmspec.models.registry import UnknownModelError, check_model_id
 from mmspec.orchestrator.shards import Shard
 from mmspec.orchestrator.workload_config import WorkloadConfig, builtin_workloads
 from mmspec.results.cells import Cell, ModelConfig
-from mmspec.results.ids import cell_id, safe_name, shard_id
+from mmspec.results.ids import cell_id, method_id, safe_name, shard_id
+from mmspec.results.variants import Variant, variant_name
 from mmspec.workloads.sample import TOPICS, Sample, lone_surrogate
 
 if TYPE_CHECKING:  # the drafters import torch: only loaded when a grid names methods
-    from mmspec.methods.base import MethodArgError
+    from mmspec.methods.base import Drafter, MethodArgError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ REQUIRED_KEYS = ("name", "workloads", "models", "methods")
 WORKLOAD_KEYS = ("builtin", "path", "name", "limit", "topics")
 MODEL_KEYS = ("id", "dtype", "revision", "trust_remote_code", "prompt_style")
 EXCLUDE_KEYS = ("model", "method", "batch_size", "temperature", "repeat", "workload")
+VARIANT_KEYS = ("name", "method", "args")  # a `methods` entry that is a mapping
+MAX_VARIANTS = 1000  # per entry: each is validated by building its drafter, and is a cell each
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 QUOTE_CHARS = 80  # the most of a user's value an error message repeats
 PROBLEM_CHARS = 240  # the most of a message from elsewhere (a drafter, a registry) repeated
@@ -80,8 +85,11 @@ class Grid:
     name: str
     workloads: tuple[WorkloadConfig, ...]
     models: tuple[ModelConfig, ...]
-    methods: tuple[str, ...]  # always starts with the baseline "ar"
-    method_args: dict[str, dict[str, Any]]  # only for methods in `methods`
+    # the entries of `methods`: registered methods and named variants; starts with "ar"
+    methods: tuple[str, ...]
+    # per entry, its arguments as written: a list for an argument that takes no list is a
+    # sweep, one variant per value (`variants`)
+    method_args: dict[str, dict[str, Any]]
     batch_sizes: tuple[int, ...] = (1,)
     temperatures: tuple[float, ...] = (0.0,)
     max_new_tokens: int = 256
@@ -93,9 +101,14 @@ class Grid:
     workers: int | None = None  # worker slots; None = one per GPU, else CPUs // threads
     threads_per_worker: int = 1
     gpus_per_worker: int = 1  # GPUs one worker reserves, all on one node (models that need several)
-    # seconds one shard may run before it is given up; None: derived from the shard's size
+    # the watchdog's stall limit: a shard without progress this long is retried elsewhere;
+    # None: derived as the run goes (orchestrator/scheduler.py, "Watchdog")
     shard_timeout_s: float | None = None
     source: str = field(default="<grid>", compare=False)  # file name, for messages only
+    variant_of: dict[str, str] = field(default_factory=dict)  # named variant -> its method
+    # every entry expanded into its variants (results/variants.py), in `methods` order; a grid
+    # built by hand may leave it empty: each entry is then one cell, its defaults unknown
+    variants: tuple[Variant, ...] = ()
 
 
 # ----------------------------------------------------------------------------- reading
@@ -200,8 +213,10 @@ def to_dict(grid: Grid) -> dict[str, Any]:
             for w in grid.workloads
         ],
         "models": [_asdict(m) for m in grid.models],
-        "methods": list(grid.methods),
-        "method_args": {m: dict(a) for m, a in sorted(grid.method_args.items())},
+        "methods": [_entry_dict(grid, m) for m in grid.methods],
+        "method_args": {
+            m: dict(a) for m, a in sorted(grid.method_args.items()) if m not in grid.variant_of
+        },
         "batch_sizes": list(grid.batch_sizes),
         "temperatures": list(grid.temperatures),
         "max_new_tokens": grid.max_new_tokens,
@@ -228,14 +243,24 @@ def _asdict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def _entry_dict(grid: Grid, entry: str) -> str | dict[str, Any]:
+    """A `methods` entry as the grid writes it: a name, or a named variant's mapping (a grid
+    without variants keeps the form, and the hash, it had before variants existed)."""
+    if entry not in grid.variant_of:
+        return entry
+    args = dict(grid.method_args.get(entry, {}))
+    return {"name": entry, "method": grid.variant_of[entry], "args": args}
+
+
 # ----------------------------------------------------------------------------- expanding
 
 
 def expand(grid: Grid) -> list[Cell]:
-    """All cells: model x method x batch size x temperature x repeat x workload, minus excludes."""
+    """All cells: model x variant x batch size x temperature x repeat x workload, minus
+    excludes (a method without variants is one variant)."""
     cells = []
     for model in grid.models:
-        for method in grid.methods:
+        for variant in grid.variants or _unresolved(grid):
             for batch_size in grid.batch_sizes:
                 for temperature in grid.temperatures:
                     for repeat in range(grid.repeats):
@@ -243,37 +268,47 @@ def expand(grid: Grid) -> list[Cell]:
                             cell = Cell(
                                 cell_id=cell_id(
                                     model.id,
-                                    method,
+                                    variant.name,
                                     batch_size,
                                     temperature,
                                     repeat,
                                     workload.name,
                                 ),
                                 model=model,
-                                method=method,
-                                method_args=dict(grid.method_args.get(method, {})),
+                                method=variant.name,
+                                method_args=dict(variant.args),
                                 batch_size=batch_size,
                                 temperature=temperature,
                                 repeat=repeat,
                                 seed=grid.seed,
                                 max_new_tokens=grid.max_new_tokens,
                                 workload=workload.name,
+                                base_method=variant.method,
+                                resolved_args=dict(variant.resolved) if grid.variants else None,
                             )
-                            if not any(_excluded(rule, cell) for rule in grid.exclude):
+                            if not any(_excluded(r, cell, variant) for r in grid.exclude):
                                 cells.append(cell)
     return cells
 
 
-def _excluded(rule: Mapping[str, Any], cell: Cell) -> bool:
+def _unresolved(grid: Grid) -> Iterator[Variant]:
+    # a Grid built in code rather than parsed: each entry as it is, defaults not looked up
+    for entry in grid.methods:
+        args = dict(grid.method_args.get(entry, {}))
+        yield Variant(entry, grid.variant_of.get(entry, entry), args, args)
+
+
+def _excluded(rule: Mapping[str, Any], cell: Cell, variant: Variant) -> bool:
     values = {
-        "model": cell.model.id,
-        "method": cell.method,
-        "batch_size": cell.batch_size,
-        "temperature": cell.temperature,
-        "repeat": cell.repeat,
-        "workload": cell.workload,
+        "model": {cell.model.id},
+        # a rule names a variant, or the entry it came from (all of that entry's sweep)
+        "method": {variant.name, variant.entry},
+        "batch_size": {cell.batch_size},
+        "temperature": {cell.temperature},
+        "repeat": {cell.repeat},
+        "workload": {cell.workload},
     }
-    return all(values[key] == value for key, value in rule.items())
+    return all(value in values[key] for key, value in rule.items())
 
 
 def chunk_size(shard_size: int, batch_size: int) -> int:
@@ -335,6 +370,46 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One `methods` entry as the parser reads it."""
+
+    name: str  # a registered method, or a named variant's own name
+    method: str  # the registered method it runs
+    args_key: str  # where its arguments are written, for messages
+    args: dict[str, Any]  # a named variant's `args` (a method's are in method_args)
+    is_variant: bool = False
+
+    @property
+    def key(self) -> str:
+        """The key path that names the entry's arguments' owner, for messages."""
+        return self.args_key.removesuffix(".args")
+
+
+def _same(a: Any, b: Any) -> bool:
+    # 1 and 1.0 are one value to a drafter; True and 1 are not (bools are not numbers)
+    return (type(a) is type(b) or (_is_number(a) and _is_number(b))) and a == b
+
+
+def _plain(value: Any) -> Any:
+    # a default JSON cannot hold (a tuple is a list already): recorded by its text
+    return repr(value)
+
+
+def _arg_defaults(drafter_cls: type[Drafter]) -> dict[str, Any]:
+    """The defaults of the options a drafter takes (its `arg_types`), from the signatures
+    that define them: its constructor's, and the wrapped method's for a wrapper that passes
+    the rest of its options on (ViSkip's `**inner_args` to `inner_cls`)."""
+    found: dict[str, Any] = {}
+    owner: Any = drafter_cls
+    while owner is not None:
+        for p in inspect.signature(owner.__init__).parameters.values():
+            if p.default is not p.empty:
+                found.setdefault(p.name, p.default)
+        owner = getattr(owner, "inner_cls", None)
+    return {name: found[name] for name in drafter_cls.arg_types() if name in found}
+
+
 class _Parser:
     """Validates one grid; holds the file name so every error can name it."""
 
@@ -360,7 +435,11 @@ class _Parser:
         models = self.models(data["models"])
         limits = ((m, model_limits(m.id, m.revision)) for m in models)
         self.limits = [(m, limit) for m, limit in limits if limit is not None]
-        methods = self.methods(data["methods"])
+        entries = self.methods(data["methods"])
+        methods = tuple(e.name for e in entries)
+        method_args = self.method_args(data.get("method_args") or {}, entries)
+        method_args.update({e.name: e.args for e in entries if e.is_variant})
+        variants = self.variants(entries, method_args)
         workloads = self.workloads(data["workloads"])
         batch_sizes = self.positive_ints(data.get("batch_sizes", [1]), "batch_sizes")
         temperatures = self.temperatures(data.get("temperatures", [0.0]))
@@ -371,7 +450,7 @@ class _Parser:
             workloads=workloads,
             models=models,
             methods=methods,
-            method_args=self.method_args(data.get("method_args") or {}, methods),
+            method_args=method_args,
             batch_sizes=batch_sizes,
             temperatures=temperatures,
             max_new_tokens=self.max_new_tokens(data.get("max_new_tokens", 256)),
@@ -388,6 +467,8 @@ class _Parser:
                 data.get("shard_timeout_s"), "shard_timeout_s"
             ),
             source=self.source,
+            variant_of={e.name: e.method for e in entries if e.is_variant},
+            variants=variants,
         )
         grid = dataclasses.replace(grid, exclude=self.exclude(data.get("exclude") or [], grid))
         if not expand(grid):
@@ -527,74 +608,225 @@ class _Parser:
             models.append(ModelConfig(model_id, dtype, revision, trust, style))
         return tuple(models)
 
-    def methods(self, value: Any) -> tuple[str, ...]:
+    def methods(self, value: Any) -> list[_Entry]:
         # the registry imports every drafter (and torch): only when a grid is validated, so
         # `status`, `logs` and `cancel` start fast
         from mmspec.methods.registry import method_names
 
         known = method_names()
-        entries = self.items(value, "methods", _listing(known))
-        for i, method in enumerate(entries):
-            if not isinstance(method, str) or method not in known:
-                raise self.error(
-                    f"methods[{i}]", f"unknown method {_quote(method)}", _listing(known)
-                )
-            if method in entries[:i]:
-                raise self.error(f"methods[{i}]", f"method {_quote(method)} appears twice")
-        if BASELINE not in entries:
+        listed = self.items(
+            value, "methods", _listing(known) + ", or variants {name, method, args}"
+        )
+        entries: list[_Entry] = []
+        for i, item in enumerate(listed):
+            key = f"methods[{i}]"
+            if isinstance(item, Mapping):
+                entry = self.variant(item, key, known)
+            else:
+                entry = self.plain_method(item, key, known)
+            if any(e.name == entry.name for e in entries):
+                kind = "variant name" if entry.is_variant else "method"
+                where = f"{key}.name" if entry.is_variant else key
+                raise self.error(where, f"{kind} {_quote(entry.name)} appears twice", "each once")
+            entries.append(entry)
+        if not any(e.name == BASELINE for e in entries):
             log.info(
                 "%s: methods: added the %r baseline (every speedup is measured against it)",
                 self.source,
                 BASELINE,
             )
-            entries = [BASELINE, *entries]
-        return tuple(entries)
+            entries.insert(0, _Entry(BASELINE, BASELINE, f"method_args.{BASELINE}", {}))
+        return entries
 
-    def method_args(self, value: Any, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def plain_method(self, item: Any, key: str, known: Sequence[str]) -> _Entry:
+        """A registered method by its name; its arguments are in method_args."""
+        if not isinstance(item, str) or item not in known:
+            raise self.error(key, f"unknown method {_quote(item)}", _listing(known))
+        return _Entry(item, item, f"method_args.{item}", {})
+
+    def variant(self, item: Mapping[str, Any], key: str, known: Sequence[str]) -> _Entry:
+        """A named variant, `{name, method, args}`: a registered method under its own name."""
+        item = self.mapping(item, key, VARIANT_KEYS)
+        for required in ("name", "method"):
+            if required not in item:
+                raise self.error(f"{key}.{required}", "missing required key", "name, method, args")
+        name = self.name(item["name"], f"{key}.name")
+        if name in known:
+            raise self.error(
+                f"{key}.name",
+                f"{_quote(name)} is a registered method; a variant needs a name of its own",
+                f"any other name, or the method's own arguments in method_args.{name}",
+            )
+        method = item["method"]
+        if not isinstance(method, str) or method not in known:
+            raise self.error(f"{key}.method", f"unknown method {_quote(method)}", _listing(known))
+        if method == BASELINE:
+            raise self.error(
+                f"{key}.method",
+                f"the {BASELINE!r} baseline has no settings to vary",
+                _listing([m for m in known if m != BASELINE]),
+            )
+        args = item.get("args", {})
+        if not isinstance(args, Mapping):
+            raise self.error(f"{key}.args", f"expected a mapping of arguments, got {_quote(args)}")
+        return _Entry(name, method, f"{key}.args", dict(args), is_variant=True)
+
+    def method_args(self, value: Any, entries: Sequence[_Entry]) -> dict[str, dict[str, Any]]:
         if not isinstance(value, Mapping):
             raise self.error("method_args", f"expected a mapping, got {_quote(value)}")
+        by_name = {e.name: e for e in entries}
         result: dict[str, dict[str, Any]] = {}
         for method, args in value.items():
             key = f"method_args.{method}"
-            if method not in methods:
-                raise self.error(key, f"{_quote(method)} is not in methods", _listing(methods))
+            entry = by_name.get(method)
+            if entry is None:
+                names = [e.name for e in entries if not e.is_variant]
+                raise self.error(key, f"{_quote(method)} is not in methods", _listing(names))
+            if entry.is_variant:
+                raise self.error(
+                    key,
+                    f"{_quote(method)} is a variant: its arguments go in its own args",
+                    f"methods: [{{name: {method}, method: {entry.method}, args: {{...}}}}]",
+                )
             if not isinstance(args, Mapping):
                 raise self.error(key, f"expected a mapping of arguments, got {_quote(args)}")
-            args = dict(args)
-            try:
-                json.dumps(args, allow_nan=False)
-            except (TypeError, ValueError):
-                raise self.error(key, "arguments must be plain numbers, strings, lists") from None
-            self.drafter_accepts(method, args, key)
-            result[method] = args
+            result[method] = dict(args)
         return result
 
-    def drafter_accepts(self, method: str, args: dict[str, Any], key: str) -> None:
-        # The drafter's own schema (its constructor's annotations) checks each option's type;
-        # building it checks the ranges; both before any worker starts.
-        from mmspec.methods.base import MethodArgError
+    def variants(
+        self, entries: Sequence[_Entry], method_args: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[Variant, ...]:
+        """Every entry expanded: one variant per combination of its swept values, each built
+        once here (types, then the drafter's own range checks) before any worker starts."""
+        variants: list[Variant] = []
+        for entry in entries:
+            args = dict(method_args.get(entry.name, {}))
+            for variant in self.expand_entry(entry, args):
+                self.unique_variant(variant, entry, variants)
+                variants.append(variant)
+        return tuple(variants)
+
+    def expand_entry(self, entry: _Entry, args: dict[str, Any]) -> Iterator[Variant]:
         from mmspec.methods.registry import UnknownMethodError, get_drafter
 
         try:
-            drafter_cls = get_drafter(method)
+            drafter_cls = get_drafter(entry.method)
         except UnknownMethodError as exc:
-            raise self.error(key, str(exc)) from None
+            raise self.error(entry.args_key, str(exc)) from None
         try:
-            drafter_cls.check_args(args)
-        except MethodArgError as exc:
-            raise self.bad_option(key, exc) from None
+            json.dumps(args, allow_nan=False)
+        except (TypeError, ValueError):
+            raise self.error(
+                entry.args_key, "arguments must be plain numbers, strings, lists"
+            ) from None
+        swept = self.swept_values(drafter_cls, args, entry.args_key)
+        count = math.prod(len(values) for values in swept.values())
+        if count > MAX_VARIANTS:
+            raise self.error(
+                entry.args_key,
+                f"the lists sweep {count:,} combinations of "
+                f"{', '.join(f'{len(v)} {k}' for k, v in swept.items())}",
+                f"at most {MAX_VARIANTS} variants per method: shorter lists",
+            )
+        defaults = _arg_defaults(drafter_cls)
+        for values in itertools.product(*swept.values()):
+            chosen = dict(zip(swept, values))
+            setting = {**args, **chosen}
+            name = variant_name(entry.name, list(chosen.items()))
+            self.drafter_accepts(drafter_cls, name, setting, entry.args_key)
+            resolved = json.loads(json.dumps({**defaults, **setting}, default=_plain))
+            yield Variant(name, entry.method, setting, resolved, entry.name, tuple(swept))
+
+    def swept_values(
+        self, drafter_cls: type[Drafter], args: Mapping[str, Any], key: str
+    ) -> dict[str, list[Any]]:
+        """The arguments given as a list of values (a sweep) with those values, type-checked
+        one by one; every other argument is checked whole. An argument whose type is itself a
+        list takes a list as its value, never as a sweep."""
+        from mmspec.methods.base import MethodArgError, accepts
+
+        schema = drafter_cls.arg_types()
+        swept: dict[str, list[Any]] = {}
+        for name, value in args.items():
+            takes_list = name in schema and accepts(schema[name], [])
+            if not isinstance(value, list) or takes_list or name not in schema:
+                try:
+                    drafter_cls.check_args({name: value})
+                except MethodArgError as exc:
+                    method = drafter_cls.name if takes_list else None
+                    raise self.bad_option(key, exc, list_of=method) from None
+                continue
+            if not value or len(value) > MAX_VARIANTS:
+                raise self.error(
+                    f"{key}.{name}",
+                    f"a list of {len(value):,} values" if value else "an empty list sweeps nothing",
+                    f"one value, or a list of 1 to {MAX_VARIANTS} values (one variant each)",
+                )
+            for j, element in enumerate(value):
+                try:
+                    drafter_cls.check_args({name: element})
+                except MethodArgError as exc:
+                    raise self.bad_option(f"{key}.{name}[{j}]", exc, indexed=True) from None
+                if any(_same(element, v) for v in value[:j]):
+                    raise self.error(
+                        f"{key}.{name}[{j}]",
+                        f"duplicate value {_quote(element)}",
+                        "each value once",
+                    )
+            swept[name] = list(value)
+        return swept
+
+    def drafter_accepts(
+        self, drafter_cls: type[Drafter], name: str, args: dict[str, Any], key: str
+    ) -> None:
+        # Types are checked (swept_values); building the drafter checks the ranges, before
+        # any worker starts.
         try:
             drafter_cls(**args)
         except (TypeError, ValueError) as exc:
-            problem = f"bad arguments for {method}: {exc}"
+            problem = f"bad arguments for {name}: {exc}"
             raise self.error(key, problem, _listing(drafter_cls.arg_names())) from None
-        for name, layers in drafter_cls.layer_args(args).items():
-            self.layers_exist(f"{key}.{name}", layers)
+        for option, layers in drafter_cls.layer_args(args).items():
+            self.layers_exist(f"{key}.{option}", layers)
 
-    def bad_option(self, key: str, exc: MethodArgError) -> GridError:
+    def unique_variant(self, variant: Variant, entry: _Entry, earlier: Sequence[Variant]) -> None:
+        """Two variants may share neither a name (as ids spell it) nor a setting: results of
+        one could not be told from the other's."""
+        for other in earlier:
+            if method_id(other.name) == method_id(variant.name):
+                raise self.error(
+                    entry.key,
+                    f"variant {_quote(variant.name)} has the same id as {_quote(other.name)} "
+                    f"({method_id(variant.name)}), which names its results",
+                    "names that differ in letters, digits, '.', '-' or '+'",
+                )
+            if other.method == variant.method and other.resolved_json == variant.resolved_json:
+                raise self.error(
+                    entry.key,
+                    f"{_quote(variant.name)} runs {variant.method} with the same arguments as "
+                    f"{_quote(other.name)} (defaults included)",
+                    "each setting of a method once",
+                )
+
+    def bad_option(
+        self, key: str, exc: MethodArgError, list_of: str | None = None, indexed: bool = False
+    ) -> GridError:
+        """The message for an option the drafter does not take or a value of the wrong type;
+        `key` ends at the method's arguments (or, `indexed`, at one value of a sweep).
+        `list_of`: the method, when the option takes a list as its value."""
         if not exc.expected:
             return self.error(key, f"unknown option {_quote(exc.name)}", _listing(exc.known))
-        return self.error(f"{key}.{exc.name}", f"got {_quote(exc.value)}", exc.expected)
+        where = key if indexed else f"{key}.{exc.name}"
+        if list_of is not None and isinstance(exc.value, list):
+            # a list of lists reads as a sweep of a list-valued option: say how to write one
+            return self.error(
+                where,
+                f"got {_quote(exc.value)}; {exc.name} takes a list as its value, so a list is "
+                "not a sweep of it: give one variant per value, e.g. methods: [{name: <a name>, "
+                f"method: {list_of}, args: {{{exc.name}: <one list>}}}}]",
+                exc.expected,
+            )
+        return self.error(where, f"got {_quote(exc.value)}", exc.expected)
 
     def layers_exist(self, key: str, layers: Sequence[int]) -> None:
         for model, limit in self.limits:
@@ -672,9 +904,11 @@ class _Parser:
     def exclude(self, value: Any, grid: Grid) -> tuple[dict[str, Any], ...]:
         if not isinstance(value, list):
             raise self.error("exclude", f"expected a list, got {_quote(value)}")
+        variants = [v.name for v in grid.variants if v.name not in grid.methods]
         choices: dict[str, list[Any]] = {
             "model": [m.id for m in grid.models],
-            "method": list(grid.methods),
+            # an entry (all of its sweep) or one variant of a sweep
+            "method": [*grid.methods, *variants],
             "batch_size": list(grid.batch_sizes),
             "temperature": list(grid.temperatures),
             "repeat": list(range(grid.repeats)),

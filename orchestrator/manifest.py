@@ -14,14 +14,18 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from mmspec.orchestrator.grid import BASELINE, Grid, grid_sha256, to_dict
+from mmspec.orchestrator.grid import BASELINE, Grid, expand, grid_sha256, to_dict
+from mmspec.results.cells import Cell
 from mmspec.results.environment import ENVIRONMENT, Environment, Gpu
 from mmspec.results.schema import SCHEMA_VERSION
 from mmspec.results.taxonomy import TAXONOMY
+from mmspec.results.variants import METHOD_VARIANTS
 from mmspec.workloads.fingerprint import workload_sha256
 from mmspec.workloads.sample import Sample
 
-MANIFEST_VERSION = 1
+# 2 (issue 18): `method_variants` records every variant the grid expands to; `taxonomy` is keyed
+# by variant name
+MANIFEST_VERSION = 2
 PACKAGES = ("torch", "transformers", "ray", "pyarrow", "polars", "mmspec-orch")
 _REPO_ROOT = Path(__file__).resolve().parents[1]  # orchestrator/ sits at the repo root
 _CPUINFO = Path("/proc/cpuinfo")
@@ -57,19 +61,31 @@ def build_manifest(
         "platform": platform.platform(),
         ENVIRONMENT: probe_environment().to_dict(),
         TAXONOMY: method_taxonomy(grid),
+        # each method and variant the run measures: its registered method, its arguments as
+        # given and resolved (defaults included), and which a list swept
+        METHOD_VARIANTS: [v.to_dict() for v in grid.variants],
     }
 
 
 def method_taxonomy(grid: Grid) -> dict[str, dict[str, Any]]:
-    """Each method's place in MMSpec's taxonomy, with the grid's options applied (`ar`, which
-    drafts nothing, has none): the reports group methods by it and cannot ask the registry."""
+    """Each method's (and variant's) place in MMSpec's taxonomy, with its options applied
+    (`ar`, which drafts nothing, has none): the reports group methods by it and cannot ask the
+    registry."""
     from mmspec.methods.registry import get_drafter
 
     return {
-        method: get_drafter(method).family(grid.method_args.get(method, {})).to_dict()
-        for method in grid.methods
-        if method != BASELINE
+        cell.method: get_drafter(cell.registered_method).family(cell.method_args).to_dict()
+        for cell in _one_cell_per_method(grid)
+        if cell.registered_method != BASELINE
     }
+
+
+def _one_cell_per_method(grid: Grid) -> list[Cell]:
+    # one cell per method or variant: what each is called and built from
+    found: dict[str, Cell] = {}
+    for cell in expand(grid):
+        found.setdefault(cell.method, cell)
+    return list(found.values())
 
 
 def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:

@@ -177,7 +177,7 @@ def expected_cost(shard: Shard, method_weights: Mapping[str, float] | None = Non
     one row's cost.
     """
     cell = shard.cell
-    weight = (method_weights or {}).get(cell.method, 1.0)
+    weight = (method_weights or {}).get(cell.registered_method, 1.0)  # variants weigh alike
     rows = len(expected_keys(shard))
     scale = model_scale(cell.model.id)
     return rows * cell.max_new_tokens * weight * scale / math.sqrt(cell.batch_size)

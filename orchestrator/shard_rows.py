@@ -33,6 +33,8 @@ def base_row(shard: Shard, sample: Sample, turn: int, **fields: Any) -> ResultRo
         shard_id=shard.shard_id,
         model=cell.model.id,
         method=cell.method,
+        base_method=cell.registered_method,
+        method_args=cell.resolved_json,
         batch_size=cell.batch_size,
         temperature=cell.temperature,
         seed=cell.seed,

@@ -16,12 +16,17 @@ from mmspec.orchestrator.shards import Shard
 from mmspec.results.cells import Cell, ModelConfig
 from mmspec.results.schema import rows_to_table
 
-PairKey = tuple[ModelConfig, str, str]  # (model, method, method_args as canonical JSON)
+# (model, registered method, method_args as canonical JSON)
+PairKey = tuple[ModelConfig, str, str]
 
 
 def pair_of(cell: Cell) -> PairKey:
-    """What a worker must have loaded to run the cell; cells with equal keys share workers."""
-    return cell.model, cell.method, json.dumps(cell.method_args, sort_keys=True)
+    """What a worker must have loaded to run the cell; cells with equal keys share workers.
+
+    A variant's drafter is its registered method built with its arguments, so two variants
+    get their own workers unless they are built alike.
+    """
+    return cell.model, cell.registered_method, json.dumps(cell.method_args, sort_keys=True)
 
 
 class RunnerInitError(RuntimeError):

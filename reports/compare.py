@@ -1,6 +1,11 @@
 """Compare two runs of the same grid cell by cell and decide whether NEW regressed against BASE.
 
-A cell is (model, method, batch_size, temperature, topic), with the pooled "all" topic too.
+A cell is (model, method, batch_size, temperature, topic), with the pooled "all" topic too. A
+method is matched by what ran: its registered method and the arguments it ran with, defaults
+included (results/variants.py), whatever each run named it; so a variant renamed between runs
+still lines up, and a changed default (or setting) makes a new cell, not a regression. Where
+either run did not record arguments (a run from before variants, an imported run), methods are
+matched by name.
 Per cell and metric (speedup, MAT, tokens/s, latency p50/p90/p99, energy per token):
 
 - the point estimate on each side and their ratio NEW / BASE;
@@ -41,7 +46,7 @@ import polars as pl
 from mmspec.reports.answer_import import source_format
 from mmspec.reports.formatting import DASH, num, signed_pct, transition
 from mmspec.reports.markdown import markdown_table
-from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, load_rows
+from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, SETTING_COLUMNS, load_rows
 from mmspec.reports.paired import BASELINE, SAME_WORK
 from mmspec.results.environment import Environment, software
 from mmspec.results.layout import manifest_or_empty
@@ -67,6 +72,7 @@ RUN_CELL_KEYS = GROUP_KEYS[:-1]
 _MAX_DRAWS = 4_000_000
 _COLUMNS = [
     *GROUP_KEYS,
+    *SETTING_COLUMNS,
     "workload",
     "sample_id",
     "turn",
@@ -83,19 +89,31 @@ _COLUMNS = [
 
 @dataclass(frozen=True, order=True)
 class CellKey:
-    """One cell of a run: what a row of the report's tables describes."""
+    """One cell of a run: what a row of the report's tables describes, as runs are matched.
+
+    `method` and `setting` are the registered method and its resolved arguments (canonical
+    JSON), or the method's name and "" where arguments are not compared (see the module doc);
+    `name` is what the run calls it, for display.
+    """
 
     model: str
     method: str
     batch_size: int
     temperature: float
     topic: str
+    setting: str = ""
+    name: str = field(default="", compare=False)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
 
     def sort_key(self) -> tuple[Any, ...]:
         # "all" sorts after real topics, as in the report.
         return (
             self.model,
             self.method,
+            self.setting,
             self.batch_size,
             self.temperature,
             self.topic == ALL_TOPIC,
@@ -105,7 +123,7 @@ class CellKey:
     def describe(self) -> str:
         topic = "" if self.topic == ALL_TOPIC else f", {self.topic}"
         return (
-            f"{self.method} on {self.model} (batch size {self.batch_size}, "
+            f"{self.label} on {self.model} (batch size {self.batch_size}, "
             f"T={self.temperature:g}{topic})"
         )
 
@@ -169,6 +187,7 @@ class Comparison:
     resamples: int
     seed: int
     tests: int = 0  # (cell, metric) pairs tested: the Bonferroni family
+    settings_note: str = ""  # set when methods had to be matched by name (see _load_runs)
     cells: list[CellComparison] = field(default_factory=list)
     hard_failures: list[HardFailure] = field(default_factory=list)
     only_base: list[CellKey] = field(default_factory=list)
@@ -350,13 +369,33 @@ class _RunData:
     mismatches: dict[CellKey, tuple[int, int, list[str]]]  # (differing, paired, examples)
 
 
-def _key(values: Sequence[Any]) -> CellKey:
-    model, method, batch_size, temperature, topic = values
-    return CellKey(str(model), str(method), int(batch_size), float(temperature), str(topic))
+@dataclass(frozen=True)
+class _Keys:
+    """Builds a run's CellKeys from its rows' key values (GROUP_KEYS, or RUN_CELL_KEYS)."""
+
+    # method name -> (registered method, resolved arguments); None: match by name
+    settings: dict[str, tuple[str, str]] | None
+
+    def key(self, values: Sequence[Any]) -> CellKey:
+        model, name, batch_size, temperature, topic = values
+        method, setting = str(name), ""
+        if self.settings is not None:
+            method, setting = self.settings[method]
+        return CellKey(
+            str(model), method, int(batch_size), float(temperature), str(topic), setting, str(name)
+        )
+
+    def run_key(self, values: Sequence[Any]) -> CellKey:
+        return self.key([*values, ALL_TOPIC])
 
 
-def _run_key(values: Sequence[Any]) -> CellKey:
-    return _key([*values, ALL_TOPIC])
+def _settings(frame: pl.DataFrame) -> dict[str, tuple[str, str]] | None:
+    """Each method name's (registered method, resolved arguments); None when some rows have
+    no arguments recorded."""
+    pairs = frame.select("method", *SETTING_COLUMNS).unique()
+    if pairs["method_args"].null_count():
+        return None
+    return {name: (base, args) for name, base, args in pairs.iter_rows()}
 
 
 def _array(frame: pl.DataFrame, column: str) -> np.ndarray:
@@ -380,20 +419,23 @@ def _run_label(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _partitions(frame: pl.DataFrame) -> list[tuple[CellKey, pl.DataFrame]]:
+def _partitions(frame: pl.DataFrame, keys: _Keys) -> list[tuple[CellKey, pl.DataFrame]]:
     """The rows of each cell: per topic, then pooled over topics as the "all" topic."""
     per_topic = frame.partition_by(GROUP_KEYS, as_dict=True)
     pooled = frame.partition_by(RUN_CELL_KEYS, as_dict=True)
-    return [(_key(k), part) for k, part in per_topic.items()] + [
-        (_run_key(k), part) for k, part in pooled.items()
+    return [(keys.key(k), part) for k, part in per_topic.items()] + [
+        (keys.run_key(k), part) for k, part in pooled.items()
     ]
 
 
-def _load_run(run_dir: Path) -> _RunData:
-    frame = load_rows(run_dir).select(_COLUMNS).collect()
+def _read_rows(run_dir: Path) -> pl.DataFrame:
+    return load_rows(run_dir).select(_COLUMNS).collect()
+
+
+def _load_run(run_dir: Path, frame: pl.DataFrame, keys: _Keys) -> _RunData:
     ok = frame.filter(pl.col("status") == "ok")
     errors = {
-        _run_key(k): int(n)
+        keys.run_key(k): int(n)
         for *k, n in frame.filter(pl.col("status") != "ok")
         .group_by(RUN_CELL_KEYS)
         .len()
@@ -407,7 +449,7 @@ def _load_run(run_dir: Path) -> _RunData:
     paired = ok.join(baseline, on=SAME_WORK, how="inner", validate="m:1")
 
     cells: dict[CellKey, _CellRows] = {}
-    for key, part in _partitions(ok):
+    for key, part in _partitions(ok, keys):
         energy = part.filter(pl.col("energy_j").is_not_null())
         cells[key] = _CellRows(
             total_s=_array(part, "total_s"),
@@ -419,14 +461,34 @@ def _load_run(run_dir: Path) -> _RunData:
             pair_ar_s=_EMPTY,
             pair_s=_EMPTY,
         )
-    for key, part in _partitions(paired):
+    for key, part in _partitions(paired, keys):
         cells[key].pair_ar_s = _array(part, "ar_total_s")
         cells[key].pair_s = _array(part, "total_s")
-    present = {_run_key(k) for k in frame.select(RUN_CELL_KEYS).unique().iter_rows()}
-    return _RunData(_run_label(run_dir), cells, errors, present, _mismatches(paired))
+    present = {keys.run_key(k) for k in frame.select(RUN_CELL_KEYS).unique().iter_rows()}
+    return _RunData(_run_label(run_dir), cells, errors, present, _mismatches(paired, keys))
 
 
-def _mismatches(paired: pl.DataFrame) -> dict[CellKey, tuple[int, int, list[str]]]:
+def _load_runs(base_dir: Path, new_dir: Path) -> tuple[_RunData, _RunData, str]:
+    """Both runs, keyed alike, and a note when only one of them recorded method arguments
+    (methods are then matched by name)."""
+    base_rows, new_rows = _read_rows(base_dir), _read_rows(new_dir)
+    base_settings, new_settings = _settings(base_rows), _settings(new_rows)
+    by_setting = base_settings is not None and new_settings is not None
+    note = ""
+    if not by_setting and (base_settings, new_settings) != (None, None):
+        side = "BASE" if base_settings is None else "NEW"
+        note = (
+            f"> Note: {side} did not record method arguments (a run from before variants, or "
+            "an imported run): methods are matched by name, not by their arguments."
+        )
+    return (
+        _load_run(base_dir, base_rows, _Keys(base_settings if by_setting else None)),
+        _load_run(new_dir, new_rows, _Keys(new_settings if by_setting else None)),
+        note,
+    )
+
+
+def _mismatches(paired: pl.DataFrame, keys: _Keys) -> dict[CellKey, tuple[int, int, list[str]]]:
     """Per greedy run cell: outputs that differ from `ar`'s, of how many paired keys."""
     greedy = paired.filter((pl.col("temperature") == 0) & (pl.col("method") != BASELINE))
     # A missing hash cannot prove equality, so it counts as a mismatch.
@@ -443,7 +505,7 @@ def _mismatches(paired: pl.DataFrame) -> dict[CellKey, tuple[int, int, list[str]
         .filter(pl.col("differing") > 0)
     )
     return {
-        _run_key(row[: len(RUN_CELL_KEYS)]): (int(row[-3]), int(row[-2]), list(row[-1]))
+        keys.run_key(row[: len(RUN_CELL_KEYS)]): (int(row[-3]), int(row[-2]), list(row[-1]))
         for row in summary.iter_rows()
     }
 
@@ -454,7 +516,9 @@ def _mismatches(paired: pl.DataFrame) -> dict[CellKey, tuple[int, int, list[str]
 def _seed_for(seed: int, key: CellKey, metric: str) -> np.random.Generator:
     # Seeded per cell and metric, not by position: adding a cell leaves the others' numbers as
     # they were.
-    digest = zlib.crc32(repr((key, metric)).encode())
+    # (and not by name: a variant renamed between runs keeps its numbers)
+    identity = (key.model, key.method, key.setting, key.batch_size, key.temperature, key.topic)
+    digest = zlib.crc32(repr((identity, metric)).encode())
     return np.random.default_rng([seed, digest])
 
 
@@ -583,7 +647,7 @@ def compare_runs(
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    base, new = _load_run(Path(base_dir)), _load_run(Path(new_dir))
+    base, new, settings_note = _load_runs(Path(base_dir), Path(new_dir))
     result = Comparison(
         base=base.label,
         new=new.label,
@@ -592,9 +656,11 @@ def compare_runs(
         confidence=confidence,
         resamples=resamples,
         seed=seed,
+        settings_note=settings_note,
     )
     measured: list[tuple[CellKey, list[_Measured]]] = []
-    keys = sorted(set(base.cells) | set(new.cells), key=CellKey.sort_key)
+    # NEW's keys first: where the runs name one setting differently, NEW's name is shown
+    keys = sorted(set(new.cells) | set(base.cells), key=CellKey.sort_key)
     for key in keys:
         if key not in new.cells:
             result.only_base.append(key)
@@ -712,6 +778,8 @@ def _provenance_notes(result: Comparison) -> list[str]:
             f"> Note: the environments differ ({'; '.join(changed)}): a change may come from "
             "them as well as from the code."
         )
+    if result.settings_note:
+        notes.append(result.settings_note)
     for side, label in (("BASE", result.base), ("NEW", result.new)):
         if label.get("imported"):
             notes.append(
@@ -770,7 +838,7 @@ def render_comparison(result: Comparison) -> str:
         rows = [
             (
                 key.model,
-                key.method,
+                key.label,
                 key.batch_size,
                 f"{key.temperature:g}",
                 key.topic,
@@ -795,7 +863,7 @@ def render_comparison(result: Comparison) -> str:
         rows.append(
             (
                 cell.key.model,
-                cell.key.method,
+                cell.key.label,
                 cell.key.batch_size,
                 f"{cell.key.temperature:g}",
                 cell.key.topic,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mmspec.reports.metrics import load_rows
-from mmspec.results.ids import safe_name
+from mmspec.results.ids import method_id, safe_name
 from mmspec.results.layout import manifest_or_empty
 
 FORMATS = ("specbench", "mmspec")
@@ -75,7 +75,8 @@ class ExportGroup:
         The temperature comes last, as str(float) does it, so file names match both
         references' `<name>-temperature-<t>.jsonl` pattern.
         """
-        parts = [safe_name(self.model), self.method, f"bs{self.batch_size}", f"r{self.repeat}"]
+        method = method_id(self.method)  # a swept variant's name is not a file name
+        parts = [safe_name(self.model), method, f"bs{self.batch_size}", f"r{self.repeat}"]
         if with_workload:
             parts.append(safe_name(self.workload))
         return "-".join(parts) + f"-temperature-{float(self.temperature)}"

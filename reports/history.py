@@ -21,6 +21,7 @@ is flagged the morning after.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
 import tempfile
@@ -36,7 +37,13 @@ import polars as pl
 from mmspec.reports.answer_import import imported_metrics
 from mmspec.reports.formatting import DASH, num, signed_pct
 from mmspec.reports.markdown import markdown_table
-from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, cell_metrics, load_rows
+from mmspec.reports.metrics import (
+    ALL_TOPIC,
+    GROUP_KEYS,
+    SETTING_COLUMNS,
+    cell_metrics,
+    load_rows,
+)
 from mmspec.results.environment import Environment
 from mmspec.results.ids import safe_name
 from mmspec.results.layout import manifest_or_empty
@@ -54,6 +61,10 @@ RUN_COLUMNS = [
     "grid_sha256",
 ]
 SERIES_KEYS = ["machine", *GROUP_KEYS]
+# What a series is matched on across runs: the method by what ran (registered method and
+# resolved arguments, results/variants.py) rather than by what a run called it.
+_METHOD, _SETTING = "_series_method", "_series_setting"
+_MATCH_KEYS = ["machine", "model", _METHOD, _SETTING, "batch_size", "temperature", "topic"]
 DEFAULT_WINDOW = 10
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_MAD_K = 3.0
@@ -232,7 +243,9 @@ def detect_steps(
 class Trend:
     """One cell's series of a metric across runs, and its step changes."""
 
-    key: dict[str, Any]  # machine and the cell's GROUP_KEYS
+    # machine and the cell's GROUP_KEYS ("method": the latest run's name for it), and
+    # "setting": the arguments it ran with ("" for runs that did not record them)
+    key: dict[str, Any]
     run_ids: tuple[str, ...]
     values: tuple[float, ...]
     steps: tuple[StepChange, ...]
@@ -290,11 +303,14 @@ def trends(
         frame = frame.filter(pl.col("machine") == machine)
     found = []
     # maintain_order keeps the rows of each series in run order (the history is sorted).
-    for values, part in frame.partition_by(SERIES_KEYS, as_dict=True, maintain_order=True).items():
+    matched = _series_identity(frame)
+    for _, part in matched.partition_by(_MATCH_KEYS, as_dict=True, maintain_order=True).items():
         series = [float(v) for v in part[metric]]
+        latest = part.row(-1, named=True)
+        key = {k: latest[k] for k in SERIES_KEYS}
         found.append(
             Trend(
-                key=dict(zip(SERIES_KEYS, values)),
+                key={**key, "setting": latest[_SETTING]},
                 run_ids=tuple(part["run_id"]),
                 values=tuple(series),
                 steps=tuple(detect_steps(series, window, threshold, mad_k)),
@@ -302,8 +318,24 @@ def trends(
                 lower_is_better=metric in LOWER_IS_BETTER,
             )
         )
-    found.sort(key=lambda t: tuple(str(t.key[k]) for k in SERIES_KEYS))
+    found.sort(key=lambda t: tuple(str(t.key[k]) for k in [*SERIES_KEYS, "setting"]))
     return found
+
+
+def _series_identity(history: pl.DataFrame) -> pl.DataFrame:
+    """`history` with _MATCH_KEYS' method and setting: the registered method and resolved
+    arguments. A run that did not record them (from before variants; stored before this
+    column existed) takes those of the next run with the same name for the cell, so a
+    nightly series does not break in two where recording began; none after it: the name."""
+    missing = [pl.lit(None, pl.String).alias(c) for c in SETTING_COLUMNS if c not in history]
+    frame = history.with_columns(missing) if missing else history
+    by_name = ["machine", *GROUP_KEYS]
+    known = pl.col("method_args").is_not_null()
+    base = pl.when(known).then(pl.coalesce("base_method", "method"))
+    return frame.with_columns(
+        pl.coalesce(base.backward_fill().over(by_name), "method").alias(_METHOD),
+        pl.col("method_args").backward_fill().over(by_name).fill_null("").alias(_SETTING),
+    )
 
 
 # ----------------------------------------------------------------------------- output
@@ -341,6 +373,7 @@ def render_trends(found: Sequence[Trend], metric: str, window: int, threshold: f
         "",
     ]
     rows = []
+    labels = _method_labels(found)
     for t in found:
         step = t.recent_step
         flag = DASH
@@ -353,7 +386,7 @@ def render_trends(found: Sequence[Trend], metric: str, window: int, threshold: f
             (
                 t.key["machine"],
                 t.key["model"],
-                t.key["method"],
+                labels[id(t)],
                 t.key["batch_size"],
                 f"{t.key['temperature']:g}",
                 t.key["topic"],
@@ -370,6 +403,24 @@ def render_trends(found: Sequence[Trend], metric: str, window: int, threshold: f
     # Names and numbers, printed exactly as the runs spell them.
     lines += markdown_table(header, rows, one_line=False)
     return "\n".join(lines) + "\n"
+
+
+def _method_labels(found: Sequence[Trend]) -> dict[int, str]:
+    """Each trend's method as the table shows it: its name, and where two series share one
+    (a method whose arguments changed between runs) a short digest of the arguments."""
+    shown = SERIES_KEYS
+    counts: dict[tuple[Any, ...], int] = {}
+    for t in found:
+        key = tuple(t.key[k] for k in shown)
+        counts[key] = counts.get(key, 0) + 1
+    labels = {}
+    for t in found:
+        name = str(t.key["method"])
+        if counts[tuple(t.key[k] for k in shown)] > 1:
+            digest = hashlib.sha256(str(t.key.get("setting", "")).encode()).hexdigest()[:8]
+            name += f" (args {digest})"
+        labels[id(t)] = name
+    return labels
 
 
 def _panel(t: Trend, x0: int, y0: int, width: int, height: int) -> list[str]:

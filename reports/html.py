@@ -32,16 +32,25 @@ from mmspec.reports.markdown import (
     headline,
     merged_cells,
     method_order,
+    model_blocks,
     run_summary,
 )
 from mmspec.reports.metrics import ALL_TOPIC, RunDetails
 from mmspec.reports.paired import BASELINE
-from mmspec.reports.plots import Line, Segment, line_chart, method_colors, stacked_bars
+from mmspec.reports.plots import (
+    PALETTE,
+    Line,
+    Segment,
+    line_chart,
+    method_colors,
+    stacked_bars,
+)
 from mmspec.reports.tables import (
     Cell,
     CellKind,
     Column,
     Table,
+    best_setting_table,
     breakdown_table,
     detail_table,
     disagreement_table,
@@ -58,9 +67,12 @@ from mmspec.reports.tables import (
     taxonomy_table,
     throughput_table,
     topic_table,
+    variants_table,
     viskip_table,
 )
 from mmspec.reports.throughput import DISAGREEMENT, disagreements
+from mmspec.reports.variants import NOTE as VARIANTS_NOTE
+from mmspec.reports.variants import Sweep, VariantGroup, sweeps, variant_groups
 from mmspec.reports.viskip import NOTE as VISKIP_NOTE
 from mmspec.reports.viskip import grouped, viskip_rows
 from mmspec.results.taxonomy import Family
@@ -111,6 +123,7 @@ td.topic span { display: block; line-height: 1.25; }
 td.topic .mat { font-size: 15px; font-weight: 600; }
 td.topic .sp { font-size: 12px; }
 td.best .sp { font-weight: 700; }
+td.best { font-weight: 700; }
 th.pooled, td.pooled { border-left: 2px solid var(--line); }
 .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px;
   margin-right: 7px; }
@@ -201,7 +214,8 @@ def _td(cell: Cell, column: Column, colors: dict[str, str]) -> str:
         return _topic_td(cell, column)
     content = _CONTENT.get(cell.kind)
     html = escape(cell.text) if content is None else content(cell, colors)
-    return f"<td{_class_attr({'text': column.text, 'wrap': cell.kind in _WRAPPED})}>{html}</td>"
+    flags = {"text": column.text, "wrap": cell.kind in _WRAPPED, "best": cell.best}
+    return f"<td{_class_attr(flags)}>{html}</td>"
 
 
 def _th(column: Column) -> str:
@@ -626,6 +640,55 @@ def _viskip(merged: pl.DataFrame, colors: dict[str, str]) -> str:
     return "\n".join(parts)
 
 
+def _sweep_plot(sweep: Sweep) -> str:
+    """Speedup (y) over one swept argument (x), a line per batch size (and per setting of the
+    group's other varying arguments)."""
+    group = sweep.group
+    lines = [
+        Line(ln.label, ln.xs, ln.ys, PALETTE[i % len(PALETTE)]) for i, ln in enumerate(sweep.lines)
+    ]
+    ticks = sorted({x for ln in lines for x in ln.xs})
+    svg = line_chart(
+        lines,
+        title=f"{group.model} · T={group.temperature:g} · {group.method}: speedup over {sweep.arg}",
+        x_label=sweep.arg,
+        y_label="Speedup vs ar (×)",
+        x_ticks=ticks if len(ticks) <= 12 else None,
+        x_fmt=lambda v: f"{v:g}",
+        y_fmt=lambda v: f"{v:.2f}×",
+        reference_y=(1.0, "ar = 1×"),
+    )
+    return (
+        f"<figure>{svg}<figcaption>Speedup (global) of {escape(group.method)} over "
+        f"<code>ar</code> against its argument <code>{escape(sweep.arg)}</code>, one line per "
+        "batch size; all topics pooled.</figcaption></figure>"
+    )
+
+
+def _variant_group(group: VariantGroup, colors: dict[str, str]) -> str:
+    where = f"{escape(group.model)} · T={group.temperature:g} · {escape(group.method)}"
+    parts = [f"<h3>{where}</h3>"]
+    caption = "Speedup (global) of each setting per batch size; the best in bold."
+    parts.append(_table(variants_table(group), caption, colors))
+    parts.append(_table(best_setting_table(group), "Best setting per batch size.", colors))
+    charts = [_sweep_plot(sweep) for sweep in sweeps(group)]
+    if charts:
+        parts.append(f'<div class="charts">{"".join(charts)}</div>')
+    return "\n".join(parts)
+
+
+def _variants(metrics: pl.DataFrame, methods: list[str], colors: dict[str, str]) -> str:
+    """The Method variants section (empty for a run without a method under several names)."""
+    groups = [g for _, _, part in model_blocks(metrics) for g in variant_groups(part, methods)]
+    if not groups:
+        return ""
+    body = "\n".join(_variant_group(g, colors) for g in groups)
+    return (
+        f'<section id="variants"><h2>Method variants</h2><p class="note">'
+        f"{_inline(VARIANTS_NOTE)}</p>{body}</section>"
+    )
+
+
 def _taxonomy(methods: list[str], found: dict[str, Family | None], colors: dict[str, str]) -> str:
     """The Methods section: MMSpec's taxonomy of each method (empty for a run of `ar` alone)."""
     if not any(m != BASELINE for m in methods):
@@ -720,6 +783,10 @@ def render_html(metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDet
         if taxonomy:
             sections.append(taxonomy)
             toc.append(("methods", "Methods", 0))
+        variants = _variants(metrics, methods, colors)
+        if variants:
+            sections.append(variants)
+            toc.append(("variants", "Method variants", 0))
         viskip = _viskip(merged, colors)
         if viskip:
             sections.append(viskip)

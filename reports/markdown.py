@@ -19,6 +19,7 @@ from mmspec.reports.paired import BASELINE
 from mmspec.reports.tables import (
     ACCEPT_SHOWN,
     Table,
+    best_setting_table,
     breakdown_table,
     detail_table,
     disagreement_table,
@@ -34,12 +35,16 @@ from mmspec.reports.tables import (
     taxonomy_table,
     throughput_table,
     topic_table,
+    variants_table,
     viskip_table,
 )
 from mmspec.reports.throughput import DISAGREEMENT, disagreements
+from mmspec.reports.variants import NOTE as VARIANTS_NOTE
+from mmspec.reports.variants import variant_groups
 from mmspec.reports.viskip import NOTE as VISKIP_NOTE
 from mmspec.reports.viskip import grouped, viskip_rows
 from mmspec.results.taxonomy import Family, taxonomy_of
+from mmspec.results.variants import variants_of
 
 # (term, definition) pairs: the Legend section of report.md and of report.html.
 DEFINITIONS = [
@@ -172,6 +177,14 @@ DEFINITIONS = [
         "geometric mean of their methods' speedups (how many in brackets).",
     ),
     (
+        "Variant",
+        "a registered method run with one setting of its arguments: a named variant of the "
+        "grid, or one value of a list-valued argument (`viskip+pld[viskip_threshold=0.2]`). "
+        "Its rows record the registered method (`base_method`) and every argument it ran "
+        "with, defaults included (`method_args`); the best setting at a batch size is the one "
+        "with the highest Speedup (global) there.",
+    ),
+    (
         "unavailable",
         "a speedup with nothing to divide by: no `ar` cell at the same model, batch size and "
         "temperature (an imported run without a baseline), or no request both finished.",
@@ -211,12 +224,29 @@ def table_lines(table: Table) -> list[str]:
 
 
 def method_order(metrics: pl.DataFrame, manifest: dict[str, Any]) -> list[str]:
-    """Methods in the grid's order (the author's), then any others with `ar` first."""
+    """Methods in the grid's order (the author's), then any others with `ar` first; each
+    method's variants right after the first of them (grouped under their method)."""
     present = set(metrics["method"].to_list())
-    grid_methods = (manifest.get("grid") or {}).get("methods") or []
-    ordered = [m for m in grid_methods if m in present]
+    recorded = list(variants_of(manifest)) or [
+        m["name"] if isinstance(m, dict) else m
+        for m in (manifest.get("grid") or {}).get("methods") or []
+    ]
+    ordered = [m for m in recorded if m in present]
     rest = sorted(present - set(ordered), key=lambda m: (m != BASELINE, m))
-    return ordered + rest
+    bases = base_methods(metrics)
+    first: dict[str, int] = {}
+    for i, name in enumerate([*ordered, *rest]):
+        first.setdefault(bases.get(name, name), i)
+    # stable: within a method its variants keep the grid's order
+    return sorted([*ordered, *rest], key=lambda m: first[bases.get(m, m)])
+
+
+def base_methods(metrics: pl.DataFrame) -> dict[str, str]:
+    """Each method name of the run -> the registered method it ran (itself but for variants)."""
+    if "base_method" not in metrics.columns:
+        return {}
+    pairs = metrics.select("method", "base_method").unique().iter_rows()
+    return {name: base or name for name, base in pairs}
 
 
 def _cell_label(row: dict[str, Any]) -> str:
@@ -287,8 +317,9 @@ def model_blocks(metrics: pl.DataFrame) -> list[tuple[str, float, pl.DataFrame]]
 
 
 def families(metrics: pl.DataFrame, manifest: dict[str, Any]) -> dict[str, Family | None]:
-    """MMSpec's taxonomy of the run's methods (results.taxonomy: the manifest's, else known)."""
-    return taxonomy_of(manifest, metrics["method"].unique().to_list())
+    """MMSpec's taxonomy of the run's methods (results.taxonomy: the manifest's, else known;
+    a variant the manifest does not place, by its registered method)."""
+    return taxonomy_of(manifest, metrics["method"].unique().to_list(), base_methods(metrics))
 
 
 TAXONOMY_NOTE = (
@@ -426,6 +457,19 @@ def _sections(
     return lines
 
 
+def variant_lines(metrics: pl.DataFrame, methods: list[str]) -> list[str]:
+    """The Method variants section (only for a run with a method under several names)."""
+    lines: list[str] = []
+    for model, temperature, part in model_blocks(metrics):
+        for group in variant_groups(part, methods):
+            where = f"{md_text(model)} · T={temperature:g} · {md_text(group.method)}"
+            lines += [f"{where}: speedup (global) per setting and batch size:", ""]
+            lines += [*table_lines(variants_table(group)), ""]
+            lines += [f"{where}: best setting per batch size:", ""]
+            lines += [*table_lines(best_setting_table(group)), ""]
+    return ["## Method variants", "", VARIANTS_NOTE, "", *lines] if lines else []
+
+
 def viskip_lines(merged: pl.DataFrame) -> list[str]:
     """The ViSkip section (only for a run with `viskip+X` cells next to X)."""
     rows = viskip_rows(merged)
@@ -478,6 +522,7 @@ def render_markdown(
     if metrics.height:
         methods, found = method_order(metrics, manifest), families(metrics, manifest)
         lines += _taxonomy(methods, found)
+        lines += variant_lines(metrics, methods)
         lines += _speedup_by_batch(metrics, methods, found)
         lines += _throughput(metrics, methods)
     if metrics.height and merged is not None:

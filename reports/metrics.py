@@ -26,7 +26,7 @@ from mmspec.reports.float_sums import stable_mean, stable_sum
 from mmspec.reports.paired import BASELINE, SAME_WORK, pair_with_ar, paired_aggregates
 from mmspec.reports.row_ids import row_ids
 from mmspec.results.layout import result_files
-from mmspec.results.schema import RESULT_SCHEMA, SCHEMA_VERSION
+from mmspec.results.schema import ADDED_IN, READABLE_VERSIONS, RESULT_SCHEMA, SCHEMA_VERSION
 
 ALL_TOPIC = "all"
 GROUP_KEYS = ["model", "method", "batch_size", "temperature", "topic"]
@@ -34,27 +34,55 @@ CELL_KEYS = GROUP_KEYS[:-1]  # a cell of the grid, topics pooled
 _VERSION_KEY = b"mmspec.schema_version"
 
 
-def _check_schema_version(path: Path) -> None:
+def _schema_version(path: Path) -> int:
+    """The file's schema version; ValueError for one this reader cannot read."""
     # Only the footer is read; a file from another schema version would silently mean other things.
     # A plain file handle: mapping thousands of shards just to read their footers costs more.
     with pa.OSFile(str(path)) as source:
         metadata = ipc.open_file(source).schema.metadata or {}
     version = metadata.get(_VERSION_KEY, b"").decode()
-    if version != str(SCHEMA_VERSION):
+    if version not in {str(v) for v in READABLE_VERSIONS}:
         raise ValueError(
-            f"{path}: schema version {version!r}, this reader expects {SCHEMA_VERSION}"
+            f"{path}: schema version {version!r}, this reader expects {SCHEMA_VERSION} (or one "
+            f"of {', '.join(map(str, READABLE_VERSIONS))})"
         )
+    return int(version)
+
+
+def _scan(files: list[Path]) -> pl.LazyFrame:
+    # The columns already carry model/method/...; the key=value folders are only for humans.
+    # Paths are files, never patterns: a `[` in a name must not turn into a glob that matches
+    # nothing (and so drops the file without a word).
+    return pl.scan_ipc(files, hive_partitioning=False, glob=False)
+
+
+def _upgraded(files: list[Path], version: int) -> pl.LazyFrame:
+    """Files of one schema version as rows of the current one: what a version lacked is filled
+    in (a run from before variants ran each method once: base_method is method, the arguments
+    went unrecorded)."""
+    frame = _scan(files)
+    fills = {
+        "base_method": pl.col("method"),
+        "method_args": pl.lit(None, pl.String),
+    }
+    added = [n for v, names in ADDED_IN.items() if v > version for n in names]
+    return frame.with_columns(**{n: fills[n] for n in added}).select(RESULT_SCHEMA.names)
 
 
 def load_rows(run_dir: str | Path) -> pl.LazyFrame:
-    """All result rows of a run as a lazy frame (empty, with the schema, when none were written)."""
+    """All result rows of a run as a lazy frame (empty, with the schema, when none were written).
+
+    Files of an older schema version (READABLE_VERSIONS; a run resumed after an upgrade holds
+    both) read as the current one."""
     files = result_files(run_dir)
     if not files:
         return pl.from_arrow(RESULT_SCHEMA.empty_table()).lazy()
+    by_version: dict[int, list[Path]] = {}
     for path in files:
-        _check_schema_version(path)
-    # The columns already carry model/method/...; the key=value folders are only for humans.
-    return pl.scan_ipc(files, hive_partitioning=False)
+        by_version.setdefault(_schema_version(path), []).append(path)
+    if list(by_version) == [SCHEMA_VERSION]:
+        return _scan(files)
+    return pl.concat([_upgraded(paths, v) for v, paths in sorted(by_version.items())])
 
 
 _TPOT = "_tpot_s"  # time per output token after the first, per row (see cell_metrics)
@@ -118,8 +146,12 @@ def _ok_aggregates(ok: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
     )
 
 
+# What a cell's method is beside its name (results/variants.py): the registered method and the
+# arguments it ran with (null for runs that did not record them).
+SETTING_COLUMNS = ["base_method", "method_args"]
 METRIC_COLUMNS = [
     *GROUP_KEYS,
+    *SETTING_COLUMNS,
     "samples",
     "errors",
     "new_tokens",
@@ -169,6 +201,7 @@ _CELL_ONLY = ("system_tokens_per_s",)
 # tokens and text) and read every shard file once, however many aggregates follow.
 CELL_INPUTS = [
     *GROUP_KEYS,
+    *SETTING_COLUMNS,
     *[k for k in SAME_WORK if k not in GROUP_KEYS],
     "status",
     "new_tokens",
@@ -223,7 +256,10 @@ def _level_metrics(
     is_ok = pl.col("status") == "ok"
     # Group keys come from all rows so a cell whose every row failed still appears.
     counts = rows.group_by(level_id).agg(
-        pl.col(keys).first(), errors=(~is_ok).sum().cast(pl.UInt32)
+        # a method's name stands for one setting in a run: its setting rides along
+        pl.col(keys).first(),
+        pl.col(SETTING_COLUMNS).first(),
+        errors=(~is_ok).sum().cast(pl.UInt32),
     )
     frame = counts.join(_ok_aggregates(ok, [level_id]), on=level_id, how="left").join(
         paired_aggregates(paired, [level_id]), on=level_id, how="left"

@@ -31,7 +31,8 @@ from mmspec.reports.formatting import (
 )
 from mmspec.reports.metrics import ALL_TOPIC
 from mmspec.reports.paired import BASELINE
-from mmspec.reports.viskip import PREFIX, ViSkipRow
+from mmspec.reports.variants import VariantGroup, best_per_batch
+from mmspec.reports.viskip import ViSkipRow
 from mmspec.results.environment import Environment
 from mmspec.results.taxonomy import Family
 
@@ -467,7 +468,7 @@ def _viskip_cells(row: ViSkipRow) -> list[Cell]:
         return Cell(transition(base.get(column), skip.get(column), spec, suffix))
 
     return [
-        _method(PREFIX + row.method),
+        _method(row.name),
         Cell(str(row.batch_size)),
         Cell(pct(row.skipped_share)),
         change("MAT", ".2f"),
@@ -482,6 +483,61 @@ def _viskip_cells(row: ViSkipRow) -> list[Cell]:
 def viskip_table(rows: Sequence[ViSkipRow]) -> Table:
     """Each `viskip+X` cell against X: X → viskip+X per metric."""
     return Table(VISKIP_COLUMNS, [_viskip_cells(r) for r in rows])
+
+
+# ---------------------------------------------------------------- method variants
+
+
+ARGUMENTS = Column("Arguments", text=True)
+
+
+def variants_table(group: VariantGroup) -> Table:
+    """A method's settings (rows) and their speedup (global) per batch size, the best at each
+    batch size marked."""
+    sizes = group.batch_sizes
+    best = {b.batch_size: b.name for b in best_per_batch(group)}
+
+    def cell(name: str, batch_size: int) -> Cell:
+        r = group.cells.get((name, batch_size))
+        if r is None:
+            return Cell(DASH)
+        value = r["speedup_global"]
+        return Cell(speedup(value), value=value, best=best.get(batch_size) == name)
+
+    rows = [
+        [_method(name), Cell(group.label(name) or DASH), *[cell(name, b) for b in sizes]]
+        for name in group.names
+    ]
+    return Table([METHOD, ARGUMENTS, *[Column(f"batch size {b}") for b in sizes]], rows)
+
+
+def best_setting_table(group: VariantGroup) -> Table:
+    """Per batch size: the setting of the method with the highest speedup (global), with its
+    MAT and latency."""
+    columns = [
+        Column("Batch size"),
+        Column("Best setting", text=True),
+        ARGUMENTS,
+        Column("Speedup (global)"),
+        Column("MAT"),
+        Column("p50 s"),
+        Column("p90 s"),
+        Column("Settings"),
+    ]
+    rows = [
+        [
+            Cell(str(b.batch_size)),
+            _method(b.name),
+            Cell(group.label(b.name) or DASH),
+            _measured(speedup(b.row["speedup_global"])),
+            Cell(num(b.row["MAT"], ".2f")),
+            Cell(num(b.row["latency_p50_s"], ".3f")),
+            Cell(num(b.row["latency_p90_s"], ".3f")),
+            Cell(str(b.settings), note=f"settings with a speedup at batch size {b.batch_size}"),
+        ]
+        for b in best_per_batch(group)
+    ]
+    return Table(columns, rows)
 
 
 # ---------------------------------------------------------------- errors and run metadata
@@ -539,6 +595,8 @@ def run_fields(manifest: dict[str, Any], fmt: Format) -> list[tuple[str, Any]]:
         grid = manifest.get("grid") or {}
         for key in (k for k in _GRID_FIELDS if k in grid):
             value = grid[key]
+            if isinstance(value, list):  # a named variant: by its name
+                value = [v.get("name", v) if isinstance(v, dict) else v for v in value]
             text = ", ".join(map(str, value)) if isinstance(value, list) else value
             fields.append((f"Grid {key.replace('_', ' ')}", text))
     return fields

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+_UNDERSCORES = re.compile(r"_+")
 
 VISKIP_PREFIX = "viskip+"  # `viskip+<method>`: ViSkip wrapped around a registered method
 
@@ -19,6 +20,17 @@ def safe_name(value: str) -> str:
     hidden or option-like name.
     """
     return _UNSAFE.sub("_", value.replace("/", "--")).lstrip(".-") or "_"
+
+
+def method_id(method: str) -> str:
+    """A method's or variant's name as cell ids and result folders spell it.
+
+    Registered names pass unchanged; a swept variant's brackets, `=` and `,` become single `_`:
+    `viskip+pld[viskip_threshold=0.2]` -> `viskip+pld_viskip_threshold_0.2` (never `__`, which
+    separates the parts of a cell id). The grid checks that no two of its variants share one.
+    """
+    safe = safe_name(method)
+    return safe if safe == method else _UNDERSCORES.sub("_", safe).strip("_") or "_"
 
 
 def format_temperature(temperature: float) -> str:
@@ -33,11 +45,11 @@ def format_temperature(temperature: float) -> str:
 def cell_id(
     model_id: str, method: str, batch_size: int, temperature: float, repeat: int, workload: str
 ) -> str:
-    """e.g. 'tiny-qwen2.5-vl__pld__bs4__t0__r0__synthetic'."""
+    """e.g. 'tiny-qwen2.5-vl__pld__bs4__t0__r0__synthetic' (`method` as `method_id` spells it)."""
     return "__".join(
         (
             safe_name(model_id),
-            method,
+            method_id(method),
             f"bs{batch_size}",
             f"t{format_temperature(temperature)}",
             f"r{repeat}",

@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from mmspec.results.cells import Cell
-from mmspec.results.ids import safe_name
+from mmspec.results.ids import method_id, safe_name
 from mmspec.results.schema import RESULT_SCHEMA
 
 MANIFEST = "manifest.json"
@@ -56,11 +56,12 @@ def run_names(name: str, now: datetime) -> Iterator[str]:
 def partition(model: str, method: str, batch_size: int, temperature: float, repeat: int) -> Path:
     """The hive-style folders of one cell, relative to results/ (and telemetry/).
 
-    `model` is the model id as the grid names it (made path-safe here).
+    `model` is the model id as the grid names it, `method` the method's or variant's name (both
+    made path-safe here).
     """
     return (
         Path(f"model={safe_name(model)}")
-        / f"method={method}"
+        / f"method={method_id(method)}"
         / f"batch_size={batch_size}"
         / f"temperature={float(temperature)!r}"
         / f"repeat={repeat}"

@@ -1,6 +1,10 @@
 """The one Arrow schema of result rows (one row per sample and turn), and its record type.
 
-Bump SCHEMA_VERSION on any change of fields or meaning; readers check it.
+Bump SCHEMA_VERSION on any change of fields or meaning; readers check it, and read the older
+versions in READABLE_VERSIONS by filling what each lacks (see ADDED_IN).
+
+Version 2 (issue 18) added `base_method` and `method_args`: `method` is then what the row's
+cell calls the method, a variant's name where the grid ran one (results/variants.py).
 """
 
 from __future__ import annotations
@@ -10,7 +14,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# The fields each version added, for readers of files written before it.
+ADDED_IN: dict[int, tuple[str, ...]] = {2: ("base_method", "method_args")}
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -19,7 +26,11 @@ RESULT_SCHEMA = pa.schema(
         pa.field("cell_id", pa.string(), nullable=False),
         pa.field("shard_id", pa.string(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
-        pa.field("method", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),  # a variant's name, where one ran
+        pa.field("base_method", pa.string(), nullable=False),  # the registered method
+        # the arguments the drafter ran with, defaults included, as canonical JSON; null where
+        # not known (imported runs)
+        pa.field("method_args", pa.string()),
         pa.field("batch_size", pa.int32(), nullable=False),
         pa.field("temperature", pa.float64(), nullable=False),
         pa.field("seed", pa.int64(), nullable=False),
@@ -70,6 +81,9 @@ class ResultRow:
     shard_id: str
     model: str
     method: str
+    # keyword-only, so they may sit here in schema order: "" means `method` itself
+    base_method: str = field(default="", kw_only=True)
+    method_args: str | None = field(default=None, kw_only=True)
     batch_size: int
     temperature: float
     seed: int
@@ -103,6 +117,10 @@ class ResultRow:
     device_name: str | None = None
     device_uuid: str | None = None
     host: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.base_method:
+            self.base_method = self.method
 
 
 def rows_to_table(rows: list[ResultRow]) -> pa.Table:

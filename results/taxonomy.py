@@ -8,10 +8,11 @@ vision-aware against vision-agnostic methods.
 
 The taxonomy is a property of the methods (`Drafter.family` in mmspec.methods.base), but the
 reports may not import the methods. So the orchestrator records each method's family in the
-manifest (`taxonomy`, method -> Family.to_dict()), with the method's options applied (Token
-Recycling drafts a chain by default, a tree with `tree: 2.2.2`). For a run whose manifest has
-none (an imported run, a run from before manifests had one) KNOWN gives the built-in methods'
-families at their default options; tests/test_taxonomy.py checks it against the registry.
+manifest (`taxonomy`, method or variant name -> Family.to_dict()), with the method's options
+applied (Token Recycling drafts a chain by default, a tree with `tree: 2.2.2`). For a run whose
+manifest has none (an imported run, a run from before manifests had one) KNOWN gives the
+built-in methods' families at their default options; tests/test_taxonomy.py checks it against
+the registry.
 """
 
 from __future__ import annotations
@@ -87,9 +88,12 @@ def viskip_family(inner: Family) -> Family:
     return Family(inner.drafting, vision_aware=True, training_free=inner.training_free)
 
 
-def family_of(method: str, recorded: Mapping[str, Any] | None = None) -> Family | None:
-    """`method`'s family: as `recorded` (a manifest's `taxonomy`) has it, else from KNOWN;
-    None for `ar` and for a method neither knows."""
+def family_of(
+    method: str, recorded: Mapping[str, Any] | None = None, base: str | None = None
+) -> Family | None:
+    """`method`'s family: as `recorded` (a manifest's `taxonomy`, by method or variant name)
+    has it, else from KNOWN; a variant (results/variants.py) not recorded is placed by its
+    registered method `base`. None for `ar` and for a method none of them knows."""
     found = Family.from_dict((recorded or {}).get(method))
     if found is not None:
         return found
@@ -97,15 +101,24 @@ def family_of(method: str, recorded: Mapping[str, Any] | None = None) -> Family 
         return KNOWN[method]
     if method.startswith(VISKIP_PREFIX):
         inner = family_of(method.removeprefix(VISKIP_PREFIX), recorded)
-        return None if inner is None else viskip_family(inner)
+        if inner is not None:
+            return viskip_family(inner)
+    if base is not None and base != method:
+        return family_of(base, recorded)
     return None
 
 
-def taxonomy_of(manifest: Mapping[str, Any], methods: Iterable[str]) -> dict[str, Family | None]:
-    """The family of each of `methods` in a run with this manifest (see family_of)."""
+def taxonomy_of(
+    manifest: Mapping[str, Any],
+    methods: Iterable[str],
+    bases: Mapping[str, str] | None = None,
+) -> dict[str, Family | None]:
+    """The family of each of `methods` in a run with this manifest (see family_of); `bases`
+    gives a variant's registered method."""
     recorded = manifest.get(TAXONOMY)
     recorded = recorded if isinstance(recorded, Mapping) else None
-    return {method: family_of(method, recorded) for method in methods}
+    bases = bases or {}
+    return {method: family_of(method, recorded, bases.get(method)) for method in methods}
 
 
 def known_taxonomy(methods: Iterable[str]) -> dict[str, dict[str, Any]]:

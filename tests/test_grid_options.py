@@ -25,7 +25,7 @@ def pld(**args: Any) -> dict[str, Any]:
         ({"ngram": True}, "True"),  # was: silently taken as 1
         ({"ngram": "x"}, "'x'"),  # was: "'<=' not supported", never naming ngram
         ({"num_pred": None}, "None"),
-        ({"min_ngram": [2]}, "[2]"),
+        ({"min_ngram": {"n": 2}}, "{'n': 2}"),  # ([2] is a sweep of one value: test_sweep.py)
         ({"match": 1}, "1"),
     ],
 )

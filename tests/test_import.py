@@ -34,6 +34,7 @@ from mmspec.reports.export import ExportGroup, export_run
 from mmspec.reports.history import load_history
 from mmspec.reports.metrics import cell_metrics, load_rows
 from mmspec.results.layout import read_manifest, result_files
+from mmspec.results.schema import SCHEMA_VERSION
 from tests.test_compare import MODEL, make_rows, write_run
 
 REFERENCE = Path(__file__).parents[1].parent / "shared/data/mmspec-reference-results"
@@ -180,7 +181,7 @@ def test_mmspec_fields_become_rows(mmspec_dir: Path, tmp_path: Path) -> None:
     assert ("viskip+vispec", "q2", 0) in rows
 
     manifest = read_manifest(run)
-    assert manifest["run_id"] == run.name and manifest["schema_version"] == 1
+    assert manifest["run_id"] == run.name and manifest["schema_version"] == SCHEMA_VERSION
     assert manifest["grid"]["methods"][0] == "ar"
     assert set(manifest["grid"]["methods"]) == {"ar", "eagle", "msd", "viskip+vispec"}
     assert manifest["started_at"].startswith("2026-04-22")  # the earliest answer's tstamp
