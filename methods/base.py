@@ -92,6 +92,16 @@ class Drafter:
         }
 
     @classmethod
+    def arg_defaults(cls) -> dict[str, Any]:
+        """The defaults of the options that have one, from the same constructor signature: what
+        an option left out of a grid resolves to."""
+        return {
+            p.name: p.default
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.default is not p.empty
+        }
+
+    @classmethod
     def arg_names(cls) -> list[str]:
         """The method_args a grid may give this drafter (its constructor's keywords)."""
         return list(cls.arg_types())

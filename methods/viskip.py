@@ -64,6 +64,10 @@ class ViSkip(Drafter):
         return {**super().arg_types(), **cls.inner_cls.arg_types()}
 
     @classmethod
+    def arg_defaults(cls) -> dict[str, Any]:
+        return {**super().arg_defaults(), **cls.inner_cls.arg_defaults()}
+
+    @classmethod
     def drafts_tree(cls, args: Mapping[str, Any]) -> bool:
         # ViSkip's own args are prefixed (module doc); the rest are the wrapped method's
         inner = {k: v for k, v in args.items() if not k.startswith("viskip_")}

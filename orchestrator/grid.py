@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import itertools
 import json
 import logging
@@ -396,20 +395,6 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def _arg_defaults(drafter_cls: type[Drafter]) -> dict[str, Any]:
-    """The defaults of the options a drafter takes (its `arg_types`), from the signatures
-    that define them: its constructor's, and the wrapped method's for a wrapper that passes
-    the rest of its options on (ViSkip's `**inner_args` to `inner_cls`)."""
-    found: dict[str, Any] = {}
-    owner: Any = drafter_cls
-    while owner is not None:
-        for p in inspect.signature(owner.__init__).parameters.values():
-            if p.default is not p.empty:
-                found.setdefault(p.name, p.default)
-        owner = getattr(owner, "inner_cls", None)
-    return {name: found[name] for name in drafter_cls.arg_types() if name in found}
-
-
 class _Parser:
     """Validates one grid; holds the file name so every error can name it."""
 
@@ -728,7 +713,7 @@ class _Parser:
                 f"{', '.join(f'{len(v)} {k}' for k, v in swept.items())}",
                 f"at most {MAX_VARIANTS} variants per method: shorter lists",
             )
-        defaults = _arg_defaults(drafter_cls)
+        defaults = drafter_cls.arg_defaults()
         for values in itertools.product(*swept.values()):
             chosen = dict(zip(swept, values))
             setting = {**args, **chosen}
