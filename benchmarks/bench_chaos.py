@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test doubles in tests/
-from tests.chaos import (  # noqa: E402
+from tests.chaos import (
     Striker,
     check_exactly_once,
     gpu_cluster,
@@ -51,7 +51,7 @@ from tests.chaos import (  # noqa: E402
     schedule,
     wait_for_shards,
 )
-from tests.fake_cli import DISK_FULL_ENV  # noqa: E402
+from tests.fake_cli import DISK_FULL_ENV
 
 NODES = 8
 SAMPLES = 24  # x 2 methods x 2 batch sizes / 2 per shard = 48 shards

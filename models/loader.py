@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -17,6 +18,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
+from mmspec.models.checkpoint_files import CheckpointError, check_checkpoint_dir
 from mmspec.models.prompting import (
     check_prompt_style,
     default_prompt_style,
@@ -28,7 +30,8 @@ from mmspec.models.tiny import tiny_model_path
 
 log = logging.getLogger(__name__)
 
-# config.json model_type -> (model class, adapter)
+# config.json model_type -> (model class, adapter); the same keys as
+# checkpoint_files.SUPPORTED_MODEL_TYPES, which grid validation reads without torch
 MODEL_TYPES: dict[str, tuple[type[PreTrainedModel], type[Target]]] = {
     "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, QwenVLTarget),
     "llava": (LlavaForConditionalGeneration, LlavaTarget),
@@ -59,15 +62,55 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _model_type(source: str, local: bool, revision: str | None) -> str:
+def _model_type(model_id: str, source: str, local: bool, revision: str | None) -> str:
+    """config.json's `model_type`, refused (naming the file and key) unless supported."""
     if local:
+        config_path = Path(source) / "config.json"
         try:
-            return json.loads((Path(source) / "config.json").read_text())["model_type"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"model {source}: unreadable config.json ({exc})") from exc
-    from transformers import AutoConfig
+            model_type = json.loads(config_path.read_text(encoding="utf-8"))["model_type"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(
+                f"model {model_id}: {config_path}: unreadable or no 'model_type' ({exc})"
+            ) from exc
+    else:
+        from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(source, revision=revision).model_type
+        model_type = AutoConfig.from_pretrained(source, revision=revision).model_type
+        config_path = Path(f"{source}/config.json")
+    if model_type not in MODEL_TYPES:
+        raise ModelLoadError(
+            f"model {model_id}: {config_path}: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(sorted(MODEL_TYPES))}"
+        )
+    return model_type
+
+
+def load_processor(
+    source: str,
+    target_cls: type[Target],
+    image_token_id: int,
+    style: str,
+    names: tuple[str, ...] = (),
+    **common: Any,
+) -> tuple[Any, Any]:
+    """The prompt processor and tokenizer of the checkpoint at `source`, as `encode` uses them.
+
+    The image processor is the PIL backend whether or not torchvision is installed: that is
+    what MMSpec's transformers 4.51.3 ran (its "slow" processors), and `AutoImageProcessor`
+    would otherwise switch to the torchvision backend wherever torchvision is importable
+    (on most GPU machines), whose resize gives other pixels: on every testmini image, by up
+    to 0.26 after normalisation, about 17/255 (tests/test_processors.py). `names` (the id
+    the user wrote, the resolved source) decide MMSpec's Qwen pixel bounds under `style`
+    (models/prompting.py).
+    """
+    pixels = qwen_image_processor_kwargs(style, *names) if target_cls is QwenVLTarget else {}
+    image_processor = AutoImageProcessor.from_pretrained(source, backend="pil", **common, **pixels)
+    if target_cls is QwenVLTarget:
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", **common)
+        return QwenPromptProcessor(tokenizer, image_processor, image_token_id), tokenizer
+    processor = AutoProcessor.from_pretrained(source, image_processor=image_processor, **common)
+    processor.tokenizer.padding_side = "left"
+    return processor, processor.tokenizer
 
 
 def load_target(
@@ -93,12 +136,12 @@ def load_target(
         check_prompt_style(style)
     except ValueError as exc:
         raise ModelLoadError(f"model {model_id}: {exc}") from None
-    model_type = _model_type(source, local, revision)
-    if model_type not in MODEL_TYPES:
-        raise ModelLoadError(
-            f"model {model_id}: model_type {model_type!r} is not supported; "
-            f"supported: {', '.join(sorted(MODEL_TYPES))}"
-        )
+    if local:
+        try:
+            check_checkpoint_dir(Path(source))
+        except CheckpointError as exc:
+            raise ModelLoadError(f"model {model_id}: {exc}") from None
+    model_type = _model_type(model_id, source, local, revision)
     model_cls, target_cls = MODEL_TYPES[model_type]
     common = {
         "revision": revision,
@@ -110,15 +153,14 @@ def load_target(
         model = model_cls.from_pretrained(
             source, dtype=DTYPES[dtype], attn_implementation=attn_implementation, **common
         ).to(dev)
-        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", **common)
-        if target_cls is QwenVLTarget:
-            pixels = qwen_image_processor_kwargs(style, model_id, str(source))
-            image_processor = AutoImageProcessor.from_pretrained(source, **common, **pixels)
-            processor = QwenPromptProcessor(tokenizer, image_processor, model.config.image_token_id)
-        else:
-            processor = AutoProcessor.from_pretrained(source, **common)
-            processor.tokenizer.padding_side = "left"
-            tokenizer = processor.tokenizer
+        processor, tokenizer = load_processor(
+            source,
+            target_cls,
+            model.config.image_token_id,
+            style,
+            (model_id, str(source)),
+            **common,
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model {model_id} ({source}): cannot load checkpoint: {exc}") from exc
     log.info("loaded %s (%s) on %s as %s", model_id, model_type, dev, dtype)

@@ -17,6 +17,17 @@ from typing import Any
 from mmspec.models.registry import REGISTRY
 from mmspec.models.zoo_paths import ZOO_DIR
 
+# What a nested text config means by a key it leaves out: transformers' defaults for the
+# language models the supported VLMs nest (llava-hf's LLaVA-1.5/1.6 configs give no
+# num_hidden_layers, relying on LlamaConfig's 32). A table, since importing transformers'
+# config classes imports torch.
+TEXT_DEFAULTS: dict[str, dict[str, int]] = {
+    "llama": {"num_hidden_layers": 32, "max_position_embeddings": 2048},
+    "mistral": {"num_hidden_layers": 32, "max_position_embeddings": 131072},
+}
+# the text model a LLaVA config nests when its text_config names none (LlavaConfig's default)
+DEFAULT_TEXT_MODEL = {"llava": "llama", "llava_next": "llama"}
+
 
 @dataclass(frozen=True)
 class ModelLimits:
@@ -40,10 +51,12 @@ def limits_of(config: dict[str, Any]) -> ModelLimits:
     """Limits from a parsed config.json: a VLM nests its language model's in `text_config`."""
     text = config.get("text_config")
     text = text if isinstance(text, dict) else {}
+    text_model = text.get("model_type") or DEFAULT_TEXT_MODEL.get(str(config.get("model_type")))
+    defaults = TEXT_DEFAULTS.get(str(text_model), {})
 
     def read(key: str) -> int | None:
         # older Qwen2.5-VL configs keep the text model's keys at the top level
-        value = text.get(key, config.get(key))
+        value = text.get(key, config.get(key, defaults.get(key)))
         ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
         return value if ok else None
 

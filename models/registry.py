@@ -1,7 +1,8 @@
 """Target model registry: short names for real checkpoints and the project's tiny family.
 
 A grid names a model by registry name, by hub id ("Qwen/Qwen2.5-VL-7B-Instruct") or by a
-local directory holding a saved checkpoint. Only these three forms are accepted.
+local directory holding a saved checkpoint. Only these three forms are accepted, and a
+directory only when its files can be loaded (models/checkpoint_files.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from mmspec.models.checkpoint_files import CheckpointError, check_checkpoint_dir
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ def check_model_id(model_id: str) -> None:
     if found:
         if not config:
             raise UnknownModelError(f"model path {model_id} has no config.json")
+        try:
+            check_checkpoint_dir(path)
+        except CheckpointError as exc:
+            raise UnknownModelError(str(exc)) from None  # it names the file and the key
         return
     if model_id.startswith((".", "/", "~")):
         raise UnknownModelError(f"model path {model_id} does not exist")
