@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from mmspec.orchestrator.shards import Shard
-from mmspec.results.schema import ResultRow, rows_to_table
+from mmspec.results.schema import RESULT_SCHEMA, SCHEMA_VERSION, ResultRow, rows_to_table
 from mmspec.workloads.sample import Sample
 
 MAX_ERROR_CHARS = 4000  # Ray errors carry whole remote tracebacks; the end says what failed
@@ -73,8 +73,15 @@ def error_table(shard: Shard, error: str) -> pa.Table:
 def complete_table(shard: Shard, table: pa.Table) -> pa.Table:
     """Check a worker's table covers the shard; add error rows for keys it left out.
 
-    Raises ShardResultError for rows of another shard, unknown keys or duplicates.
+    Raises ShardResultError for rows of another shard, unknown keys or duplicates, or a table
+    of another schema (workers running other code than the driver: the attempt fails and is
+    retried, then error rows; a sink must never be handed rows the store would refuse).
     """
+    if not table.schema.equals(RESULT_SCHEMA, check_metadata=True):
+        raise ShardResultError(
+            f"shard {shard.shard_id}: the worker's rows are not this driver's result schema "
+            f"(version {SCHEMA_VERSION}); do the workers run other code than the driver?"
+        )
     shard_ids = set(table.column("shard_id").to_pylist())
     if shard_ids - {shard.shard_id}:
         raise ShardResultError(f"shard {shard.shard_id}: rows of {sorted(shard_ids)} returned")

@@ -230,6 +230,14 @@ def test_complete_table_rejects_foreign_and_duplicate_rows() -> None:
     rows = FakeRunner(cell.model, cell.method, {}).run(shard)
     with pytest.raises(ShardResultError, match="duplicate"):
         complete_table(shard, rows_to_table([*rows, rows[0]]))
+    # a worker on other code (another schema version) is refused, not handed to the store
+    table = rows_to_table(rows)
+    skewed = table.replace_schema_metadata({"mmspec.schema_version": "0"})
+    with pytest.raises(ShardResultError, match="not this driver's result schema"):
+        complete_table(shard, skewed)
+    with pytest.raises(ShardResultError, match="not this driver's result schema"):
+        complete_table(shard, table.drop_columns(["method_args"]))
+    assert complete_table(shard, table) is table
     rows[0].sample_id = "intruder"
     with pytest.raises(ShardResultError, match="unexpected rows"):
         complete_table(shard, rows_to_table(rows))
