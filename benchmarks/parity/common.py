@@ -90,6 +90,11 @@ RECYCLING_ARGS = {"matrix_top_k": 8, "draft_len": 10}
 # the tree every MMSpec script for a trained head passes (scripts/*/eval_*_mmspec.sh)
 MMSPEC_TREE = {"depth": 3, "top_k": 8, "total_token": 30}
 VISPEC_ARGS = {**MMSPEC_TREE, "num_q": 2}
+# eval_msd_mmspec.sh (Qwen2.5-VL-7B): depth 5, top_k 10, total_token 59, eager attention; its
+# LLaVA script passes total_token -1 (a timing search over 40..60 that needs CUDA): 59 there too
+MSD_TREE = {"depth": 5, "top_k": 10, "total_token": 59}
+# eval_msd_vskip_mmspec.sh (both models): depth 5, top_k 10, total_token 30, threshold 0.35
+MSD_VSKIP_ARGS = {**MSD_TREE, "total_token": 30, "visual_attn_threshold": 0.35}
 
 METHODS: dict[str, Method] = {
     "ar": Method(ref="baseline", ours="ar"),
@@ -191,6 +196,36 @@ METHODS: dict[str, Method] = {
         ref_args={**SAM_ARGS, "visual_attn_threshold": 0.35},
         ours_args={"viskip_threshold": 0.35},
     ),
+    # MSD: MMSpec's own EaModel (method/msd); on Qwen2.5-VL it runs the target with 1D
+    # positions and, under the eager attention its script loads, without the tree mask
+    "msd": Method(ref="msd", ours="msd", ref_args=MSD_TREE, head="msd"),
+    # the same with the target's M-RoPE positions and the tree mask (README, "Reference fixes")
+    "msd-fixed": Method(ref="msd-fixed", ours="msd", ref_args=MSD_TREE, head="msd"),
+    # ours with the tree right after the sequence on LLaVA too (EAGLE's positions): expected
+    # to differ from MMSpec's LLaVA path, whose tree sits one position further
+    "msd-sequence": Method(
+        ref="msd-fixed",
+        ours="msd",
+        ref_args=MSD_TREE,
+        ours_args={"tree_positions": "sequence"},
+        head="msd",
+    ),
+    # method/msd_vskip (plain MSD on HF LLaVA) against ours wrapped in viskip, threshold 0.35
+    "msd-vskip": Method(
+        ref="msd-vskip",
+        ours="viskip+msd",
+        ref_args=MSD_VSKIP_ARGS,
+        ours_args={"viskip_threshold": 0.35, "total_token": 30},
+        head="msd",
+    ),
+    # the same with msd-fixed's fixes and without its stop on a repeated tail
+    "msd-vskip-fixed": Method(
+        ref="msd-vskip-fixed",
+        ours="viskip+msd",
+        ref_args=MSD_VSKIP_ARGS,
+        ours_args={"viskip_threshold": 0.35, "total_token": 30},
+        head="msd",
+    ),
     # eval_lookahead_mmspec.sh: decoding_length 64, branch_length 12; one cache for the run
     "lookahead": Method(ref="lookahead", ours="lookahead", ref_args=LOOKAHEAD_ARGS),
     # the same with a fresh cache per generation, as ours drafts (per request)
@@ -220,6 +255,15 @@ MODELS: dict[str, Model] = {
 def ckpt_dir(root: Path, model: str) -> Path:
     """The converted target (lower case: MMSpec's pixel bounds apply only to "Qwen2.5-VL")."""
     return root / "ckpt" / model / "target"
+
+
+def named_target(root: Path, model: str) -> Path:
+    """The converted target under a path MMSpec's MSD reads the family from: its EaModel takes
+    the head's config as Qwen2-VL's only where the base model's path contains "Qwen" (as the
+    hub ids do). Qwen targets get a `Qwen-target` symlink beside `target` (convert.py); the
+    name holds no "Qwen2.5-VL", so the pixel bounds stay off there too."""
+    target = ckpt_dir(root, model)
+    return target.with_name("Qwen-target") if MODELS[model].family == "qwen2.5-vl" else target
 
 
 def head_dir(root: Path, model: str, head: str) -> Path:

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from common import METHODS, MODELS, ckpt_dir, head_dir, parity_home
+from common import METHODS, MODELS, ckpt_dir, head_dir, named_target, parity_home
 from safetensors.torch import load_file, save_file
 
 from mmspec.methods.draft_checkpoint import checkpoint_dir
@@ -320,6 +320,62 @@ def convert_eagle3_head(src: Path, target: Path, dst: Path) -> None:
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+# ---- MSD head -------------------------------------------------------------------------------
+def msd_config(ours: dict[str, Any], text: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """The config.json MMSpec's MSD `Model` reads: Qwen2VLConfig for a Qwen target (its path
+    names Qwen: a Qwen2-VL layer, M-RoPE sections from the target), else EConfig with
+    `model_type: llava` (EAGLE's LLaMA layer); `bias` is the fc's."""
+    if ours["block"] == "qwen2":
+        config = {
+            **econfig(ours, text),
+            "architectures": ["Qwen2VLForConditionalGeneration"],
+            "model_type": "qwen2_vl",
+            "rope_scaling": text["rope_scaling"],
+        }
+        del config["qkv_bias"]  # its Qwen2-VL layer always has q/k/v biases
+    else:
+        config = {**econfig(ours, text), "model_type": "llava"}
+    config["bias"] = "fc.bias" in state
+    return config
+
+
+def convert_msd_head(src: Path, target: Path, dst: Path) -> None:
+    """Our MSD head -> MMSpec's (`method/msd/cnets.py` `Model`): the same `fc.*` and
+    `layers.0.*` tensors plus `embed_tokens.weight` from the target. MMSpec picks the layer
+    by the target: on Qwen a Qwen2-VL layer (input norm, q/k/v biases), on LLaVA EAGLE's
+    LLaMA layer (no input norm); it loads with strict=False, so a head of the other form
+    would run with a norm dropped or left at its initial weights: refused. On a Qwen target
+    a symlink `Qwen-target` beside it gives MMSpec the path that names Qwen (how it tells
+    the families apart; ours is lower case, see `named_target`)."""
+    ours = json.loads((src / "config.json").read_text())
+    extra = ours.get("extra", {})
+    if (
+        ours.get("method") != "msd"
+        or ours["hidden_size"] // ours["num_attention_heads"] != ours["head_dim"]
+    ):
+        raise ValueError(f"{src}: not an msd head MMSpec's config can describe")
+    state = load_file(str(src / "model.safetensors"))
+    qwen = ours["block"] == "qwen2"
+    norm = "layers.0.input_layernorm.weight" in state
+    biases = "layers.0.self_attn.q_proj.bias" in state
+    if norm != qwen or biases != qwen or bool(extra.get("input_norm")) != norm:
+        want = "with an input norm and q/k/v biases" if qwen else "without an input norm"
+        raise ValueError(
+            f"{src}: MMSpec's MSD runs a {ours['block']} head only {want} (input norm "
+            f"{norm}, q/k/v biases {biases}): retrain it with the default options "
+            "(mmspec-orch train-drafter --method msd)"
+        )
+    text, embed_key = target_text(target)
+    state["embed_tokens.weight"] = load_file(str(target / "model.safetensors"))[embed_key]
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(msd_config(ours, text, state), indent=2) + "\n")
+    if qwen:
+        alias = named_target(target.parents[2], target.parent.name)  # <root>/ckpt/<model>/target
+        if not alias.is_symlink():
+            alias.symlink_to(target.name)
+
+
 TARGET_CONVERTERS = {"qwen2.5-vl": convert_qwen_target, "llava": convert_llava_target}
 
 
@@ -332,6 +388,7 @@ HEAD_CONVERTERS = {
     "vispec": convert_vispec_head,
     "medusa": convert_medusa_head,
     "eagle3": convert_eagle3_head,
+    "msd": convert_msd_head,
 }
 
 

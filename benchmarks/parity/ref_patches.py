@@ -28,6 +28,7 @@ class SourcePatch:
     new: str
     count: int  # exact number of occurrences in each matching module
     why: str
+    exclude: tuple[str, ...] = ()  # modules the pattern matches that the patch skips
 
 
 # Opt-in reference fixes (README, "Reference fixes"): each source edit below keeps MMSpec's
@@ -40,6 +41,11 @@ FIXES: dict[str, bool] = {
     "eager_tree_mask": False,
     "vskip_attentions": False,
 }
+
+
+# Qwen2-VL's vision-start and image-pad ids, which MMSpec's MSD head code hard-codes (151652,
+# 151655) to find the image block; an adapter sets the target's own (the tiny Qwen's are 3, 5)
+QWEN_IMAGE_IDS: tuple[int, int] = (151652, 151655)
 
 
 def _fix(name: str) -> str:
@@ -67,6 +73,7 @@ SOURCE_PATCHES = (
         'assert i.type in ("cuda", "cpu")',
         1,
         "initialize_past_key_values asserts every layer sits on a GPU; its CPU tensors work",
+        exclude=("method.msd.kv_cache",),  # MSD's has no such assert
     ),
     SourcePatch(
         "evaluation.utils",
@@ -74,6 +81,21 @@ SOURCE_PATCHES = (
         '"cpu"',
         1,
         "build_prompt moves the processor's output to cuda:0; the model is on the CPU",
+    ),
+    SourcePatch(
+        "method.msd.cnets",
+        "151652",
+        '__import__("ref_patches").QWEN_IMAGE_IDS[0]',
+        9,
+        "MSD's head finds a Qwen image block by Qwen2-VL's vision-start id, hard-coded; the "
+        "adapter sets the target's (unchanged on the 7B, whose id it is)",
+    ),
+    SourcePatch(
+        "method.msd.cnets",
+        "151655",
+        '__import__("ref_patches").QWEN_IMAGE_IDS[1]',
+        1,
+        "the same for the image-pad id it counts the block's length by",
     ),
     # ---- switches for the opt-in fixes (no change while the switch is off) ----
     SourcePatch(
@@ -151,6 +173,22 @@ SOURCE_PATCHES = (
         "other branch",
     ),
     SourcePatch(
+        "method.eagle.modeling_qwen2_5_vl_kv",
+        'and self.config._attn_implementation != "eager"',
+        f'and (self.config._attn_implementation != "eager" or {_fix("eager_tree_mask")})',
+        1,
+        "fix eager_tree_mask: the same in method/eagle's copy, which MSD verifies with (its "
+        "scripts load eager attention)",
+    ),
+    SourcePatch(
+        "method.msd_vskip.ea_model",
+        "if _has_repetitive_tail(",
+        f"if not {_fix('no_repeat_stop')} and _has_repetitive_tail(",
+        1,
+        "fix no_repeat_stop: MSD-vskip ends a generation (after 20 tokens) whose tail repeats "
+        "any 1..64-gram twice in a row",
+    ),
+    SourcePatch(
         "method.vispec.spec_model_ours",
         "            return None, orig, hidden_states\n",
         f"            return (outputs if {_fix('vskip_attentions')} else None), orig, "
@@ -189,7 +227,11 @@ class _PatchingLoader(importlib.machinery.SourceFileLoader):
 
 class _PatchingFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
-        patches = [p for p in SOURCE_PATCHES if fnmatch.fnmatchcase(fullname, p.modules)]
+        patches = [
+            p
+            for p in SOURCE_PATCHES
+            if fnmatch.fnmatchcase(fullname, p.modules) and fullname not in p.exclude
+        ]
         if not patches:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)

@@ -30,6 +30,7 @@ from common import (
     Prompt,
     ckpt_dir,
     head_dir,
+    named_target,
     parity_home,
     pixels_sha256,
     result_path,
@@ -346,6 +347,182 @@ class RecyclingFixed(Recycling):
         return with_prefill_grid(self.model.base_model, inputs, lambda: run(inputs, max_new_tokens))
 
 
+class StepLog:
+    """Stands in for EaModel.acclen, which MSD adds each verification's accepted count to
+    (`self.acclen += accept_length`): keeps the counts step by step."""
+
+    def __init__(self) -> None:
+        self.lengths: list[int] = []
+
+    def __iadd__(self, accepted: Any) -> StepLog:
+        self.lengths.append(int(accepted))
+        return self
+
+
+class Msd:
+    """eval_msd_mmspec.py: method/msd's own EaModel (not a SpecModel), from_pretrained with
+    total_token, depth, top_k and the script's eager attention, `temp_cache.use_msd` on
+    (`--use-msd`); per turn `get_inputs_embeds` then `msdgenerate`. Its input ids are
+    `build_prompt`'s unchanged (the script's `_to_msd_input_ids` keeps them on Qwen2.5-VL and
+    HF LLaVA, the two targets here). The script computes the embeddings (the vision encoder)
+    before starting its timer; here they are timed in, as ours are."""
+
+    module = "method.msd.ea_model"
+    stateful = False
+    load_keys: ClassVar[tuple[str, ...]] = ("total_token", "depth", "top_k")
+    generate_keys: ClassVar[dict[str, str]] = {}
+    generate_extra: ClassVar[dict[str, Any]] = {}
+    fixes: ClassVar[tuple[str, ...]] = ()
+    mrope = False  # give the Qwen2.5-VL target its M-RoPE positions (`with_mrope`)
+
+    def __init__(self, target: Path, head: Path | None, args: dict[str, Any]) -> None:
+        import importlib
+
+        if head is None:
+            raise ValueError("MSD runs a converted head (Method.head)")
+        ea_model = importlib.import_module(self.module).EaModel
+        loaded = ea_model.from_pretrained(
+            base_model_path=str(named_target(target.parents[2], target.parent.name)),
+            ea_model_path=str(head),
+            torch_dtype="auto",
+            low_cpu_mem_usage=True,
+            device_map="cpu",  # the scripts say "auto"
+            attn_implementation="eager",  # both scripts' --attn-implementation
+            **{k: args[k] for k in self.load_keys},
+        )
+        # as the script unpacks it: (tokenizer, model, processor, context) where its loader
+        # made a processor (Qwen, LLaVA), else (model, None)
+        self.model = (loaded[1] if len(loaded) == 4 else loaded[0]).eval()
+        self.tokenizer = self.model.get_tokenizer()
+        self.extra = {new: args[old] for old, new in self.generate_keys.items()}
+        self.extra.update(self.generate_extra)
+        config = self.model.base_model.config
+        self.image_ids = (
+            (config.vision_start_token_id, config.image_token_id)
+            if self.model._is_qwen2vl
+            else ref_patches.QWEN_IMAGE_IDS
+        )
+        # strict=False in MMSpec's loader: a key that did not fit would only be printed
+        from safetensors.torch import load_file
+
+        saved = set(load_file(str(head / "model.safetensors")))
+        if saved != set(self.model.ea_layer.state_dict()):
+            raise RuntimeError(f"{head}: keys do not match MMSpec's MSD Model")
+
+    def generate(self, inputs: Any, max_new_tokens: int) -> tuple[list[int], list[int] | None]:
+        import torch
+        from method.msd.utils import temp_cache
+
+        ids = inputs["input_ids"]
+        steps = StepLog()
+        self.model.acclen, self.model.accnum = steps, 0
+        temp_cache.use_msd = True  # the script's --use-msd, set once before everything
+        ref_patches.QWEN_IMAGE_IDS = self.image_ids
+
+        def run() -> Any:
+            embeds, _ = self.model.get_inputs_embeds(
+                input_ids=ids,
+                pixel_values=inputs.get("pixel_values"),
+                image_grid_thw=inputs.get("image_grid_thw"),
+                attention_mask=inputs.get("attention_mask"),
+            )
+            return self.model.msdgenerate(
+                ids,
+                inputs_embeds=embeds,
+                temperature=0.0,
+                max_new_tokens=max_new_tokens,
+                log=True,
+                **self.extra,
+            )
+
+        mrope = self.mrope and self.model._is_qwen2vl
+        with torch.inference_mode(), ref_patches.fixes(self.fixes):
+            out, _, _ = with_mrope(self.model.base_model, inputs, run) if mrope else run()
+        return out[0, ids.shape[1] :].tolist(), steps.lengths
+
+
+def with_mrope(base: Any, inputs: Any, run: Any) -> Any:
+    """`run()` with the Qwen2.5-VL target given its M-RoPE positions. MSD calls the language
+    model (`base.model`) itself, never the model's forward that computes them: its prefill
+    passes no positions (1D ones, no image grid, rope delta 0) and its tree verification 1D
+    ones from the cache length. Here the prefill gets `get_rope_index` of the prompt and its
+    image grid, and every 1D position the rope delta, on all three axes (a text token's);
+    `rope_deltas` is kept on the model too, which MSD-vskip's target-only steps (the model's
+    own forward) read. An instance-level wrapper, removed after."""
+    lm, kept = base.model, base.rope_deltas
+    forward = lm.forward
+
+    def positioned(*args: Any, **kwargs: Any) -> Any:
+        pos = kwargs.get("position_ids")
+        if pos is None and kwargs.get("inputs_embeds") is not None:  # the prefill
+            pos, base.rope_deltas = base.get_rope_index(
+                inputs["input_ids"], inputs.get("image_grid_thw"), None, None, None
+            )
+        elif pos is not None and pos.dim() == 2:
+            pos = (pos + base.rope_deltas)[None].expand(3, -1, -1)
+        kwargs["position_ids"] = pos
+        return forward(*args, **kwargs)
+
+    lm.forward = positioned
+    try:
+        return run()
+    finally:
+        del lm.forward
+        base.rope_deltas = kept
+
+
+class MsdFixed(Msd):
+    """MMSpec's MSD made lossless on Qwen2.5-VL: the tree mask applied under the eager
+    attention its script loads (`eager_tree_mask`, in method/eagle's Qwen2.5-VL copy) and the
+    target's M-RoPE positions (`with_mrope`). No change on LLaVA."""
+
+    fixes = ("eager_tree_mask",)
+    mrope = True
+
+
+class MsdSkip(Msd):
+    """eval_msd_vskip_mmspec.py (its .sh: total_token 30, depth 5, top_k 10,
+    visual_attn_threshold 0.35, eager): MSD that, after a verification whose last accepted
+    node put at least the threshold of its last-layer attention (mean over heads) on the
+    prompt's image tokens, commits the bonus token with one target-only forward (a plain AR
+    step, not counted in its acceptance: recorded here as a step of 0) and drafts from
+    there. On HF LLaVA it is plain MSD (`msdgenerate` hands that path to the base class)."""
+
+    module = "method.msd_vskip.ea_model"
+    generate_keys: ClassVar[dict[str, str]] = {"visual_attn_threshold": "visual_attn_threshold"}
+    generate_extra: ClassVar[dict[str, Any]] = {
+        "skip_when_visual": True,
+        "no_op_on_visual_hit": False,
+        "visual_probe_interval": 1,
+    }
+
+    def generate(self, inputs: Any, max_new_tokens: int) -> tuple[list[int], list[int] | None]:
+        if not self.model._is_qwen2vl:
+            return super().generate(inputs, max_new_tokens)
+        base = self.model.base_model
+        forward = base.forward
+
+        def target_step(*args: Any, **kwargs: Any) -> Any:
+            # on this path only the gate's target-only step calls the model's own forward,
+            # right after the verification it follows added its count
+            self.model.acclen.lengths.append(0)
+            return forward(*args, **kwargs)
+
+        base.forward = target_step  # an instance attribute: `del` restores the class's
+        try:
+            return super().generate(inputs, max_new_tokens)
+        finally:
+            del base.forward
+
+
+class MsdSkipFixed(MsdSkip):
+    """MSD-vskip with MsdFixed's fixes and without its stop on a repeated tail
+    (`no_repeat_stop`: after 20 tokens, any 1..64-gram repeated twice in a row ends it)."""
+
+    fixes = ("eager_tree_mask", "no_repeat_stop")
+    mrope = True
+
+
 ADAPTERS = {
     "baseline": Baseline,
     "pld": Pld,
@@ -367,6 +544,10 @@ ADAPTERS = {
     "lookahead-fresh": LookaheadFresh,
     "recycling": Recycling,
     "recycling-fixed": RecyclingFixed,
+    "msd": Msd,
+    "msd-fixed": MsdFixed,
+    "msd-vskip": MsdSkip,
+    "msd-vskip-fixed": MsdSkipFixed,
 }
 
 
