@@ -41,7 +41,6 @@ Warm-up runs outside every timed window; timed cases are interleaved; the Markdo
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import functools
 import gc
@@ -67,7 +66,6 @@ from transformers import (
     AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
-    DynamicCache,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -82,8 +80,8 @@ from mmspec.methods import draft_checkpoint
 from mmspec.methods.base import Drafter
 from mmspec.methods.engine import Engine
 from mmspec.methods.head_config import DraftConfig
-from mmspec.methods.kv_slots import additive_mask, select_rows
 from mmspec.methods.registry import get_drafter
+from mmspec.methods.verify_cost import device_sync, measure_verify_costs
 from mmspec.models.prompting import MMSPEC_QWEN_PIXELS
 from mmspec.models.target import LlavaTarget, Message, QwenPromptProcessor, QwenVLTarget, Target
 from mmspec.models.zoo_paths import ZOO_DIR
@@ -386,10 +384,6 @@ BUILDERS: dict[str, tuple[str, Callable[[Scale, torch.dtype, torch.device], Targ
 
 
 # ---- timing --------------------------------------------------------------------------------
-def make_sync(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
 class CallClock:
     """Sums wall time inside `owner.<name>` until `remove()`.
 
@@ -539,7 +533,7 @@ def compare_with_hf(
     target: Target, prompts: list[Prompt], settings: Settings
 ) -> tuple[list[DecodeRun], list[Agreement]]:
     """`ar` and HF generate on the same prompts, checked, then timed (best of repeats)."""
-    sync, max_new = make_sync(settings.device), settings.max_new_tokens
+    sync, max_new = device_sync(settings.device), settings.max_new_tokens
     engine = Engine(target, get_drafter("ar")())
 
     def run_ar() -> list[list[int]]:
@@ -585,60 +579,22 @@ def compare_with_hf(
 
 
 # ---- 2. verification cost t(T) --------------------------------------------------------------
-def _replicated(cache: DynamicCache, rows: int) -> DynamicCache:
-    out = copy.deepcopy(cache)
-    select_rows(out, torch.zeros(rows, dtype=torch.long, device=cache.layers[0].keys.device))
-    return out
-
-
-def _crop(cache: DynamicCache, length: int) -> None:
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, :length]
-        layer.values = layer.values[:, :, :length]
-
-
-def _chain_inputs(
-    target: Target, rows: int, t: int, cache_len: int, next_pos: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Verify inputs for a T-token chain per row, built as the engine builds a tree's: ids
-    (rows, T), positions (rows, T), additive mask (rows, 1, T, cache_len + T). Any tree of T
-    nodes costs the same forward: the mask's contents do not change the kernel."""
-    dev = target.device
-    gen = torch.Generator().manual_seed(t)
-    vocab = target.model.config.get_text_config().vocab_size
-    ids = torch.randint(vocab, (rows, t), generator=gen).to(dev)
-    positions = (next_pos + torch.arange(t)).expand(rows, -1).to(dev)
-    causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
-    prefix = torch.ones(t, cache_len, dtype=torch.bool, device=dev)
-    visible = torch.cat([prefix, causal], dim=1).expand(rows, -1, -1)
-    return ids, positions, additive_mask(visible, target.dtype)
-
-
-@torch.inference_mode()
 def verify_curve(
     target: Target, prompt: Prompt, settings: Settings
 ) -> tuple[int, dict[tuple[int, int], float]]:
-    """Median seconds of one verify forward per (batch size, T); and the cached context."""
-    sync = make_sync(settings.device)
-    p = target.encode([prompt[0]], [prompt[1]])
-    base = DynamicCache(config=target.model.config)
-    _, next_pos = target.prefill(p, base)
-    cache_len = base.get_seq_length()
-    caches = {b: _replicated(base, b) for b in settings.batch_sizes}
-    del base
-    times: dict[tuple[int, int], list[float]] = {}
-    for rep in range(settings.repeats + 1):  # rep 0: warm-up (kernel choice per shape)
-        for b, cache in caches.items():  # rep-major: drift spreads over every point
-            for t in settings.t_values:
-                ids, pos, mask = _chain_inputs(target, b, t, cache_len, int(next_pos[0]))
-                sync()
-                t0 = time.perf_counter()
-                target.verify(ids, pos, mask, cache)
-                sync()
-                if rep:
-                    times.setdefault((b, t), []).append(time.perf_counter() - t0)
-                _crop(cache, cache_len)
-    return cache_len, {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds of one verify forward per (batch size, T) (the runner's own measurement,
+    methods/verify_cost.py); and the cached context."""
+    costs = measure_verify_costs(
+        target,
+        prompt[0],
+        prompt[1],
+        settings.batch_sizes,
+        settings.t_values,
+        settings.repeats,
+        keep=statistics.median,
+    )
+    curve = {(c.batch_size, t): s for c in costs for t, s in zip(c.tokens, c.seconds)}
+    return costs[0].context_len, curve
 
 
 # ---- 3. draft-step cost per head type -------------------------------------------------------

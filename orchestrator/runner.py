@@ -10,6 +10,7 @@ import resource
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from mmspec.methods.engine import Engine, Generation
 from mmspec.methods.registry import get_drafter
+from mmspec.methods.verify_cost import DEFAULT_T_VALUES, VerifyCost, measure_verify_costs
 from mmspec.models.loader import load_target
 from mmspec.models.target import ContextLengthError, Message
 from mmspec.orchestrator.oom import (
@@ -52,6 +54,16 @@ def conversation(sample: Sample, answers: list[str], has_image: bool) -> list[Me
     return messages
 
 
+def probe_prompt() -> tuple[list[Message], Image.Image]:
+    """The fixed prompt of the warm-up and of t(T): a grey image and a word, so every worker
+    measures over the same cached context whatever its shards hold."""
+    image = Image.new("RGB", (224, 224), (128, 128, 128))
+    turn: list[Message] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}
+    ]
+    return turn, image
+
+
 def row_seed(seed: int, repeat: int, sample_id: str, turn: int) -> int:
     """Per-(sample, turn) sampling seed: independent of batch composition, so runs reproduce."""
     digest = hashlib.sha256(f"{seed}/{repeat}/{sample_id}/{turn}".encode()).digest()
@@ -78,6 +90,10 @@ class ShardRunner:
     A telemetry sampler (NVML on a GPU, the host otherwise) runs from construction to `close()`;
     after each `run`, `last_telemetry` holds the shard's time series (SHARD_TELEMETRY_SCHEMA)
     and `last_stats` its energy, mean/peak power and peak memory.
+
+    The first shard at each batch size first measures the target's verification cost t(T) at
+    that batch size for `verify_t` (methods/verify_cost.py; empty: not measured), outside the
+    shard's timed and telemetry windows; every row of that batch size then carries it.
     """
 
     def __init__(
@@ -88,6 +104,7 @@ class ShardRunner:
         device: str = "auto",
         threads: int | None = None,
         telemetry_hz: float = DEFAULT_HZ,
+        verify_t: Sequence[int] = DEFAULT_T_VALUES,
     ) -> None:
         hf_logging.disable_progress_bar()  # per-worker bars would interleave in the driver log
         hf_logging.set_verbosity_error()
@@ -112,14 +129,35 @@ class ShardRunner:
         self._sampler.start()
         self.last_telemetry: pa.Table | None = None  # the last shard's series, for the store
         self.last_stats: WindowStats | None = None  # the last shard's totals
+        self._verify_t = tuple(verify_t)  # the T of t(T); empty: t(T) is not measured
+        # t(T) per batch size, measured at its first shard; None where that failed
+        self._verify_costs: dict[int, VerifyCost | None] = {}
 
     def _warm_up(self) -> None:
         """One short generation before any shard, outside every timed window: the first calls
         of a fresh process (kernel selection, allocator growth, lazy imports) would otherwise
         be charged to whichever cell this worker happens to run first."""
-        image = Image.new("RGB", (224, 224), (128, 128, 128))
-        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+        turn, image = probe_prompt()
         self.engine.generate([turn], [image], max_new_tokens=4)
+
+    def verify_cost(self, batch_size: int) -> VerifyCost | None:
+        """t(T) at `batch_size`: measured on the first call, then kept; None when `verify_t` is
+        empty or the measurement failed."""
+        if batch_size not in self._verify_costs:
+            self._verify_costs[batch_size] = self._measure_verify_cost(batch_size)
+        return self._verify_costs[batch_size]
+
+    def _measure_verify_cost(self, batch_size: int) -> VerifyCost | None:
+        if not self._verify_t:
+            return None
+        turn, image = probe_prompt()
+        try:
+            [cost] = measure_verify_costs(self.target, turn, image, [batch_size], self._verify_t)
+        except Exception:  # a calibration out of memory must not fail the shards: no t(T) then
+            log.warning("t(T) at batch size %d not measured", batch_size, exc_info=True)
+            release_memory(self.target.device)
+            return None
+        return cost
 
     def heartbeat(self) -> int:
         """Forward passes so far: grows while a shard makes progress (the watchdog reads it
@@ -138,6 +176,7 @@ class ShardRunner:
 
     def run(self, shard: Shard) -> list[ResultRow]:
         cell = shard.cell
+        self.verify_cost(cell.batch_size)  # before the shard's windows open
         shard_t0 = self._sampler.mark()
         rows: list[ResultRow] = []
         batch_index = 0
@@ -230,7 +269,11 @@ class ShardRunner:
 
     # ---- rows ----------------------------------------------------------------------------
     def _base_row(self, shard: Shard, sample: Sample, turn: int) -> ResultRow:
-        return base_row(shard, sample, turn, **self.device)
+        row = base_row(shard, sample, turn, **self.device)
+        cost = self._verify_costs.get(shard.cell.batch_size)
+        if cost is not None:
+            row.verify_cost_tokens, row.verify_cost_s = list(cost.tokens), list(cost.seconds)
+        return row
 
     def _error_row(self, shard: Shard, sample: Sample, turn: int, error: str) -> ResultRow:
         row = self._base_row(shard, sample, turn)

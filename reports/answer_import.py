@@ -62,6 +62,7 @@ from mmspec.reports.acceptance import DRAFTING_STEPS, is_acceptance_column
 from mmspec.reports.export import FORMATS
 from mmspec.reports.metrics import ALL_TOPIC
 from mmspec.reports.paired import BASELINE
+from mmspec.reports.roofline import ROOFLINE_COLUMNS
 from mmspec.results.environment import ENVIRONMENT, Environment, Gpu
 from mmspec.results.ids import VISKIP_PREFIX, cell_id, safe_name, shard_id
 from mmspec.results.layout import MANIFEST, RESULTS, part_name, partition, run_names
@@ -89,7 +90,8 @@ _METRICS_OF_FIELD = {
     "commit_s": ("commit_s_mean",),
     "draft_s": ("draft_s_mean", "other_s_mean"),
     "verify_s": ("verify_s_mean", "other_s_mean"),
-    "drafted_tokens": ("drafted_tokens", "accept_rate"),
+    # the roofline's tree size: with drafted tokens unknown it would read as "nothing drafted"
+    "drafted_tokens": ("drafted_tokens", "accept_rate", *ROOFLINE_COLUMNS),
     # ViSkip's skipped steps leave the drafting steps that acceptance per position divides by
     # (and the acceptance columns, matched by acceptance.is_acceptance_column, with them).
     "skipped_steps": ("skipped_steps", DRAFTING_STEPS),

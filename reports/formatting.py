@@ -72,3 +72,13 @@ def speedup(value: float | None, decimals: int = 2) -> str:
     """A speedup (1.234) as "1.23×"; "unavailable" where there is none (no `ar` to divide by,
     or no request both ran)."""
     return UNAVAILABLE if value is None else f"{value:.{decimals}f}×"
+
+
+def efficiency(cell: dict[str, Any]) -> str:
+    """A cell's implementation efficiency (measured / ideal speedup) as a percentage; "not
+    measured" without an ideal (no t(T) for a method that drafted), "unavailable" without a
+    measured speedup."""
+    if cell.get("ideal_speedup") is None:
+        return NOT_MEASURED
+    value = cell.get("implementation_efficiency")
+    return UNAVAILABLE if value is None else pct(value)

@@ -215,7 +215,8 @@ def _td(cell: Cell, column: Column, colors: dict[str, str]) -> str:
     content = _CONTENT.get(cell.kind)
     html = escape(cell.text) if content is None else content(cell, colors)
     flags = {"text": column.text, "wrap": cell.kind in _WRAPPED, "best": cell.best}
-    return f"<td{_class_attr(flags)}>{html}</td>"
+    title = f' title="{escape(cell.note)}"' if cell.note else ""
+    return f"<td{_class_attr(flags)}{title}>{html}</td>"
 
 
 def _th(column: Column) -> str:

@@ -65,6 +65,26 @@ DEFINITIONS = [
     ),
     ("Speedup (paired)", "mean over those same keys of AR seconds / method seconds."),
     (
+        "Ideal speedup",
+        "the roofline: the speedup if verification were all a method paid for. Per generated "
+        "token the method pays t(T) / MAT incl. bonus, `ar` t(1), so ideal = MAT incl. bonus × "
+        "t(1) / t(T), with t(T) the seconds of one target forward verifying T tokens per row, "
+        "measured by each worker at the cell's batch size before its timed work (the fastest "
+        "of 5 rounds after a warm-up, over a fixed short prompt with an image; made "
+        "non-decreasing in T, as interference only adds time), and T = 1 + "
+        "sum(drafted_tokens) / sum(steps) (T = 1, 2, 4, …, 64 are measured; linear in "
+        "between, along the last segment past 64). A cell run by several workers weighs each "
+        "one's t(T) / t(1) by the steps it verified. `ar` (nothing drafted) scores 1; not "
+        "measured where rows carry no t(T) (runs before schema 3, imports). In `metrics.csv`: "
+        "`verify_tokens_mean`, `verify_cost_ratio` = t(T) / t(1), `ideal_speedup`.",
+    ),
+    (
+        "Implementation efficiency",
+        "Speedup (global) / Ideal speedup (`implementation_efficiency`): the share of the "
+        "roofline the implementation reaches. Drafting, acceptance, KV commit, Python between "
+        "steps and padding of ragged trees in a batch make up the rest.",
+    ),
+    (
         "Lossless",
         "share of those keys whose output tokens (SHA-256) equal `ar`'s; greedy "
         "(temperature 0) only, blank otherwise.",

@@ -4,7 +4,8 @@ topic), plus an "all" topic that pools every topic of the cell. Repeats are pool
 Beside our MAT and speedups (time ratios over the samples both methods ran): MMSpec's own
 definitions (`*_mmspec`, draft_accept_mean: evaluation/summarize_metrics.py), throughput against
 latency per cell (system tokens/s from the batches' wall times, TTFT, TPOT, tails; see
-throughput.py) and acceptance per draft position (acceptance.py).
+throughput.py), acceptance per draft position (acceptance.py) and the roofline: the speedup
+verification cost alone allows, and the share of it reached (roofline.py).
 
 run_details() adds what the report shows beside them (latency breakdown and CDF, energy, memory,
 error messages). Both read the rows once into memory and group on integer ids (keys.py): a
@@ -24,6 +25,13 @@ import pyarrow.ipc as ipc
 from mmspec.reports.acceptance import DRAFTING_STEPS, acceptance_stats, is_acceptance_column
 from mmspec.reports.float_sums import stable_mean, stable_sum
 from mmspec.reports.paired import BASELINE, SAME_WORK, pair_with_ar, paired_aggregates
+from mmspec.reports.roofline import (
+    COST_INPUTS,
+    ROOFLINE_COLUMNS,
+    roofline_stats,
+    shard_costs,
+    with_roofline,
+)
 from mmspec.reports.row_ids import row_ids
 from mmspec.results.layout import result_files
 from mmspec.results.schema import ADDED_IN, READABLE_VERSIONS, RESULT_SCHEMA, SCHEMA_VERSION
@@ -64,6 +72,8 @@ def _upgraded(files: list[Path], version: int) -> pl.LazyFrame:
     fills = {
         "base_method": pl.col("method"),
         "method_args": pl.lit(None, pl.String),
+        "verify_cost_tokens": pl.lit(None, pl.List(pl.Int32)),
+        "verify_cost_s": pl.lit(None, pl.List(pl.Float64)),
     }
     added = [n for v, names in ADDED_IN.items() if v > version for n in names]
     return frame.with_columns(**{n: fills[n] for n in added}).select(RESULT_SCHEMA.names)
@@ -173,6 +183,8 @@ METRIC_COLUMNS = [
     "speedup_global",
     "speedup_paired",
     "lossless",
+    # the roofline: what verification cost alone allows, and the share reached (roofline.py)
+    *ROOFLINE_COLUMNS,
     # MMSpec's own definitions (evaluation/summarize_metrics.py), beside ours
     "MAT_mmspec",
     "draft_accept_mean",
@@ -220,6 +232,7 @@ CELL_INPUTS = [
     "batch_index",
     "batch_s",
     "accept_lengths",
+    *COST_INPUTS,
 ]
 # Low-cardinality labels (and sample ids) become Categorical while the rows are in memory: groups
 # and joins then hash small integers instead of strings. Metrics carry plain strings again.
@@ -251,7 +264,8 @@ def _level_metrics(
     """METRIC_COLUMNS per `level_id` group; at the cell level, the pooled "all" topic.
 
     `extras` are frames keyed by `level_id` with more of METRIC_COLUMNS (acceptance per
-    position, system throughput); a column no frame gives is null at this level.
+    position, system throughput, the roofline's cost ratio); a column no frame gives is null
+    at this level.
     """
     is_ok = pl.col("status") == "ok"
     # Group keys come from all rows so a cell whose every row failed still appears.
@@ -286,6 +300,7 @@ def _level_metrics(
     if DRAFTING_STEPS not in present:
         missing.append(pl.lit(None, pl.Int64).alias(DRAFTING_STEPS))
     frame = frame.with_columns(missing) if missing else frame
+    frame = with_roofline(frame)
     return frame.with_columns(pl.col("model", "method", "topic").cast(pl.String)).select(
         *METRIC_COLUMNS, *_extra_columns(extras)
     )
@@ -361,8 +376,11 @@ def cell_metrics(rows: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     _, accept = acceptance_stats(
         frame, {_TOPIC_ID: frame[_TOPIC_ID], _CELL_ID: frame[_CELL_ID]}, BASELINE
     )
-    # The step lengths are counted: no later step should copy them along with the rows.
+    # The step lengths are counted and each shard's t(T) taken once: no later step should copy
+    # them along with the rows.
     frame = frame.drop("accept_lengths")
+    costs = shard_costs(frame.filter(pl.col("status") == "ok"), _TOPIC_ID, _CELL_ID)
+    frame = frame.drop(COST_INPUTS)
     decode_tokens = pl.col("new_tokens") - 1
     ok = frame.filter(pl.col("status") == "ok").with_columns(
         # Time per output token after the first: what follows the prefill, per later token.
@@ -372,8 +390,12 @@ def cell_metrics(rows: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     )
     # Paired once, then grouped per topic and per cell: the pairing is the costly step.
     paired = pair_with_ar(ok, [_TOPIC_ID, _CELL_ID, "temperature"]).lazy()
-    topic_extras = [accept[_TOPIC_ID]] if accept else []
-    cell_extras = [*([accept[_CELL_ID]] if accept else []), _system_throughput(ok)]
+    topic_extras = [*([accept[_TOPIC_ID]] if accept else []), roofline_stats(costs, _TOPIC_ID)]
+    cell_extras = [
+        *([accept[_CELL_ID]] if accept else []),
+        _system_throughput(ok),
+        roofline_stats(costs, _CELL_ID),
+    ]
     levels = pl.collect_all(
         [
             _level_metrics(frame.lazy(), ok.lazy(), paired, _TOPIC_ID, GROUP_KEYS, topic_extras),

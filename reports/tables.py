@@ -21,6 +21,7 @@ from mmspec.reports.formatting import (
     DASH,
     NOT_MEASURED,
     UNAVAILABLE,
+    efficiency,
     energy_per_token,
     gib,
     num,
@@ -154,6 +155,17 @@ def _speedup(column: str, decimals: int = 2) -> Callable[[Row], Cell]:
     return lambda r: _measured(speedup(r.get(column), decimals))
 
 
+def _ideal(r: Row) -> Cell:
+    ideal, ratio = r.get("ideal_speedup"), r.get("verify_cost_ratio")
+    if ideal is None:
+        return _measured(NOT_MEASURED)
+    note = (
+        f"MAT incl. bonus {num(r['MAT_with_bonus'], '.3f')} / t(T)/t(1) {num(ratio, '.3f')} "
+        f"at T = {num(r.get('verify_tokens_mean'), '.1f')} tokens verified per step"
+    )
+    return Cell(speedup(ideal), value=ideal, note=note)
+
+
 # Every column the per-method tables can show: key -> (header, the cell of a pooled cell row).
 # Keys name the metric column they read, where there is one.
 POOLED_COLUMNS: dict[str, tuple[Column, Callable[[Row], Cell]]] = {
@@ -166,6 +178,11 @@ POOLED_COLUMNS: dict[str, tuple[Column, Callable[[Row], Cell]]] = {
     "tokens_per_s": (Column("Tokens/s"), _number("tokens_per_s", ".1f")),
     "speedup_global": (Column("Speedup (global)"), _speedup("speedup_global")),
     "speedup_paired": (Column("Speedup (paired)"), _speedup("speedup_paired")),
+    "ideal_speedup": (Column("Ideal speedup"), _ideal),
+    "implementation_efficiency": (
+        Column("Implementation efficiency"),
+        lambda r: _measured(efficiency(r)),
+    ),
     "paired_keys": (Column("Paired keys"), lambda r: _count(r["paired_keys"])),
     "latency_p50_s": (Column("p50 s"), _number("latency_p50_s", ".3f")),
     "latency_p90_s": (Column("p90 s"), _number("latency_p90_s", ".3f")),
@@ -216,6 +233,8 @@ _COUNTS_AND_SPEED = (
     "tokens_per_s",
     "speedup_global",
     "speedup_paired",
+    "ideal_speedup",
+    "implementation_efficiency",
     "paired_keys",
     "latency_p50_s",
     "latency_p90_s",

@@ -5,6 +5,9 @@ versions in READABLE_VERSIONS by filling what each lacks (see ADDED_IN).
 
 Version 2 (issue 18) added `base_method` and `method_args`: `method` is then what the row's
 cell calls the method, a variant's name where the grid ran one (results/variants.py).
+Version 3 (issue 20) added `verify_cost_tokens` and `verify_cost_s`: the target's verification
+cost t(T) as the worker that ran the row measured it (methods/verify_cost.py), for the report's
+roofline; null in older runs and imported ones.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 # The fields each version added, for readers of files written before it.
-ADDED_IN: dict[int, tuple[str, ...]] = {2: ("base_method", "method_args")}
+ADDED_IN: dict[int, tuple[str, ...]] = {
+    2: ("base_method", "method_args"),
+    3: ("verify_cost_tokens", "verify_cost_s"),
+}
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -58,6 +64,12 @@ RESULT_SCHEMA = pa.schema(
         pa.field("total_s", pa.float64(), nullable=False),  # batch start -> this row finished
         pa.field("batch_index", pa.int32(), nullable=False),
         pa.field("batch_s", pa.float64(), nullable=False),  # wall time of the whole batch
+        # the target's verification cost on the row's worker at the row's batch size, measured
+        # before any timed window: verify_cost_s[i] is the seconds of one verify forward of
+        # verify_cost_tokens[i] tokens per row (T ascending; methods/verify_cost.py says which
+        # statistic of its rounds); null where not measured
+        pa.field("verify_cost_tokens", pa.list_(pa.int32())),
+        pa.field("verify_cost_s", pa.list_(pa.float64())),
         pa.field("output_tokens", pa.list_(pa.int32())),
         pa.field("output_sha256", pa.string()),
         pa.field("output_text", pa.string()),
@@ -109,6 +121,8 @@ class ResultRow:
     total_s: float = 0.0
     batch_index: int = 0
     batch_s: float = 0.0
+    verify_cost_tokens: list[int] | None = None  # None: not measured
+    verify_cost_s: list[float] | None = None
     output_tokens: list[int] | None = field(default_factory=list)  # None: not recorded
     output_sha256: str | None = None
     output_text: str | None = None
