@@ -97,6 +97,9 @@ def _outputs(base: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[pa.
     return tokens, sha
 
 
+_VERIFY_T = [1, 2, 4, 8, 16, 32, 64]
+
+
 def _cell_table(
     model: str,
     method: str,
@@ -163,6 +166,8 @@ def _cell_table(
         "shard_id": shard_names[shard_of_row],
         "model": np.full(n, model),
         "method": np.full(n, method),
+        "base_method": np.full(n, method),
+        "method_args": np.full(n, "{}"),
         "batch_size": np.full(n, batch_size),
         "temperature": np.zeros(n),
         "seed": np.zeros(n, np.int64),
@@ -188,6 +193,9 @@ def _cell_table(
         "total_s": total_s,
         "batch_index": batch_index,
         "batch_s": batch_s,
+        # every worker's t(T) curve: flat to T = 8, then growing with the verified tokens
+        "verify_cost_tokens": pa.array([_VERIFY_T] * n, pa.list_(pa.int32())),
+        "verify_cost_s": pa.array([[step_s * max(1.0, t / 8) for t in _VERIFY_T]] * n),
         "output_tokens": tokens,
         "output_sha256": pa.array(np.asarray(sha), mask=failed),
         "output_text": pa.array([_TEXT[: 4 * t] for t in new_tokens], mask=failed),
