@@ -6,8 +6,16 @@ reference: SafeAILab/EAGLE `eagle/model/cnets1.py`, Spec-Bench `model/eagle`.
 At position t the head reads fc(cat(embedding of token t+1, feature f_t)) - f_t being the
 target's last hidden state after its final norm, the LM head's input - and one decoder layer
 (no input norm: the fc output is its input) predicts f_{t+1}; the target's own LM head turns
-that into tokens. Deeper tree levels feed the head's own outputs back as features. Prompt
-image slots are embedded with the projected image features the target saw.
+that into tokens. Deeper tree levels feed the head's own outputs back as features.
+
+Image slots of the prompt (`image_slot_token`, methods/head_image_slots.py): MMSpec's rule is
+the default for new heads (`draft_config`). Its SpecModel (method/eagle*/spec_model.py) hands
+the head the embeddings the target was fed only on Qwen2.5-VL and LLaVA-NeXT, so there the
+head reads the projected image features at image slots (null); on LLaVA-1.5 it hands none and
+the head embeds the prompt's ids with its copy of the target's table, so every image slot
+reads the `<image>` token's own text embedding (the image token id). The features f_t are the
+target's as computed, image slots included. A head saved without the option reads the image
+features, as the zoo's heads of before were trained.
 
 Which tree it drafts (`tree`):
 - `dynamic` (the default; MMSpec's `method/eagle/cnets.py` `topK_genrate`): MMSpec's "EAGLE"
@@ -30,12 +38,17 @@ from torch import nn
 
 from mmspec.methods.dynamic_tree import DynamicTreeDrafter
 from mmspec.methods.head_config import DraftConfig, decoder_layer, rotary
+from mmspec.methods.head_image_slots import ImageSlotHead
 from mmspec.methods.head_training import TeacherBatch, eagle_loss
 from mmspec.methods.registry import register
 from mmspec.methods.tree import DraftTree
 from mmspec.methods.tree_search import TreeSearch
 from mmspec.models.feature_taps import FINAL, Feature
 from mmspec.models.target import Target, cache_keyword
+
+# the target families on which MMSpec's EAGLE/EAGLE-2 hand the head no input embeddings, so
+# it embeds the image token's id at image slots (LLaVA-1.5's; see the module docstring)
+IMAGE_TOKEN_AT_SLOTS = frozenset({"llava"})
 
 EAGLE_TREE: tuple[tuple[int, ...], ...] = (
     (0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0),
@@ -44,7 +57,13 @@ EAGLE_TREE: tuple[tuple[int, ...], ...] = (
 )  # fmt: skip
 
 
-class EagleHead(nn.Module):
+def mmspec_image_slot_token(target: Target) -> int | None:
+    """What MMSpec's EAGLE/EAGLE-2 head reads at `target`'s image slots, as an
+    `image_slot_token`: the image token's id on LLaVA-1.5, None (the image features) else."""
+    return target.image_token_id if target.family in IMAGE_TOKEN_AT_SLOTS else None
+
+
+class EagleHead(ImageSlotHead):
     """fc(cat(embedding, feature)) -> one decoder layer; the target's LM head reads it.
 
     State-dict keys as the reference saves them (`fc.*`, `layers.0.*`), minus the frozen
@@ -55,7 +74,7 @@ class EagleHead(nn.Module):
     target_features: tuple[Feature, ...] = (FINAL,)
 
     def __init__(self, config: DraftConfig) -> None:
-        super().__init__()
+        super().__init__(config)  # the image-slot rule
         self.config = config
         h = config.hidden_size
         self.fc = nn.Linear(2 * h, h, bias=config.extra.get("fc_bias", True))
@@ -63,6 +82,15 @@ class EagleHead(nn.Module):
         if not config.extra.get("input_norm", False):
             self.layers[0].input_layernorm = nn.Identity()
         self.rotary = rotary(config)
+
+    @classmethod
+    def draft_config(cls, method: str, target: Target, **extra: Any) -> DraftConfig:
+        """A new head's DraftConfig for `target`, with MMSpec's image-slot rule recorded
+        unless `extra` names one. The rule acts in EAGLE's `prompt_inputs`: a subclass that
+        reads image slots its own way (ViSpec's, MSD's) records none."""
+        if cls.prompt_inputs is EagleHead.prompt_inputs:
+            extra.setdefault("image_slot_token", mmspec_image_slot_token(target))
+        return DraftConfig.for_target(method, target, **extra)
 
     def fuse(self, feats: dict[Feature, torch.Tensor]) -> torch.Tensor:
         return feats[FINAL]
@@ -91,7 +119,7 @@ class EagleHead(nn.Module):
         self, embeds: torch.Tensor, hidden: torch.Tensor, image: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         positions = torch.arange(embeds.shape[0], device=embeds.device)
-        return self.combine(embeds, hidden, None), positions, None
+        return self.combine(self.token_embeddings(embeds, image), hidden, None), positions, None
 
     def train_loss(
         self, batch: TeacherBatch, embed: nn.Module, lm_head: nn.Module, noise: float = 0.0
@@ -102,10 +130,11 @@ class EagleHead(nn.Module):
     def from_reference(
         cls, raw: dict[str, Any], state: dict[str, torch.Tensor], target: Target, where: str
     ) -> tuple[DraftConfig, dict[str, torch.Tensor]]:
-        """A reference EAGLE checkpoint (LLaMA-style config.json, `fc` + `layers.0`)."""
+        """A reference EAGLE checkpoint (LLaMA-style config.json, `fc` + `layers.0`), read
+        with MMSpec's image-slot rule for `target` (how MMSpec runs its published heads)."""
         from mmspec.methods.draft_checkpoint import reference_config
 
-        extra = {"fc_bias": "fc.bias" in state}
+        extra = {"fc_bias": "fc.bias" in state, "image_slot_token": mmspec_image_slot_token(target)}
         if "layers.0.input_layernorm.weight" in state:
             extra["input_norm"] = True
         config = reference_config("eagle", raw, target, where, **extra)

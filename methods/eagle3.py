@@ -12,9 +12,10 @@ token embedding the head reads is that of the pad token (`image_slot_token`, MMS
 `tokenizer.pad_token_id or 0`), not the image features. So the head never sees the picture
 itself, only what the target's text positions made of it. The config's
 `feature_layers` names the three taps (`["embeds", 0, 1]`; an int is a decoder layer's output,
-"final" the normed last hidden state) and `zero_image_positions` switches the image rule;
-`prepare_features` (the zeroed rows) and `token_embeddings` (the pad token at image slots)
-apply it, and training and drafting call both alike. Equal to MMSpec's on targets of 3 or
+"final" the normed last hidden state), `zero_image_positions` and `image_slot_token` the
+image rule, applied as for every EAGLE head (methods/head_image_slots.py: `prepare_features`
+zeroes the rows, `token_embeddings` puts the pad token in, training and drafting alike; the
+EAGLE-1/2 heads' rule differs, methods/eagle.py). Equal to MMSpec's on targets of 3 or
 more layers (on fewer, its hs[2] is the normed last state), and for the prompt's image slots:
 MMSpec would also zero the row of a generated token that equals the image-token id, ours
 zeroes prompt slots only (no such token came up in the parity runs).
@@ -67,9 +68,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from mmspec.methods.base import DraftContext
 from mmspec.methods.dynamic_tree import DynamicTreeDrafter
 from mmspec.methods.head_config import DraftConfig, decoder_layer, rotary
+from mmspec.methods.head_image_slots import ImageSlotHead
 from mmspec.methods.head_training import TeacherBatch
 from mmspec.methods.kv_slots import additive_mask
 from mmspec.methods.registry import register
@@ -118,14 +119,6 @@ def parse_feature(name: Any) -> Feature:
     if name in (EMBEDS, FINAL) or (isinstance(name, int) and not isinstance(name, bool)):
         return name
     raise ValueError(f"EAGLE-3 feature {name!r}: use {EMBEDS!r}, {FINAL!r} or a layer index")
-
-
-def zero_image_rows(
-    feats: dict[Feature, torch.Tensor], image: torch.Tensor
-) -> dict[Feature, torch.Tensor]:
-    """Every feature (b, L, width) with the rows of image positions `image` (b, L) set to 0."""
-    rows = image[..., None]
-    return {name: x.masked_fill(rows, 0.0) for name, x in feats.items()}
 
 
 def token_counts(batch: TeacherBatch) -> torch.Tensor:
@@ -181,7 +174,7 @@ class Eagle3Layer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class Eagle3Head(nn.Module):
+class Eagle3Head(ImageSlotHead):
     """fc-fused target features -> `midlayer` -> norm -> draft-vocabulary `lm_head`.
 
     State-dict keys are the reference's (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`,
@@ -189,7 +182,6 @@ class Eagle3Head(nn.Module):
     """
 
     def __init__(self, config: DraftConfig) -> None:
-        super().__init__()
         extra = config.extra  # resolved in place, so the saved config.json records them
         vocab = config.vocab_size
         if "feature_layers" not in extra:  # a new head: MMSpec's rule
@@ -203,15 +195,12 @@ class Eagle3Head(nn.Module):
             vocab, int(extra.get("draft_vocab_size") or default_draft_vocab(vocab))
         )
         extra.setdefault("ttt_steps", TTT_STEPS)
+        super().__init__(config)  # the image rule (methods/head_image_slots.py)
         self.config = config
         self.target_features = tuple(parse_feature(i) for i in extra["feature_layers"])
         if len(self.target_features) != 3:
             raise ValueError(f"EAGLE-3 fuses three features, got {self.target_features}")
-        self.zero_image = bool(extra["zero_image_positions"])
         h, draft = config.hidden_size, extra["draft_vocab_size"]
-        # the target's embedding of image_slot_token (`bind_embeddings`): under the image rule,
-        # what the head reads at image slots; not saved, the target's table is the truth
-        self.register_buffer("slot_embed", torch.zeros(h), persistent=False)
         self.fc = nn.Linear(3 * h, h, bias=False)
         self.midlayer = Eagle3Layer(config)
         self.norm = copy.deepcopy(self.midlayer.post_attention_layernorm)
@@ -235,29 +224,6 @@ class Eagle3Head(nn.Module):
         if extra["zero_image_positions"]:
             extra.setdefault("image_slot_token", image_slot_token(target))
         return DraftConfig.for_target(method, target, **extra)
-
-    # ---- what the head reads (training and drafting alike) -------------------------------------
-    def prepare_features(
-        self, feats: dict[Feature, torch.Tensor], image: torch.Tensor
-    ) -> dict[Feature, torch.Tensor]:
-        """The tapped features (b, L, width) as the head reads them; `image` (b, L) marks the
-        image slots. Under the image rule each of their rows is 0, EMBEDS included (at image
-        slots the token embedding is `token_embeddings`' business)."""
-        return zero_image_rows(feats, image) if self.zero_image else feats
-
-    def token_embeddings(self, embeds: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """The token embeddings (…, h) the head reads beside the features; `image` (…) marks
-        image slots, which under the image rule read `image_slot_token`'s embedding."""
-        if not self.zero_image:
-            return embeds
-        return torch.where(image[..., None], self.slot_embed.to(embeds.dtype), embeds)
-
-    @torch.no_grad()
-    def bind_embeddings(self, embed: nn.Module) -> None:
-        """Take `image_slot_token`'s embedding from the target's table `embed`."""
-        if self.zero_image:
-            token = torch.tensor(self.config.extra["image_slot_token"], device=embed.weight.device)
-            self.slot_embed.copy_(embed(token))
 
     # ---- the draft vocabulary ----------------------------------------------------------------
     @property
@@ -462,23 +428,3 @@ def _vocab_loaded(module: nn.Module, incompatible: Any) -> None:
 @register("eagle3")
 class Eagle3(DynamicTreeDrafter):
     head_cls = Eagle3Head
-
-    def load(self, target: Target) -> None:
-        super().load(target)
-        self.head.bind_embeddings(self.embed)
-
-    @torch.inference_mode()
-    def begin(self, ctx: DraftContext) -> None:
-        # the head's rule applied to the prompt's features before anything reads them
-        feats = ctx.extras["features"]
-        image = self._prompt_image(ctx, feats[EMBEDS].shape[1], feats[EMBEDS].device)
-        ctx.extras["features"] = self.head.prepare_features(feats, image)
-        super().begin(ctx)
-
-    def _prompt_image(self, ctx: DraftContext, width: int, device: torch.device) -> torch.Tensor:
-        """(b, width) whether each position of the left-padded prompt is an image slot."""
-        image = torch.zeros(len(ctx.tokens), width, dtype=torch.bool, device=device)
-        for i, (tokens, n) in enumerate(zip(ctx.tokens, ctx.prompt_lens)):
-            ids = torch.tensor(tokens[:n], device=device)
-            image[i, width - n :] = ids == self.target.image_token_id
-        return image

@@ -4,9 +4,11 @@
     propose feed what is new into the head's cache (one forward), grow the tree from there
     update  the accepted tokens' target features -> the inputs to feed next time
 
-A head module implements four calls (see `Head`); the method file chooses the head and how
-the tree grows. The head runs on the target's device and dtype; it reuses the target's
-embedding table (and LM head, unless it has its own), which are never copied or saved.
+A head module implements the calls of `Head`; the method file chooses the head and how the
+tree grows. What a head reads at the prompt's image slots is its config's business
+(methods/head_image_slots.py), applied here and in training alike. The head runs on the
+target's device and dtype; it reuses the target's embedding table (and LM head, unless it has
+its own), which are never copied or saved.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from mmspec.methods.base import DraftContext, Drafter, StepOutcome, kept_rows
 from mmspec.methods.head_cache import DraftKV, feed, last_real, ragged
 from mmspec.methods.head_config import DraftConfig
+from mmspec.methods.head_image_slots import prompt_image
 from mmspec.methods.tree import DraftTree
 from mmspec.methods.tree_search import TreeSearch
 from mmspec.models.feature_taps import EMBEDS, Feature
@@ -53,6 +56,15 @@ class Head(Protocol):
         """One row's prompt: (n, h) embeddings of tokens 1..n, fused features of 0..n-1 and
         whether token i+1 is an image slot -> (block inputs, positions, per-row state)."""
 
+    def prepare_features(
+        self, feats: dict[Feature, torch.Tensor], image: torch.Tensor
+    ) -> dict[Feature, torch.Tensor]:
+        """The prompt's tapped features (b, P, width) as the head reads them; `image` (b, P)
+        marks the image slots."""
+
+    def bind_embeddings(self, embed: nn.Module) -> None:
+        """Take what the head reads from the target's embedding table `embed`."""
+
 
 class HeadDrafter(Drafter):
     """Base class of the trained-head methods; subclasses set `head_cls` and `grow`."""
@@ -76,22 +88,24 @@ class HeadDrafter(Drafter):
         self.head.to(device=target.device, dtype=target.dtype).eval()
         self.embed = target.model.get_input_embeddings()
         self.lm_head = target.model.get_output_embeddings()
+        self.head.bind_embeddings(self.embed)
         self.features = (EMBEDS, *self.head.target_features)
 
     # ---- the drafter calls ---------------------------------------------------------------
     @torch.inference_mode()
     def begin(self, ctx: DraftContext) -> None:
         feats = ctx.extras["features"]
+        width = feats[EMBEDS].shape[1]
+        image_id = self.target.image_token_id
+        slots = prompt_image(ctx.tokens, ctx.prompt_lens, width, image_id, feats[EMBEDS].device)
+        feats = self.head.prepare_features(feats, slots)
         fused = self.head.fuse(feats)  # (b, P, h), left padded
-        width = fused.shape[1]
         todo, states = [], []
         for i, (tokens, n) in enumerate(zip(ctx.tokens, ctx.prompt_lens)):
             # pair position t of the prompt with token t + 1; the last with the pending token
             pending = self.embed(torch.tensor(tokens[n : n + 1], device=fused.device))
             embeds = torch.cat([feats[EMBEDS][i, width - n + 1 :], pending])
-            image = (
-                torch.tensor(tokens[1 : n + 1], device=fused.device) == self.target.image_token_id
-            )
+            image = torch.tensor(tokens[1 : n + 1], device=fused.device) == image_id
             x, positions, state = self.head.prompt_inputs(embeds, fused[i, width - n :], image)
             todo.append((x, positions))
             states.append(state)

@@ -3,10 +3,11 @@
 `TeacherBatch` is one batch of distilled conversations as the target saw them (its features
 and next-token logits at every position); each head's `train_loss` turns it into a loss. The
 EAGLE-family loss (EAGLE-1/2, ViSpec, MSD) is written once here: the head reads the prompt
-the way it does at inference (`prompt_inputs`, so ViSpec's compressed image span and MSD's
-raw visual slots are trained as they run) and at each position t predicts the target's
-feature at t+1 (smooth L1, weight `v_w`) and, through the LM head, the target's distribution
-of token t+2 (soft cross-entropy, weight `p_w`), on answer tokens only.
+the way it does at inference (`prompt_inputs`, so ViSpec's compressed image span, MSD's raw
+visual slots and what an EAGLE head reads at image slots are trained as they run) and at each
+position t predicts the target's feature at t+1 (smooth L1, weight `v_w`) and, through the LM
+head, the target's distribution of token t+2 (soft cross-entropy, weight `p_w`), on answer
+tokens only.
 """
 
 from __future__ import annotations
@@ -53,14 +54,17 @@ def eagle_loss(
     v_w: float = 1.0,
     p_w: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """EAGLE's loss for heads with `prompt_inputs` / `block` (see head_drafter.Head)."""
-    fused = head.fuse(batch.features)
-    target_feat = batch.features[FINAL]
+    """EAGLE's loss for heads with `prompt_inputs` / `block` (see head_drafter.Head); image
+    slots read as the drafter reads them (`prepare_features`, `bind_embeddings`)."""
+    head.bind_embeddings(embed)
+    prepared = head.prepare_features(batch.features, batch.image)
+    fused = head.fuse(prepared)
+    target_feat = batch.features[FINAL]  # what the target computed: the regression target
     xs, ps, states, picks = [], [], [], []
     for i, rows in enumerate(batch.rows()):
         n = rows.stop - rows.start
         feats = uniform_noise(fused[i, rows][: n - 1], noise)
-        embeds = batch.features[EMBEDS][i, rows][1:]
+        embeds = prepared[EMBEDS][i, rows][1:]
         x, positions, state = head.prompt_inputs(embeds, feats, batch.image[i, rows][1:])
         xs.append(x)
         ps.append(positions)

@@ -41,9 +41,10 @@ def samples(head_samples) -> tuple[list, list]:
 
 
 def _random_head(method: str, target, out: Path, seed: int = 0) -> Path:
+    """An untrained head as the trainer builds new ones (so with MMSpec's image-slot rule)."""
     torch.manual_seed(seed)
-    cls = get_drafter(method)
-    head = cls.head_cls(DraftConfig.for_target(HEADS[method], target))
+    head_cls = get_drafter(method).head_cls
+    head = head_cls(head_cls.draft_config(HEADS[method], target))
     save_head(head, head.config, out)
     return out
 

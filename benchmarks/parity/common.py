@@ -81,6 +81,8 @@ class Method:
     # empty = our defaults, which is what the harness is there to prove
     ours_args: dict[str, Any] = field(default_factory=dict)
     head: str | None = None  # the trained head it runs (converted for the reference)
+    # our side runs a copy of that head whose config.extra has these options (same weights)
+    head_options: dict[str, Any] = field(default_factory=dict)
 
 
 SAM_ARGS = {"total_token": 30, "depth": 3, "top_k": 8, "threshold": 1.0}
@@ -95,6 +97,10 @@ VISPEC_ARGS = {**MMSPEC_TREE, "num_q": 2}
 MSD_TREE = {"depth": 5, "top_k": 10, "total_token": 59}
 # eval_msd_vskip_mmspec.sh (both models): depth 5, top_k 10, total_token 30, threshold 0.35
 MSD_VSKIP_ARGS = {**MSD_TREE, "total_token": 30, "visual_attn_threshold": 0.35}
+
+# an EAGLE head's option for what it reads at image slots: null = the image features
+# (methods/head_image_slots.py)
+IMAGE_FEATURES = {"image_slot_token": None}
 
 METHODS: dict[str, Method] = {
     "ar": Method(ref="baseline", ours="ar"),
@@ -119,19 +125,22 @@ METHODS: dict[str, Method] = {
         ref_args=MMSPEC_TREE,
         head="eagle",
     ),
-    # on LLaVA-1.5 with the head's prompt image slots embedded as the image features (as
-    # MMSpec does on Qwen2.5-VL and LLaVA-NeXT, and ours everywhere); same as above on Qwen
+    # both sides with the head's prompt image slots read as the image features, the other
+    # image-slot rule (MMSpec's on Qwen2.5-VL and LLaVA-NeXT; its LLaVA-1.5 path embeds the
+    # <image> token, as the zoo's LLaVA head was trained): the same as above on Qwen
     "eagle2-imgfeat": Method(
         ref="eagle2-imgfeat",
         ours="eagle2",
         ref_args={**MMSPEC_TREE, "threshold": 0.3},
         head="eagle",
+        head_options=IMAGE_FEATURES,
     ),
     "eagle-imgfeat": Method(
         ref="eagle-imgfeat",
         ours="eagle",
         ref_args=MMSPEC_TREE,
         head="eagle",
+        head_options=IMAGE_FEATURES,
     ),
     # the EAGLE-1 paper's static 25-node tree against MMSpec's "eagle": expected to differ
     "eagle-static": Method(

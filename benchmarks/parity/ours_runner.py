@@ -11,6 +11,9 @@ Every turn of a sample runs as our ShardRunner runs it: the conversation so far
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from common import (
 )
 from PIL import Image
 
+from mmspec.methods.draft_checkpoint import checkpoint_dir
 from mmspec.methods.engine import Engine
 from mmspec.methods.registry import get_drafter
 from mmspec.models.loader import load_target
@@ -37,13 +41,30 @@ from mmspec.orchestrator.runner import conversation
 from mmspec.workloads import Sample
 
 
+def head_copy(method: Method, model: str, folder: Path) -> dict[str, Any]:
+    """The drafter arguments that run `method`'s zoo head with its `head_options`: a copy in
+    `folder` whose config.extra has them, the weights unchanged. None needed: {}."""
+    if not method.head_options:
+        return {}
+    assert method.head is not None
+    src = checkpoint_dir(method.head, MODELS[model].ours)
+    config = json.loads((src / "config.json").read_text())
+    config["extra"].update(method.head_options)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(src / "model.safetensors", folder / "model.safetensors")
+    return {"checkpoint": str(folder)}
+
+
 def run_method(
     name: str, method: Method, model: str, prompts: list[Prompt], args: argparse.Namespace
 ) -> dict[str, Any]:
     # a fresh target per method, as the reference loads one per method: no hooks carried over
     target = load_target(MODELS[model].ours, device="cpu", prompt_style="mmspec")
-    drafter = get_drafter(method.ours)(**method.ours_args)
-    engine = Engine(target, drafter)
+    with tempfile.TemporaryDirectory() as folder:  # the engine loads the head right away
+        drafter = get_drafter(method.ours)(
+            **method.ours_args, **head_copy(method, model, Path(folder))
+        )
+        engine = Engine(target, drafter)
 
     def generate(conv: list, image: list, prompt: Any) -> Any:
         # timed like MMSpec's scripts: on a prompt already tokenised and preprocessed
@@ -96,6 +117,7 @@ def run_method(
         "model": model,
         "ours": method.ours,
         "ours_args": method.ours_args,
+        "head_options": method.head_options,
         # the settings the drafter ended up with, defaults included
         "drafter": {k: v for k, v in vars(drafter).items() if isinstance(v, int | float | str)},
         "stop_ids": sorted(target.eos_token_ids),

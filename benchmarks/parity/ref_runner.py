@@ -209,7 +209,8 @@ class ImageFeatures:
     embedding; on Qwen2.5-VL and LLaVA-NeXT it passes the embeddings the target saw, the
     projected image features in those slots. This gives LLaVA-1.5 the same: the first
     `topK_genrate` of a generation (the one that reads the prompt) gets the merged
-    embeddings. Nothing changes on Qwen2.5-VL, where they are passed already."""
+    embeddings; our side reads them too (`common.IMAGE_FEATURES`). Nothing changes on
+    Qwen2.5-VL, where they are passed already."""
 
     model: Any
 
