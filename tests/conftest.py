@@ -65,6 +65,21 @@ def head_samples() -> tuple[list, list]:
     return [conversation(s, [], True) for s in picked], [s.load_image() for s in picked]
 
 
+def target_view(target, conv, image) -> tuple:
+    """One prompt as the target sees it: the encoded prompt, its `output_hidden_states`
+    (embeddings first, the final normed state last), its logits and its image slots (an image
+    in the prompt, none among the last two tokens)."""
+    import torch
+
+    prompt = target.encode([conv], [image])
+    positions, _ = target.prefill_positions(prompt)
+    with torch.inference_mode():
+        out = target.model(**prompt.inputs, position_ids=positions, output_hidden_states=True)
+    slots = prompt.input_ids == target.image_token_id
+    assert slots.any() and not slots[:, -2:].any()
+    return prompt, out.hidden_states, out.logits, slots
+
+
 def reference_head_config(target, **extra) -> dict:
     """A reference draft head's LLaMA-style config.json for `target`'s shapes."""
     text = target.model.config.get_text_config()

@@ -17,7 +17,7 @@ from mmspec.methods.head_config import save_head
 from mmspec.methods.head_training import TeacherBatch
 from mmspec.methods.registry import get_drafter
 from mmspec.models.feature_taps import EMBEDS
-from tests.conftest import reference_head_config
+from tests.conftest import reference_head_config, target_view
 
 MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
 DRAFT_VOCAB = 512
@@ -101,17 +101,6 @@ def test_an_int_only_config_loads_as_before(targets, tmp_path) -> None:
     assert drafter.head.target_features == (0, 1, 2) and not drafter.head.zero_image
 
 
-def _hidden_states(target, conv, image):
-    """The target's own view of one prompt: ids, `output_hidden_states`, logits, image mask."""
-    prompt = target.encode([conv], [image])
-    positions, _ = target.prefill_positions(prompt)
-    with torch.inference_mode():
-        out = target.model(**prompt.inputs, position_ids=positions, output_hidden_states=True)
-    image = prompt.input_ids == target.image_token_id
-    assert image.any() and not image[:, -2:].any()
-    return prompt, out.hidden_states, out.logits, image
-
-
 def _first_inputs(head) -> tuple[dict, list]:
     """Records the first input of head.fc and of the head's layer (its token embeddings)."""
     seen: dict = {}
@@ -139,7 +128,7 @@ def test_the_head_reads_mmspecs_features_drafting_and_training(
     embedding (MMSpec's rule); an int-only config reads hidden_states[1..3] as they are."""
     target = targets[model]
     convs, images = samples
-    prompt, hs, logits, image = _hidden_states(target, convs[0], images[0])
+    prompt, hs, logits, image = target_view(target, convs[0], images[0])
     head = _random_head(target)
     if rule == "mmspec":
         want = torch.cat(hs[0:3], dim=-1).masked_fill(image[..., None], 0.0)

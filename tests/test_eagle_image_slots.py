@@ -17,7 +17,7 @@ from mmspec.methods.head_image_slots import ImageSlotHead
 from mmspec.methods.head_training import TeacherBatch
 from mmspec.methods.registry import get_drafter
 from mmspec.models.feature_taps import EMBEDS, FINAL
-from tests.conftest import reference_head_config
+from tests.conftest import reference_head_config, target_view
 
 MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
 ZOO = Path(__file__).resolve().parents[1] / "models/zoo/drafters"
@@ -54,18 +54,6 @@ def _mmspec_head_embeds(target, prompt) -> torch.Tensor:
     with torch.inference_mode():
         out = target.model(**prompt.inputs, output_hidden_states=True)
     return out.hidden_states[0][0]
-
-
-def _teacher_view(target, conv, image):
-    """One prompt as the target sees it: the prompt, its EMBEDS / FINAL and logits."""
-    prompt = target.encode([conv], [image])
-    positions, _ = target.prefill_positions(prompt)
-    with torch.inference_mode():
-        out = target.model(**prompt.inputs, position_ids=positions, output_hidden_states=True)
-    slots = prompt.input_ids == target.image_token_id
-    assert slots.any() and not slots[:, -2:].any()
-    feats = {EMBEDS: out.hidden_states[0], FINAL: out.hidden_states[-1]}
-    return prompt, feats, out.logits, slots
 
 
 def _first_fc_input(head) -> tuple[dict, object]:
@@ -146,7 +134,8 @@ def test_the_head_reads_mmspecs_embeddings_drafting_and_training(
     both. Drafting and training alike."""
     target = targets[model]
     convs, images = samples
-    prompt, feats, logits, slots = _teacher_view(target, convs[0], images[0])
+    prompt, hs, logits, slots = target_view(target, convs[0], images[0])
+    feats = {EMBEDS: hs[0], FINAL: hs[-1]}
     n = prompt.input_ids.shape[1]
     h = target.model.config.get_text_config().hidden_size
     # embeddings of tokens 1..n-1, position t's pair

@@ -18,7 +18,7 @@ from mmspec.methods.registry import get_drafter
 from mmspec.models.feature_taps import EMBEDS, FINAL
 from mmspec.orchestrator.runner import conversation
 from mmspec.workloads import synthetic_suite
-from tests.conftest import reference_head_config
+from tests.conftest import reference_head_config, target_view
 
 MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
 
@@ -106,17 +106,6 @@ def test_reference_checkpoints_load_in_mmspecs_form(targets, tmp_path, model) ->
 # ---- what the head reads ----------------------------------------------------------------------
 
 
-def _target_view(target, conv, image):
-    """The prompt's ids, the target's input embeddings and final normed hidden states."""
-    prompt = target.encode([conv], [image])
-    positions, _ = target.prefill_positions(prompt)
-    with torch.inference_mode():
-        out = target.model(**prompt.inputs, position_ids=positions, output_hidden_states=True)
-    image = prompt.input_ids == target.image_token_id
-    assert image.any() and not image[:, -2:].any()
-    return prompt, out.hidden_states[0], out.hidden_states[-1], out.logits, image
-
-
 def _first_layer_input(head) -> tuple[dict, object]:
     seen: dict = {}
 
@@ -133,7 +122,8 @@ def test_image_positions_read_the_visual_token_itself(targets, samples, tmp_path
     the fc output with it); drafting and training alike."""
     target = targets[model]
     convs, images = samples
-    prompt, embeds, final, logits, image = _target_view(target, convs[0], images[0])
+    prompt, hs, logits, image = target_view(target, convs[0], images[0])
+    embeds, final = hs[0], hs[-1]
     head = _random_head(target)
     nxt = image[0, 1:]
     with torch.no_grad():
