@@ -1,10 +1,10 @@
 """grid.yaml: parse and validate it, expand it into cells, chunk cells into shards.
 
-A grid file is data, never code: it is read with YAML's safe loader (no aliases or anchors,
-no key given twice), and methods, models and workloads are looked up by name in their
-registries. Every problem is reported as a `GridError` naming the file, the key path
-(`models[1].id`) and what is allowed, before anything is started; a value it quotes is cut
-to `QUOTE_CHARS` characters, so no input can make a message (or its making) large.
+A grid file is data, never code: its text is read strictly (grid_text.py: UTF-8, YAML's safe
+loader without aliases or keys given twice), and methods, models and workloads are looked up
+by name in their registries. Every problem is reported as a `GridError` naming the file, the
+key path (`models[1].id`) and what is allowed, before anything is started; a value it quotes is
+cut to `QUOTE_CHARS` characters.
 """
 
 from __future__ import annotations
@@ -16,23 +16,28 @@ import json
 import logging
 import math
 import re
-import reprlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from mmspec.models.model_limits import ModelLimits, model_limits
 from mmspec.models.prompting import PROMPT_STYLES, default_prompt_style
 from mmspec.models.registry import UnknownModelError, check_model_id
+from mmspec.orchestrator.grid_text import (
+    PROBLEM_CHARS,
+    GridError,
+    read_text,
+    read_yaml,
+)
+from mmspec.orchestrator.grid_text import clip as _clip
+from mmspec.orchestrator.grid_text import quote as _quote
 from mmspec.orchestrator.shards import Shard
 from mmspec.orchestrator.workload_config import WorkloadConfig, builtin_workloads
 from mmspec.results.cells import Cell, ModelConfig
 from mmspec.results.ids import cell_id, method_id, safe_name, shard_id
 from mmspec.results.variants import Variant, variant_name
-from mmspec.workloads.sample import TOPICS, Sample, lone_surrogate
+from mmspec.workloads.sample import TOPICS, Sample
 
 if TYPE_CHECKING:  # the drafters import torch: only loaded when a grid names methods
     from mmspec.methods.base import Drafter, MethodArgError
@@ -68,13 +73,7 @@ EXCLUDE_KEYS = ("model", "method", "batch_size", "temperature", "repeat", "workl
 VARIANT_KEYS = ("name", "method", "args")  # a `methods` entry that is a mapping
 MAX_VARIANTS = 1000  # per entry: each is validated by building its drafter, and is a cell each
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-QUOTE_CHARS = 80  # the most of a user's value an error message repeats
-PROBLEM_CHARS = 240  # the most of a message from elsewhere (a drafter, a registry) repeated
 HASH_EXCLUDED = ("out", "shard_timeout_s")  # where and how long, not what was run
-
-
-class GridError(ValueError):
-    """A grid file that cannot be run; the message names file, key and allowed values."""
 
 
 @dataclass(frozen=True)
@@ -116,81 +115,7 @@ class Grid:
 def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid file."""
     source = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise GridError(f"{source}: cannot read the grid file: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise GridError(
-            f"{source}: not UTF-8 text: byte {raw[exc.start]:#04x} at byte offset {exc.start} "
-            f"({exc.reason})"
-        ) from None
-    return parse_grid(read_yaml(text, source), source, base_dir=Path(path).parent)
-
-
-def read_yaml(text: str, source: str = "<grid>") -> Any:
-    """Parse a grid's YAML text as plain data, or raise GridError naming the file and line."""
-    try:
-        return yaml.load(text, Loader=_GridLoader)  # a SafeLoader: plain data only
-    except _AliasError as exc:
-        raise GridError(
-            f"YAML aliases and anchors are not supported: {source}:{exc.line}"
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or exc
-        raise GridError(f"{source}: not valid YAML{where}: {problem}") from None
-    except RecursionError:
-        raise GridError(f"{source}: not valid YAML: nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer past Python's digit limit
-        raise GridError(f"{source}: not valid YAML: {_clip(str(exc), PROBLEM_CHARS)}") from None
-
-
-class _AliasError(yaml.YAMLError):
-    def __init__(self, mark: yaml.Mark) -> None:
-        super().__init__(f"alias or anchor at line {mark.line + 1}")
-        self.line = mark.line + 1
-
-
-class _GridLoader(yaml.SafeLoader):
-    """The safe loader, minus what lets a small file stand for a huge value or hide a value:
-    aliases and anchors (`&a`, `*a`: nested, they expand a few lines into gigabytes), a key
-    given twice (YAML forbids it; PyYAML keeps the last), a string that is not Unicode text."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _AliasError(event.start_mark)
-        return super().compose_node(parent, index)
-
-    def compose_scalar_node(self, anchor: Any) -> Any:
-        node = super().compose_scalar_node(anchor)
-        index = lone_surrogate(node.value)
-        if index is not None:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"a lone surrogate {node.value[index]!r} is not text", node.start_mark
-            )
-        return node
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        first_line: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                continue  # a merge (`<<`) may override; other key kinds fail in the base class
-            key = self.construct_object(key_node)
-            line = key_node.start_mark.line + 1
-            if key in first_line:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"key {_quote(key)} given twice (lines {first_line[key]} and {line})",
-                    key_node.start_mark,
-                )
-            first_line[key] = line
-        return super().construct_mapping(node, deep)
+    return parse_grid(read_yaml(read_text(path), source), source, base_dir=Path(path).parent)
 
 
 def parse_grid(data: Any, source: str = "<grid>", base_dir: str | Path | None = None) -> Grid:
@@ -353,20 +278,6 @@ def _is_number(value: Any) -> bool:
 
 def _listing(values: Sequence[Any]) -> str:
     return ", ".join(str(v) for v in values) if values else "(none)"
-
-
-_REPR = reprlib.Repr()  # bounded: never walks (or builds) more of a value than it shows
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, QUOTE_CHARS, QUOTE_CHARS
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
-
-
-def _quote(value: Any) -> str:
-    """A user's value as an error message repeats it: its repr, at most QUOTE_CHARS long."""
-    return _clip(_REPR.repr(value), QUOTE_CHARS)
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)

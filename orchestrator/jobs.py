@@ -29,7 +29,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from mmspec.orchestrator.grid import Grid, grid_sha256, read_yaml
+from mmspec.orchestrator.grid import Grid, grid_sha256
+from mmspec.orchestrator.grid_text import read_yaml
 from mmspec.results.ids import safe_name
 from mmspec.results.layout import run_names
 

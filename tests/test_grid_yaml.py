@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmspec.orchestrator.grid import (
-    QUOTE_CHARS,
-    GridError,
-    grid_sha256,
-    load_grid,
-    parse_grid,
-    to_dict,
-)
+from mmspec.orchestrator.grid import GridError, grid_sha256, load_grid, parse_grid, to_dict
+from mmspec.orchestrator.grid_text import QUOTE_CHARS
 from tests.test_grid import BASE, builtin_workloads, with_, write  # noqa: F401 - fixture
 
 GRID_TEXT = """\
