@@ -80,6 +80,7 @@ def resolve(weights: str, target: Target, checkpoint: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["config.json", *WEIGHT_FILES, "medusa_lm_head.safetensors", "*.pt"]
+    patterns += ["*.index.json", "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin"]
     return Path(snapshot_download(checkpoint, allow_patterns=patterns))
 
 
@@ -94,15 +95,25 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint folder (safetensors first; a .bin only as plain tensors)."""
     for name in (*WEIGHT_FILES, "medusa_lm_head.safetensors", "medusa_lm_head.pt"):
         f = path / name
-        if not f.is_file():
-            continue
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(f))
-        # weights_only: a pickle that holds anything but tensors is refused
-        return torch.load(f, map_location="cpu", weights_only=True)
+        index = path / f"{name}.index.json"
+        if index.is_file() and not f.is_file():  # sharded: read every shard the index names
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: weight_map names missing shard {missing[0]}")
+            return {k: v for s in shards for k, v in _read_file(path / s).items()}
+        if f.is_file():
+            return _read_file(f)
     raise CheckpointError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _read_file(f: Path) -> dict[str, torch.Tensor]:
+    if f.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(f))
+    # weights_only: a pickle that holds anything but tensors is refused
+    return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def load_head(
