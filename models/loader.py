@@ -24,7 +24,7 @@ from mmspec.models.prompting import (
     default_prompt_style,
     qwen_image_processor_kwargs,
 )
-from mmspec.models.registry import REGISTRY, check_model_id
+from mmspec.models.registry import REGISTRY, check_model_id, model_source
 from mmspec.models.target import LlavaTarget, QwenPromptProcessor, QwenVLTarget, Target
 from mmspec.models.tiny import tiny_model_path
 
@@ -50,10 +50,8 @@ def resolve_model_source(model_id: str) -> tuple[str, bool]:
     check_model_id(model_id)
     entry = REGISTRY.get(model_id)
     if entry is not None and entry.source == "tiny":
-        return str(tiny_model_path(model_id)), True
-    source = entry.source if entry else model_id
-    path = Path(source).expanduser()
-    return (str(path), True) if path.is_dir() else (source, False)
+        tiny_model_path(model_id)  # a missing zoo checkpoint says how to rebuild it
+    return model_source(model_id)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmspec.models.registry import REGISTRY
-from mmspec.models.zoo_paths import ZOO_DIR
+from mmspec.models.registry import model_source
 
 # What a nested text config means by a key it leaves out: transformers' defaults for the
 # language models the supported VLMs nest (llava-hf's LLaVA-1.5/1.6 configs give no
@@ -66,14 +65,9 @@ def limits_of(config: dict[str, Any]) -> ModelLimits:
 def local_config_path(model_id: str, revision: str | None = None) -> Path | None:
     """Where `model_id`'s config.json lies on this machine, if it does (resolved as the
     loader resolves it: a registry name, a local directory or a hub id)."""
-    entry = REGISTRY.get(model_id)
-    if entry is not None and entry.source == "tiny":
-        path = ZOO_DIR / model_id / "config.json"  # where models.tiny.tiny_model_path looks
-        return path if path.is_file() else None
-    source = entry.source if entry is not None else model_id
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        path = folder / "config.json"
+    source, local = model_source(model_id)
+    if local:
+        path = Path(source) / "config.json"
         return path if path.is_file() else None
     return _cached_hub_file(source, "config.json", revision)
 

@@ -69,3 +69,17 @@ def check_model_id(model_id: str) -> None:
 
 def model_names() -> list[str]:
     return sorted(REGISTRY)
+
+
+def model_source(model_id: str) -> tuple[str, bool]:
+    """Where `model_id` loads from - the tiny zoo's folder, a local directory, or a hub id -
+    and whether that is a local directory. The one resolution rule of the loader and of the
+    torch-free validation that reads configs (model_limits)."""
+    from mmspec.models.zoo_paths import ZOO_DIR  # torch-free, like this module
+
+    entry = REGISTRY.get(model_id)
+    if entry is not None and entry.source == "tiny":
+        return str(ZOO_DIR / model_id), True
+    source = entry.source if entry is not None else model_id
+    path = Path(source).expanduser()
+    return (str(path), True) if path.is_dir() else (source, False)
