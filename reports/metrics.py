@@ -74,6 +74,12 @@ def _upgraded(files: list[Path], version: int) -> pl.LazyFrame:
         "method_args": pl.lit(None, pl.String),
         "verify_cost_tokens": pl.lit(None, pl.List(pl.Int32)),
         "verify_cost_s": pl.lit(None, pl.List(pl.Float64)),
+        "scenario": pl.lit("static"),
+        "rate": pl.lit(None, pl.Float64),
+        "arrival_s": pl.lit(None, pl.Float64),
+        "queue_s": pl.lit(None, pl.Float64),
+        "ttft_s": pl.lit(None, pl.Float64),
+        "token_times_s": pl.lit(None, pl.List(pl.Float64)),
     }
     added = [n for v, names in ADDED_IN.items() if v > version for n in names]
     return frame.with_columns(**{n: fills[n] for n in added}).select(RESULT_SCHEMA.names)

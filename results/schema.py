@@ -8,6 +8,10 @@ cell calls the method, a variant's name where the grid ran one (results/variants
 Version 3 (issue 20) added `verify_cost_tokens` and `verify_cost_s`: the target's verification
 cost t(T) as the worker that ran the row measured it (methods/verify_cost.py), for the report's
 roofline; null in older runs and imported ones.
+Version 4 (issue 19) added the serving scenario: `scenario` ("static" | "continuous" |
+"poisson"), `rate` (poisson arrivals per second), and per request `arrival_s`, `queue_s`,
+`ttft_s` and `token_times_s`. In a serving cell `batch_size` is the concurrency cap, and
+`batch_index`/`batch_s` name the request stream the row ran in and that stream's wall time.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 # The fields each version added, for readers of files written before it.
 ADDED_IN: dict[int, tuple[str, ...]] = {
     2: ("base_method", "method_args"),
     3: ("verify_cost_tokens", "verify_cost_s"),
+    4: ("scenario", "rate", "arrival_s", "queue_s", "ttft_s", "token_times_s"),
 }
 
 RESULT_SCHEMA = pa.schema(
@@ -37,7 +42,12 @@ RESULT_SCHEMA = pa.schema(
         # the arguments the drafter ran with, defaults included, as canonical JSON; null where
         # not known (imported runs)
         pa.field("method_args", pa.string()),
+        # the most rows decoding together: a static batch's size, a serving cell's concurrency
         pa.field("batch_size", pa.int32(), nullable=False),
+        # how requests reach the engine (orchestrator/grid.py "scenario"); `rate`: poisson
+        # arrivals per second, null otherwise
+        pa.field("scenario", pa.string(), nullable=False),
+        pa.field("rate", pa.float64()),
         pa.field("temperature", pa.float64(), nullable=False),
         pa.field("seed", pa.int64(), nullable=False),
         pa.field("repeat", pa.int32(), nullable=False),
@@ -62,8 +72,17 @@ RESULT_SCHEMA = pa.schema(
         pa.field("verify_s", pa.float64(), nullable=False),
         pa.field("commit_s", pa.float64(), nullable=False),
         pa.field("total_s", pa.float64(), nullable=False),  # batch start -> this row finished
+        # which batch (serving: request stream) of the shard the row ran in, and its wall time
         pa.field("batch_index", pa.int32(), nullable=False),
-        pa.field("batch_s", pa.float64(), nullable=False),  # wall time of the whole batch
+        pa.field("batch_s", pa.float64(), nullable=False),
+        # latency as a request sees it, seconds: when it arrived (after its batch or stream
+        # started), how long it waited to be admitted, when its first token came (from arrival),
+        # and when each output token was emitted (from arrival; tokens accepted in one step
+        # share a time); null in older runs and imported ones
+        pa.field("arrival_s", pa.float64()),
+        pa.field("queue_s", pa.float64()),
+        pa.field("ttft_s", pa.float64()),
+        pa.field("token_times_s", pa.list_(pa.float64())),
         # the target's verification cost on the row's worker at the row's batch size, measured
         # before any timed window: verify_cost_s[i] is the seconds of one verify forward of
         # verify_cost_tokens[i] tokens per row (T ascending; methods/verify_cost.py says which
@@ -97,6 +116,8 @@ class ResultRow:
     base_method: str = field(default="", kw_only=True)
     method_args: str | None = field(default=None, kw_only=True)
     batch_size: int
+    scenario: str = field(default="static", kw_only=True)
+    rate: float | None = field(default=None, kw_only=True)
     temperature: float
     seed: int
     repeat: int
@@ -121,6 +142,10 @@ class ResultRow:
     total_s: float = 0.0
     batch_index: int = 0
     batch_s: float = 0.0
+    arrival_s: float | None = None
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    token_times_s: list[float] | None = None
     verify_cost_tokens: list[int] | None = None  # None: not measured
     verify_cost_s: list[float] | None = None
     output_tokens: list[int] | None = field(default_factory=list)  # None: not recorded
