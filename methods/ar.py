@@ -9,5 +9,8 @@ from mmspec.methods.tree import DraftTree
 
 @register("ar")
 class Autoregressive(Drafter):
+    def join(self, ctx: DraftContext) -> None:
+        """Nothing per row: nothing is drafted."""
+
     def propose(self, ctx: DraftContext) -> list[DraftTree]:
         return [DraftTree.empty() for _ in ctx.rows]

@@ -64,7 +64,8 @@ class Drafter:
     """Base class: propose draft trees, optionally learn from what was accepted.
 
     Life cycle: construct from method args -> `load(target)` once per worker -> per batch
-    `begin(ctx)`, then per step `propose(ctx)` and `update(ctx, accepted)`.
+    `begin(ctx)`, then per step `propose(ctx)` and `update(ctx, accepted)`; under continuous
+    batching `join(ctx)` between steps whenever rows join.
     """
 
     name: ClassVar[str] = ""
@@ -141,6 +142,13 @@ class Drafter:
 
     def begin(self, ctx: DraftContext) -> None:
         """A new batch starts; reset per-row state."""
+
+    def join(self, ctx: DraftContext) -> None:
+        """Rows join the running batch (continuous batching, `Engine.serve`): set up their
+        per-row state after the rows already running, in `ctx` order. `ctx` holds only the
+        joining rows, their prompt features in `extras` as `begin`'s; row ids are unique
+        within the stream, so `kept_rows` maps state when rows leave."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take rows joining a batch")
 
     def propose(self, ctx: DraftContext) -> list[DraftTree]:
         """One draft tree per active row (an empty tree means a plain AR step for that row)."""

@@ -9,6 +9,11 @@ mask of real slots; after each verification only the accepted path's slots are a
 (left-aligned per row, masked padding where rows accepted fewer), so rejected drafts never
 take cache space, and slots masked as padding are squeezed out when they pile up.
 
+Rows may also join a running batch (`serve`, continuous batching): a group of arrived
+requests is prefilled on its own, then merged into the running cache (the shorter side left
+padded with masked slots: positions are explicit per row, so where a slot sits does not matter)
+and handed to the drafter's `join`; the others keep decoding after that one prefill.
+
 Per-step cost outside the forward matters on small targets (a tiny target's forward is
 ~1.5 ms on CPU, and each small tensor op between forwards costs ~5-15 us), so a step builds
 its inputs with as few device ops as it can: per-row scalars are Python lists moved in one
@@ -19,9 +24,11 @@ a short branch of the same loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import InitVar, dataclass, field
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -42,7 +49,7 @@ from mmspec.methods.kv_slots import (
 )
 from mmspec.methods.tree import DraftTree
 from mmspec.models.feature_taps import Feature, FeatureTap
-from mmspec.models.target import Message, Target
+from mmspec.models.target import ContextLengthError, Message, Target
 from mmspec.models.vision_probe import VisionProbe
 
 
@@ -61,8 +68,45 @@ class Generation:
     draft_s: float = 0.0
     verify_s: float = 0.0
     commit_s: float = 0.0
-    total_s: float = 0.0  # batch start -> this row finished
+    total_s: float = 0.0  # arrival (a static batch: its start) -> this row finished
     stop: str = ""  # "eos" | "length"
+    # latency as the request saw it (seconds): arrival after the batch or stream started,
+    # waiting before its prefill began, arrival -> first token, and per token in `tokens`
+    # arrival -> emitted (tokens accepted by one verification share a time)
+    arrival_s: float = 0.0
+    queue_s: float = 0.0
+    ttft_s: float = 0.0
+    token_times_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    """One generation request of a serving stream."""
+
+    id: int  # unique in the stream; the drafter's row id (DraftContext.rows)
+    messages: list[Message]
+    image: Image.Image | None
+    arrival_s: float  # seconds after the stream started; it joins no earlier
+    seed: int = 0  # its sampling seed
+
+
+class RequestSource(Protocol):
+    """Where `Engine.serve` takes requests from and hands results to."""
+
+    def arrivals(self, now_s: float) -> list[Request]:
+        """Requests arrived by `now_s` and not returned before, in arrival order."""
+        ...
+
+    def next_arrival_s(self) -> float | None:
+        """Arrival time of the next request not yet returned; None when none is known now."""
+        ...
+
+    def finished(
+        self, request: Request, result: Generation | None, error: str | None, now_s: float
+    ) -> None:
+        """A request ended (`result`) or failed (`error`); may queue follow-ups (a
+        conversation's next turn) arriving at `now_s`."""
+        ...
 
 
 @dataclass
@@ -82,6 +126,7 @@ class _Live:
     rows: list[int]  # (active,) batch row of each live row
     tokens: list[list[int]]  # (active,) prompt + generated ids, ending with the pending token
     prompt_lens: list[int]
+    origin: list[float]  # (active,) perf_counter time each row arrived: its latencies count from it
     # (active,) attention mass on image tokens of the position that predicted the pending
     # token; only when the drafter asked for it
     score: torch.Tensor | None = None
@@ -145,8 +190,146 @@ class Engine:
     ) -> list[Generation]:
         """Generate one answer per conversation (a batch); lossless w.r.t. the target."""
         n = len(conversations)
-        results = [Generation() for _ in range(n)]
-        gens = [torch.Generator().manual_seed(s) for s in (seeds or [0] * n)]
+        results = {i: Generation() for i in range(n)}
+        gens = {i: torch.Generator().manual_seed(s) for i, s in enumerate(seeds or [0] * n)}
+        self._sync()
+        start = time.perf_counter()
+        live = self._prefill(
+            list(range(n)),
+            conversations,
+            images,
+            [start] * n,
+            results,
+            max_new_tokens,
+            temperature,
+            gens,
+        )
+        if live.rows:
+            self.drafter.begin(self._context(live, temperature, features=True))
+        live.features = None
+        while live.rows:
+            done = self._step(live, results, max_new_tokens, temperature, gens)
+            self.heartbeat += 1
+            self._drop(live, done, results)
+        return [results[i] for i in range(n)]
+
+    @torch.inference_mode()
+    def serve(
+        self,
+        source: RequestSource,
+        max_batch: int,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+    ) -> float:
+        """Continuous batching over a request stream; returns the stream's wall seconds.
+
+        Whenever fewer than `max_batch` rows decode, requests that have arrived join (first
+        come, first served): they are prefilled together and merged into the running batch,
+        and the drafter `join`s them (`begin` when the batch was empty). Each finished request
+        goes to `source.finished` at once, so a follow-up turn can arrive. Idle, it sleeps
+        until the next arrival. Lossless like `generate`: a row's tokens do not depend on who
+        else is in the batch (greedy), or on its own seed only (sampling).
+        """
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._sync()
+        start = time.perf_counter()
+        waiting: deque[Request] = deque()
+        requests: dict[int, Request] = {}
+        results: dict[int, Generation] = {}
+        gens: dict[int, torch.Generator] = {}
+        live: _Live | None = None
+
+        def hand_out(ids: list[int]) -> None:
+            now = time.perf_counter() - start
+            for rid in ids:
+                gens.pop(rid, None)
+                source.finished(requests.pop(rid), results.pop(rid), None, now)
+
+        while True:
+            waiting.extend(source.arrivals(time.perf_counter() - start))
+            free = max_batch - (len(live.rows) if live else 0)
+            if waiting and free > 0:
+                group = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                for r in group:
+                    requests[r.id] = r
+                    gens[r.id] = torch.Generator().manual_seed(r.seed)
+                joined = self._admit(
+                    group, source, start, results, max_new_tokens, temperature, gens
+                )
+                running = set(joined.rows) if joined else set()
+                hand_out([r.id for r in group if r.id in results and r.id not in running])
+                if joined and joined.rows:
+                    live = self._join(live, joined, temperature)
+                continue  # more may have arrived during the prefill
+            if live is None:
+                nxt = source.next_arrival_s()
+                if nxt is None:
+                    break
+                # waiting is progress: short sleeps keep the watchdog's heartbeat moving
+                time.sleep(min(1.0, max(0.0, nxt - (time.perf_counter() - start))))
+                self.heartbeat += 1
+                continue
+            before = list(live.rows)
+            done = self._step(live, results, max_new_tokens, temperature, gens)
+            self.heartbeat += 1
+            self._drop(live, done, results)
+            hand_out([r for r, d in zip(before, done) if d])
+            if not live.rows:
+                live = None
+        return time.perf_counter() - start
+
+    def _admit(
+        self,
+        group: list[Request],
+        source: RequestSource,
+        start: float,
+        results: dict[int, Generation],
+        max_new_tokens: int,
+        temperature: float,
+        gens: Mapping[int, torch.Generator],
+    ) -> _Live | None:
+        """Prefill a group of arrived requests; requests whose prompt does not fit the context
+        fail (handed to `source`) and the rest go on. None when none is left."""
+        admitted = time.perf_counter()
+        for r in group:
+            results[r.id] = Generation(
+                arrival_s=r.arrival_s, queue_s=max(0.0, admitted - start - r.arrival_s)
+            )
+        while group:
+            try:
+                return self._prefill(
+                    [r.id for r in group],
+                    [r.messages for r in group],
+                    [r.image for r in group],
+                    [start + r.arrival_s for r in group],
+                    results,
+                    max_new_tokens,
+                    temperature,
+                    gens,
+                )
+            except ContextLengthError as exc:
+                now = time.perf_counter() - start
+                error = f"{type(exc).__name__}: {exc}"
+                for i in exc.rows:
+                    del results[group[i].id]
+                    source.finished(group[i], None, error, now)
+                group = [r for i, r in enumerate(group) if i not in exc.rows]
+        return None
+
+    def _prefill(
+        self,
+        rows: list[int],
+        conversations: list[list[Message]],
+        images: list[Image.Image | None],
+        origins: list[float],
+        results: MutableMapping[int, Generation],
+        max_new_tokens: int,
+        temperature: float,
+        gens: Mapping[int, torch.Generator],
+    ) -> _Live:
+        """Encode and prefill rows into a new batch state; records their first token. Rows
+        already finished after it (EOS first, or max_new_tokens 1) are dropped."""
         self._sync()
         start = time.perf_counter()
         prompt = self.target.encode(conversations, images, max_new_tokens)
@@ -162,9 +345,9 @@ class Engine:
         self.heartbeat += 1
         score = self.probe.take()[:, 0] if self.probe else None
         features = self.tap.take() if self.tap else None
-        first = self._first_tokens(logits, temperature, gens)
+        first = self._first_tokens(logits, temperature, [gens[r] for r in rows])
         self._sync()
-        prefill_s = time.perf_counter() - start
+        now = time.perf_counter()
         prompt_lens = prompt.prompt_lens
         live = _Live(
             cache=cache,
@@ -172,37 +355,43 @@ class Engine:
             vision=vision,
             next_pos=next_pos,
             pending=list(first),
-            rows=list(range(n)),
+            rows=list(rows),
             tokens=[[*t, f] for t, f in zip(prompt.tokens(), first)],
             prompt_lens=prompt_lens,
+            origin=list(origins),
             score=score,
             features=features,
             real=list(prompt_lens),
         )
-        for i, r in enumerate(results):
-            r.prompt_tokens, r.prefill_s, r.tokens = live.prompt_lens[i], prefill_s, [first[i]]
-        done = [self._finished(r, max_new_tokens, 1) for r in results]
-        self._drop(live, done, results, start)
-        if live.rows:
-            ctx = self._context(live, temperature)
-            if live.features is not None:
-                ctx.extras["features"] = live.features
+        done = []
+        for row, token, n, origin in zip(rows, first, prompt_lens, origins):
+            r = results[row]
+            r.prompt_tokens, r.prefill_s, r.tokens = n, now - start, [token]
+            r.ttft_s = now - origin
+            r.token_times_s = [r.ttft_s]
+            done.append(self._finished(r, max_new_tokens, 1))
+        self._drop(live, done, results)
+        return live
+
+    def _join(self, live: _Live | None, new: _Live, temperature: float) -> _Live:
+        """Start a batch with `new`'s rows, or append them to the running one; the drafter
+        sets them up either way."""
+        ctx = self._context(new, temperature, features=True)
+        new.features = None
+        if live is None:
             self.drafter.begin(ctx)
-        live.features = None
-        while live.rows:
-            done = self._step(live, results, max_new_tokens, temperature, gens)
-            self.heartbeat += 1
-            self._drop(live, done, results, start)
-        return results
+            return new
+        self.drafter.join(ctx)
+        return _merge(live, new)
 
     # ---- one step ------------------------------------------------------------------------
     def _step(
         self,
         live: _Live,
-        results: list[Generation],
+        results: Mapping[int, Generation],
         max_new_tokens: int,
         temperature: float,
-        gens: list[torch.Generator],
+        gens: Mapping[int, torch.Generator],
     ) -> list[bool]:
         ctx = self._context(live, temperature)
         t0 = time.perf_counter()
@@ -250,6 +439,7 @@ class Engine:
             r.verify_s += t2 - t1
             r.commit_s += t3 - t2
             r.tokens.extend(acc.tokens)
+            r.token_times_s.extend([t3 - live.origin[i]] * len(acc.tokens))
             done.append(self._finished(r, max_new_tokens, len(acc.tokens)))
         return done
 
@@ -349,23 +539,23 @@ class Engine:
         first = len(r.tokens) - new
         for i in range(first, min(len(r.tokens), max_new_tokens)):
             if r.tokens[i] in self.target.eos_token_ids:
-                del r.tokens[i + 1 :]
+                del r.tokens[i + 1 :], r.token_times_s[i + 1 :]
                 r.stop = "eos"
                 return True
         if len(r.tokens) >= max_new_tokens:
-            del r.tokens[max_new_tokens:]
+            del r.tokens[max_new_tokens:], r.token_times_s[max_new_tokens:]
             r.stop = "length"
             return True
         return False
 
-    def _drop(self, live: _Live, done: list[bool], results: list[Generation], start: float) -> None:
+    def _drop(self, live: _Live, done: list[bool], results: Mapping[int, Generation]) -> None:
         """Remove finished rows from the batch so later steps cost nothing for them."""
         if not any(done):
             return
         now = time.perf_counter()
         for i, d in enumerate(done):
             if d:
-                results[live.rows[i]].total_s = now - start
+                results[live.rows[i]].total_s = now - live.origin[i]
         keep = [i for i, d in enumerate(done) if not d]
         live.rows = [live.rows[i] for i in keep]
         if not keep:  # the batch is over: nothing will read the rest
@@ -379,18 +569,51 @@ class Engine:
             live.score = live.score.index_select(0, idx)
         if live.features is not None:
             live.features = {k: v.index_select(0, idx) for k, v in live.features.items()}
-        for name in ("next_pos", "pending", "real", "tokens", "prompt_lens"):
+        for name in ("next_pos", "pending", "real", "tokens", "prompt_lens", "origin"):
             values = getattr(live, name)
             setattr(live, name, [values[i] for i in keep])
 
-    def _context(self, live: _Live, temperature: float) -> DraftContext:
-        return DraftContext(
+    def _context(self, live: _Live, temperature: float, features: bool = False) -> DraftContext:
+        """The drafter's view of the live rows; `features`: with the prompt's (begin, join)."""
+        ctx = DraftContext(
             rows=live.rows,
             tokens=live.tokens,
             prompt_lens=live.prompt_lens,
             temperature=temperature,
             extras={} if live.score is None else {"vision_score": live.score.tolist()},
         )
+        if features and live.features is not None:
+            ctx.extras["features"] = live.features
+        return ctx
+
+
+def _merge(a: _Live, b: _Live) -> _Live:
+    """`a`'s rows, then `b`'s, in one batch state. The shorter cache is left padded with
+    masked slots: each row's positions are its own, so a slot's index means nothing to it."""
+    width = max(a.bias.shape[1], b.bias.shape[1])
+    lowest = torch.finfo(a.bias.dtype).min
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        for name in ("keys", "values"):
+            x, y = getattr(la, name), getattr(lb, name)
+            setattr(la, name, torch.cat([_pad_left(x, width, 2, 0), _pad_left(y, width, 2, 0)]))
+    a.bias = torch.cat([_pad_left(a.bias, width, 1, lowest), _pad_left(b.bias, width, 1, lowest)])
+    if a.vision is not None and b.vision is not None:
+        a.vision = torch.cat([_pad_left(a.vision, width, 1, 0), _pad_left(b.vision, width, 1, 0)])
+    if a.score is not None and b.score is not None:
+        a.score = torch.cat([a.score, b.score])
+    for name in ("next_pos", "pending", "rows", "tokens", "prompt_lens", "origin", "real"):
+        getattr(a, name).extend(getattr(b, name))
+    return a
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int, value: float) -> torch.Tensor:
+    """`x` with `dim` grown to `width` by slots of `value` in front."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
 
 
 @lru_cache(maxsize=1024)

@@ -102,6 +102,9 @@ class PromptLookup(Drafter):
     def load(self, target: Target) -> None:
         self.image_token = target.image_token_id
 
+    def join(self, ctx: DraftContext) -> None:
+        """Nothing per row: drafts come from `ctx.tokens` alone."""
+
     def propose(self, ctx: DraftContext) -> list[DraftTree]:
         return [
             DraftTree.chain(

@@ -1,0 +1,146 @@
+"""Continuous batching (issue 19): `ar`'s system throughput against concurrency, and what a
+row joining a running batch costs.
+
+1. Throughput. MMSpec testmini first turns as one request stream, all arrived at once (a
+   closed loop: a new request joins whenever a row finishes), served by `Engine.serve` at
+   concurrency 1 and at 4; system throughput = output tokens / stream wall time. Rounds
+   alternate the two concurrencies, so drift in the machine's load hits both alike; the
+   ratio of the medians is reported. Every output is checked against concurrency 1 (greedy:
+   joins must not change a token).
+2. Join cost. In the concurrency-4 streams, each admission of one request (its encode and
+   prefill, the drafter's `join`, the merge into the running cache) is timed, and set beside
+   a prefill of the same request alone (encode + prefill on a fresh cache) timed right after
+   it: the ratio of the medians over all joins.
+
+One warm-up stream per model outside every timed window; one torch thread.
+
+    .venv/bin/python benchmarks/bench_serving.py [--rounds 3] [--limit 60] [--max-new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import DynamicCache
+
+from mmspec.methods.engine import Engine, Generation, Request
+from mmspec.methods.registry import get_drafter
+from mmspec.models.loader import load_target
+from mmspec.models.target import Target
+from mmspec.orchestrator.runner import conversation
+from mmspec.workloads import load_mmspec
+
+MODELS = ("tiny-qwen2.5-vl", "tiny-llava")
+TESTMINI = "../shared/data/mmspec/testmini"
+
+
+class Stream:
+    """All requests arrived at time 0; results kept by request id."""
+
+    def __init__(self, requests: list[Request]) -> None:
+        self.pending = list(requests)
+        self.results: dict[int, Generation] = {}
+
+    def arrivals(self, now_s: float) -> list[Request]:
+        out, self.pending = self.pending, []
+        return out
+
+    def next_arrival_s(self) -> float | None:
+        return None
+
+    def finished(self, request, result, error, now_s) -> None:
+        if error is not None:
+            raise RuntimeError(f"request {request.id} failed: {error}")
+        self.results[request.id] = result
+
+
+class TimedEngine(Engine):
+    """Times each admission of one request: `_admit` (encode + prefill) through `_join`."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target, get_drafter("ar")())
+        self.joins: list[tuple[float, Request]] = []
+        self._group: list[Request] = []
+        self._t0 = 0.0
+
+    def _admit(self, group, *args, **kwargs):
+        self._group, self._t0 = group, time.perf_counter()
+        return super()._admit(group, *args, **kwargs)
+
+    def _join(self, live, new, temperature):
+        merged = super()._join(live, new, temperature)
+        if live is not None and len(self._group) == 1:  # a real join, of one row
+            self.joins.append((time.perf_counter() - self._t0, self._group[0]))
+        return merged
+
+
+def prefill_alone(target: Target, request: Request) -> float:
+    """Seconds of encode + prefill of one request on a fresh cache."""
+    t0 = time.perf_counter()
+    prompt = target.encode([request.messages], [request.image])
+    target.prefill(prompt, DynamicCache(config=target.model.config))
+    return time.perf_counter() - t0
+
+
+def serve(engine: Engine, requests: list[Request], concurrency: int, max_new: int):
+    stream = Stream(requests)
+    wall = engine.serve(stream, concurrency, max_new)
+    tokens = sum(len(r.tokens) for r in stream.results.values())
+    return tokens / wall, {k: r.tokens for k, r in stream.results.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=60)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=4)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{platform.machine()}, 1 thread; testmini first turns: {args.limit}, "
+        f"max_new_tokens {args.max_new_tokens}, rounds {args.rounds}\n"
+    )
+    samples = load_mmspec(TESTMINI)[: args.limit]
+    for model in MODELS:
+        target = load_target(model, device="cpu")
+        requests = [
+            Request(k, conversation(s, [], True), s.load_image(), 0.0)
+            for k, s in enumerate(samples)
+        ]
+        engine = TimedEngine(target)
+        serve(engine, requests[:4], args.concurrency, 8)  # warm-up
+        engine.joins.clear()
+        rates: dict[int, list[float]] = {1: [], args.concurrency: []}
+        outputs: dict[int, dict[int, list[int]]] = {}
+        for _ in range(args.rounds):
+            for c in rates:
+                rate, outputs[c] = serve(engine, requests, c, args.max_new_tokens)
+                rates[c].append(rate)
+        assert outputs[1] == outputs[args.concurrency], f"{model}: joins changed an output"
+        joins = [(s, prefill_alone(target, r)) for s, r in engine.joins if len(engine.joins)]
+        join_med = statistics.median(s for s, _ in joins)
+        alone_med = statistics.median(p for _, p in joins)
+        med = {c: statistics.median(v) for c, v in rates.items()}
+        print(f"## {model}")
+        for c, v in rates.items():
+            print(f"concurrency {c}: tokens/s per round {', '.join(f'{x:.0f}' for x in v)}")
+        print(
+            f"throughput concurrency {args.concurrency} / 1: "
+            f"{med[args.concurrency] / med[1]:.2f}x (medians {med[args.concurrency]:.0f} / "
+            f"{med[1]:.0f} tokens/s); outputs equal at both: yes"
+        )
+        print(
+            f"join of one row: median {join_med * 1e3:.1f} ms over {len(joins)} joins; its "
+            f"prefill alone {alone_med * 1e3:.1f} ms; ratio {join_med / alone_med:.2f}\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
