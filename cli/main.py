@@ -40,6 +40,7 @@ from mmspec.orchestrator import jobs
 from mmspec.orchestrator.grid import (
     Grid,
     GridError,
+    check_streams,
     chunk_size,
     expand,
     grid_sha256,
@@ -62,6 +63,7 @@ from mmspec.orchestrator.store import (
 from mmspec.orchestrator.workload_config import load_samples, workload_error_types
 from mmspec.reports.commands import compare, export, history
 from mmspec.results.cells import Cell
+from mmspec.results.ids import load_id
 from mmspec.results.layout import MANIFEST, LayoutError, completed_shards, read_manifest
 from mmspec.results.variants import arg_text, variants_of
 from mmspec.workloads.fingerprint import workload_sha256
@@ -154,6 +156,7 @@ def submit(
             grid, grid_text, manifest = _read_grid(grid_file, resume_dir, out)
             check_writable(resume_dir if resume_dir is not None else grid.out)
             samples = _load_workloads(grid)
+            check_streams(grid, samples)  # a poisson stream's requests <= samples loaded
             if manifest is not None and workload_sha256(samples) != manifest.get("workload_sha256"):
                 raise _Invalid(
                     f"{resume_dir}: the workloads changed since the run started "
@@ -485,8 +488,10 @@ def _print_plan(
     grid: Grid, shards: list[Shard], samples: dict[str, list[Sample]], done: set[str]
 ) -> None:
     per_cell: dict[str, int] = {}
+    samples_of: dict[str, int] = {}  # a poisson stream runs only its first `requests`
     for shard in shards:
         per_cell[shard.cell.cell_id] = per_cell.get(shard.cell.cell_id, 0) + 1
+        samples_of[shard.cell.cell_id] = samples_of.get(shard.cell.cell_id, 0) + len(shard.samples)
     cells = expand(grid)
     table = Table(title=f"grid {grid.name}: cells")
     for column in ("model", "method", "batch", "temp", "repeat", "workload", "samples", "shards"):
@@ -496,11 +501,14 @@ def _print_plan(
         table.add_row(
             escape(cell.model.id),
             escape(cell.method),
-            str(cell.batch_size),
+            # a serving cell's load as its id spells it: cc4, poisson2x8
+            load_id(cell.scenario, cell.batch_size, cell.rate)
+            if cell.serving
+            else str(cell.batch_size),
             f"{cell.temperature:g}",
             str(cell.repeat),
             escape(cell.workload),
-            str(len(samples[cell.workload])),
+            str(samples_of.get(cell.cell_id, len(samples[cell.workload]))),
             str(per_cell.get(cell.cell_id, 0)),
         )
     console = Console()

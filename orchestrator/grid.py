@@ -34,7 +34,20 @@ from mmspec.orchestrator.grid_text import clip as _clip
 from mmspec.orchestrator.grid_text import quote as _quote
 from mmspec.orchestrator.shards import Shard
 from mmspec.orchestrator.workload_config import WorkloadConfig, builtin_workloads
-from mmspec.results.cells import Cell, ModelConfig
+from mmspec.results.cells import (
+    CONTINUOUS,
+    DEFAULT_MAX_CONCURRENCY,
+    POISSON,
+    SCENARIOS,
+    STATIC,
+    Cell,
+    ContinuousScenario,
+    ModelConfig,
+    PoissonScenario,
+    Scenario,
+    Slo,
+    StaticScenario,
+)
 from mmspec.results.ids import cell_id, method_id, safe_name, shard_id
 from mmspec.results.variants import Variant, variant_name
 from mmspec.workloads.sample import TOPICS, Sample
@@ -55,6 +68,8 @@ GRID_KEYS = (
     "methods",
     "method_args",
     "batch_sizes",
+    "scenario",
+    "slo",
     "temperatures",
     "max_new_tokens",
     "repeats",
@@ -69,7 +84,15 @@ GRID_KEYS = (
 REQUIRED_KEYS = ("name", "workloads", "models", "methods")
 WORKLOAD_KEYS = ("builtin", "path", "name", "limit", "topics")
 MODEL_KEYS = ("id", "dtype", "revision", "trust_remote_code", "prompt_style")
-EXCLUDE_KEYS = ("model", "method", "batch_size", "temperature", "repeat", "workload")
+EXCLUDE_KEYS = ("model", "method", "batch_size", "scenario", "temperature", "repeat", "workload")
+# each scenario's keys: (required, optional)
+SCENARIO_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    STATIC: ((), ()),
+    CONTINUOUS: (("concurrency",), ()),
+    POISSON: (("rates",), ("requests", "seed", "max_concurrency")),
+}
+SLO_KEYS = ("ttft_s", "tpot_s")
+DEFAULT_SCENARIOS: tuple[Scenario, ...] = (StaticScenario(),)
 VARIANT_KEYS = ("name", "method", "args")  # a `methods` entry that is a mapping
 MAX_VARIANTS = 1000  # per entry: each is validated by building its drafter, and is a cell each
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -88,7 +111,11 @@ class Grid:
     # per entry, its arguments as written: a list for an argument that takes no list is a
     # sweep, one variant per value (`variants`)
     method_args: dict[str, dict[str, Any]]
-    batch_sizes: tuple[int, ...] = (1,)
+    batch_sizes: tuple[int, ...] = (1,)  # static cells' batch sizes
+    # how requests reach the engine, in SCENARIOS order: static batches (`batch_sizes`) and/or
+    # serving streams (continuous batching at fixed concurrencies, Poisson arrivals)
+    scenarios: tuple[Scenario, ...] = DEFAULT_SCENARIOS
+    slo: Slo | None = None  # the objectives goodput is measured against; None: not set
     temperatures: tuple[float, ...] = (0.0,)
     max_new_tokens: int = 256
     repeats: int = 1
@@ -152,7 +179,29 @@ def to_dict(grid: Grid) -> dict[str, Any]:
         "threads_per_worker": grid.threads_per_worker,
         "gpus_per_worker": grid.gpus_per_worker,
         "shard_timeout_s": grid.shard_timeout_s,
+        **_serving_dict(grid),
     }
+
+
+def _serving_dict(grid: Grid) -> dict[str, Any]:
+    # only what is set: a grid that names no scenario and no SLO hashes as before they existed
+    data: dict[str, Any] = {}
+    if grid.scenarios != DEFAULT_SCENARIOS:
+        data["scenario"] = scenario_dict(grid.scenarios)
+    if grid.slo is not None:
+        data["slo"] = {k: v for k, v in _asdict(grid.slo).items() if v is not None}
+    return data
+
+
+def scenario_dict(scenarios: Sequence[Scenario]) -> dict[str, dict[str, Any]]:
+    """The canonical `scenario` mapping: each scenario's settings, unset ones left out."""
+    result: dict[str, dict[str, Any]] = {}
+    for scenario in scenarios:
+        settings = {k: v for k, v in _asdict(scenario).items() if k != "name" and v is not None}
+        result[scenario.name] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()
+        }
+    return result
 
 
 def grid_sha256(grid: Grid) -> str:
@@ -179,13 +228,41 @@ def _entry_dict(grid: Grid, entry: str) -> str | dict[str, Any]:
 # ----------------------------------------------------------------------------- expanding
 
 
+@dataclass(frozen=True)
+class Load:
+    """How one cell's requests reach the engine: a static batch size or a serving stream."""
+
+    scenario: str
+    batch_size: int  # static: the batch size; serving: the most rows decoding together
+    rate: float | None = None  # poisson arrivals per second
+    arrival_seed: int | None = None
+    requests: int | None = None
+
+
+def loads(grid: Grid) -> list[Load]:
+    """Every load the grid measures, in scenario order: static batch sizes, concurrencies,
+    rates."""
+    result: list[Load] = []
+    for scenario in grid.scenarios:
+        if isinstance(scenario, StaticScenario):
+            result += [Load(STATIC, b) for b in grid.batch_sizes]
+        elif isinstance(scenario, ContinuousScenario):
+            result += [Load(CONTINUOUS, c) for c in scenario.concurrency]
+        else:
+            result += [
+                Load(POISSON, scenario.max_concurrency, r, scenario.seed, scenario.requests)
+                for r in scenario.rates
+            ]
+    return result
+
+
 def expand(grid: Grid) -> list[Cell]:
-    """All cells: model x variant x batch size x temperature x repeat x workload, minus
-    excludes (a method without variants is one variant)."""
+    """All cells: model x variant x load (batch size, concurrency or rate) x temperature x
+    repeat x workload, minus excludes (a method without variants is one variant)."""
     cells = []
     for model in grid.models:
         for variant in grid.variants or _unresolved(grid):
-            for batch_size in grid.batch_sizes:
+            for load in loads(grid):
                 for temperature in grid.temperatures:
                     for repeat in range(grid.repeats):
                         for workload in grid.workloads:
@@ -193,15 +270,17 @@ def expand(grid: Grid) -> list[Cell]:
                                 cell_id=cell_id(
                                     model.id,
                                     variant.name,
-                                    batch_size,
+                                    load.batch_size,
                                     temperature,
                                     repeat,
                                     workload.name,
+                                    load.scenario,
+                                    load.rate,
                                 ),
                                 model=model,
                                 method=variant.name,
                                 method_args=dict(variant.args),
-                                batch_size=batch_size,
+                                batch_size=load.batch_size,
                                 temperature=temperature,
                                 repeat=repeat,
                                 seed=grid.seed,
@@ -209,6 +288,10 @@ def expand(grid: Grid) -> list[Cell]:
                                 workload=workload.name,
                                 base_method=variant.method,
                                 resolved_args=dict(variant.resolved) if grid.variants else None,
+                                scenario=load.scenario,
+                                rate=load.rate,
+                                arrival_seed=load.arrival_seed,
+                                requests=load.requests,
                             )
                             if not any(_excluded(r, cell, variant) for r in grid.exclude):
                                 cells.append(cell)
@@ -227,7 +310,8 @@ def _excluded(rule: Mapping[str, Any], cell: Cell, variant: Variant) -> bool:
         "model": {cell.model.id},
         # a rule names a variant, or the entry it came from (all of that entry's sweep)
         "method": {variant.name, variant.entry},
-        "batch_size": {cell.batch_size},
+        "batch_size": {cell.batch_size},  # a serving cell's concurrency cap
+        "scenario": {cell.scenario},
         "temperature": {cell.temperature},
         "repeat": {cell.repeat},
         "workload": {cell.workload},
@@ -246,12 +330,18 @@ def make_shards(
     run_id: str,
     shard_size: int,
 ) -> list[Shard]:
-    """Cut every cell's samples into shards of whole batches; ids are `<cell_id>__s000`..."""
+    """Cut every static cell's samples into shards of whole batches; ids are
+    `<cell_id>__s000`... A serving cell is one shard, `<cell_id>__s000`: its whole request
+    stream (a poisson cell's first `requests` samples), which cannot be cut without changing
+    what is measured."""
     shards = []
     for cell in cells:
         if cell.workload not in samples_by_workload:
             raise KeyError(f"no samples loaded for workload {cell.workload!r}")
         samples = samples_by_workload[cell.workload]
+        if cell.serving:
+            shards.append(Shard(run_id, shard_id(cell.cell_id, 0), cell, _stream(cell, samples)))
+            continue
         size = chunk_size(shard_size, cell.batch_size)
         for index, start in enumerate(range(0, len(samples), size)):
             shards.append(
@@ -263,6 +353,30 @@ def make_shards(
                 )
             )
     return shards
+
+
+def _stream(cell: Cell, samples: Sequence[Sample]) -> tuple[Sample, ...]:
+    if cell.requests is None:
+        return tuple(samples)
+    if cell.requests > len(samples):  # check_streams says so first, naming the grid file
+        raise ValueError(
+            f"cell {cell.cell_id}: {cell.requests} requests, but workload {cell.workload!r} "
+            f"has {len(samples)} samples"
+        )
+    return tuple(samples[: cell.requests])
+
+
+def check_streams(grid: Grid, samples_by_workload: Mapping[str, Sequence[Sample]]) -> None:
+    """GridError unless every workload holds the samples its poisson cells ask for (called
+    once the workloads are loaded, before anything starts)."""
+    for cell in expand(grid):
+        have = len(samples_by_workload.get(cell.workload, ()))
+        if cell.requests is not None and cell.requests > have:
+            raise GridError(
+                f"{grid.source}: scenario.poisson.requests: {cell.requests} requests, but "
+                f"workload {cell.workload!r} has {have} samples; allowed: at most {have} (a "
+                "request is one sample's conversation)"
+            )
 
 
 # ----------------------------------------------------------------------------- validation
@@ -338,6 +452,12 @@ class _Parser:
         variants = self.variants(entries, method_args)
         workloads = self.workloads(data["workloads"])
         batch_sizes = self.positive_ints(data.get("batch_sizes", [1]), "batch_sizes")
+        scenarios = self.scenarios(data.get("scenario", STATIC), data.get("seed", 0))
+        if not isinstance(scenarios[0], StaticScenario) and batch_sizes != (1,):
+            log.warning(
+                "%s: batch_sizes: no static scenario uses them (add `static: {}` to scenario)",
+                self.source,
+            )
         temperatures = self.temperatures(data.get("temperatures", [0.0]))
         repeats = self.positive_int(data.get("repeats", 1), "repeats")
         grid = Grid(
@@ -348,6 +468,8 @@ class _Parser:
             methods=methods,
             method_args=method_args,
             batch_sizes=batch_sizes,
+            scenarios=scenarios,
+            slo=self.slo(data["slo"]) if data.get("slo") is not None else None,
             temperatures=temperatures,
             max_new_tokens=self.max_new_tokens(data.get("max_new_tokens", 256)),
             repeats=repeats,
@@ -463,6 +585,99 @@ class _Parser:
                 raise self.error(f"temperatures[{i}]", f"duplicate value {v}", "each value once")
             result.append(float(v))
         return tuple(result)
+
+    # --- serving
+
+    def scenarios(self, value: Any, grid_seed: Any) -> tuple[Scenario, ...]:
+        """`scenario`: "static" (the default), or a mapping of one or more scenarios to their
+        settings; returned in SCENARIOS order whatever order the file gives."""
+        forms = f"{STATIC}, or a mapping of {_listing(SCENARIOS)} to their settings"
+        if value == STATIC:
+            return DEFAULT_SCENARIOS
+        if isinstance(value, str) and value in SCENARIOS:
+            raise self.error(
+                "scenario",
+                f"{_quote(value)} needs its settings",
+                f"e.g. scenario: {{{CONTINUOUS}: {{concurrency: [1, 4]}}}} or "
+                f"{{{POISSON}: {{rates: [1, 2], requests: 40}}}}",
+            )
+        if not isinstance(value, Mapping):
+            raise self.error("scenario", f"unknown scenario {_quote(value)}", forms)
+        if not value:
+            raise self.error("scenario", "an empty mapping names no scenario", forms)
+        self.keys(value, "scenario", SCENARIOS)
+        found: list[Scenario] = []
+        for name in SCENARIOS:
+            if name not in value:
+                continue
+            key = f"scenario.{name}"
+            required, optional = SCENARIO_KEYS[name]
+            settings = value[name] if value[name] is not None else {}
+            settings = self.mapping(settings, key, required + optional)
+            for needed in required:
+                if needed not in settings:
+                    raise self.error(f"{key}.{needed}", "missing required key", needed)
+            if name == STATIC:
+                found.append(StaticScenario())
+            elif name == CONTINUOUS:
+                concurrency = self.counts(settings["concurrency"], f"{key}.concurrency")
+                found.append(ContinuousScenario(concurrency))
+            else:
+                found.append(self.poisson(settings, key, grid_seed))
+        return tuple(found)
+
+    def poisson(self, settings: Mapping[str, Any], key: str, grid_seed: Any) -> PoissonScenario:
+        rates = self.items(settings["rates"], f"{key}.rates", "numbers > 0 (arrivals per second)")
+        result: list[float] = []
+        for i, rate in enumerate(rates):
+            if not _is_number(rate) or not math.isfinite(rate) or rate <= 0:
+                raise self.error(
+                    f"{key}.rates[{i}]", f"got {_quote(rate)}", "numbers > 0 (arrivals per second)"
+                )
+            if float(rate) in result:
+                raise self.error(f"{key}.rates[{i}]", f"duplicate value {rate}", "each value once")
+            result.append(float(rate))
+        requests = settings.get("requests")
+        if requests is not None and (not _is_int(requests) or requests < 1):
+            raise self.error(
+                f"{key}.requests",
+                f"got {_quote(requests)}",
+                "integers >= 1 (the stream's first samples; default: every sample)",
+            )
+        seed = settings.get("seed", grid_seed if _is_int(grid_seed) else 0)
+        if not _is_int(seed) or seed < 0:
+            raise self.error(f"{key}.seed", f"got {_quote(seed)}", "integers >= 0")
+        cap = settings.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+        if not _is_int(cap) or cap < 1:
+            raise self.error(
+                f"{key}.max_concurrency",
+                f"got {_quote(cap)}",
+                "integers >= 1 (the most rows decoding together)",
+            )
+        return PoissonScenario(tuple(result), requests, seed, cap)
+
+    def counts(self, value: Any, key: str) -> tuple[int, ...]:
+        """A non-empty list of distinct integers >= 1 (concurrencies)."""
+        allowed = "integers >= 1 (the most rows decoding together)"
+        values = self.items(value, key, allowed)
+        for i, v in enumerate(values):
+            if not _is_int(v) or v < 1:
+                raise self.error(f"{key}[{i}]", f"got {_quote(v)}", allowed)
+            if v in values[:i]:
+                raise self.error(f"{key}[{i}]", f"duplicate value {v}", "each value once")
+        return tuple(values)
+
+    def slo(self, value: Any) -> Slo:
+        """`slo`: the goodput objectives, seconds; at least one of ttft_s, tpot_s."""
+        settings = self.mapping(value, "slo", SLO_KEYS)
+        if not settings:
+            raise self.error("slo", "an empty mapping sets no objective", _listing(SLO_KEYS))
+        limits: dict[str, float] = {}
+        for name, limit in settings.items():
+            if not _is_number(limit) or not math.isfinite(limit) or limit <= 0:
+                raise self.error(f"slo.{name}", f"got {_quote(limit)}", "numbers > 0 (seconds)")
+            limits[name] = float(limit)
+        return Slo(**limits)
 
     # --- sections
 
@@ -805,7 +1020,8 @@ class _Parser:
             "model": [m.id for m in grid.models],
             # an entry (all of its sweep) or one variant of a sweep
             "method": [*grid.methods, *variants],
-            "batch_size": list(grid.batch_sizes),
+            "batch_size": sorted({load.batch_size for load in loads(grid)}),
+            "scenario": [scenario.name for scenario in grid.scenarios],
             "temperature": list(grid.temperatures),
             "repeat": list(range(grid.repeats)),
             "workload": [w.name for w in grid.workloads],

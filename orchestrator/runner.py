@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import logging
 import platform
 import resource
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +20,12 @@ import torch
 from PIL import Image
 from transformers.utils import logging as hf_logging
 
-from mmspec.methods.engine import Engine, Generation
+from mmspec.methods.engine import Engine, Generation, Request
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.verify_cost import DEFAULT_T_VALUES, VerifyCost, measure_verify_costs
 from mmspec.models.loader import load_target
 from mmspec.models.target import ContextLengthError, Message
+from mmspec.orchestrator.arrivals import arrival_times
 from mmspec.orchestrator.oom import (
     generate_unless_oom,
     halves,
@@ -32,8 +34,14 @@ from mmspec.orchestrator.oom import (
 )
 from mmspec.orchestrator.shard_rows import base_row
 from mmspec.orchestrator.shards import Shard
-from mmspec.orchestrator.telemetry import DEFAULT_HZ, WindowStats, make_sampler, shard_table
-from mmspec.results.cells import ModelConfig
+from mmspec.orchestrator.telemetry import (
+    DEFAULT_HZ,
+    Sampler,
+    WindowStats,
+    make_sampler,
+    shard_table,
+)
+from mmspec.results.cells import POISSON, Cell, ModelConfig
 from mmspec.results.schema import ResultRow
 from mmspec.workloads.sample import Sample, SampleError
 
@@ -81,11 +89,87 @@ class _Conversation:
     answers: list[str] = field(default_factory=list)
 
 
+Key = tuple[str, int]  # (sample_id, turn)
+
+
+@dataclass
+class _Outcome:
+    """How one (sample, turn) of a stream ended."""
+
+    result: Generation | None = None
+    error: str | None = None
+
+
+class StreamSource:
+    """The RequestSource of a serving shard (methods/engine.py): each conversation's first turn
+    arrives at its given time; a finished turn queues the conversation's next one, arriving when
+    it finished; a failed turn fails every later turn of its conversation.
+
+    `outcomes` holds every (sample, turn) that ended, in the order they ended.
+    """
+
+    def __init__(
+        self,
+        convs: Sequence[_Conversation],
+        first_arrivals: Sequence[float],
+        seed: Callable[[Sample, int], int],
+        decode: Callable[[list[int]], str],
+    ) -> None:
+        self._seed = seed  # the sampling seed of (sample, turn)
+        self._decode = decode  # a finished turn's tokens -> the answer later turns quote
+        self._heap: list[tuple[float, int]] = []  # (arrival_s, request id), not yet returned
+        self._requests: dict[int, Request] = {}
+        self._turn_of: dict[int, tuple[_Conversation, int]] = {}
+        self.outcomes: dict[Key, _Outcome] = {}
+        self._next_id = 0  # request ids are unique in the stream: the drafter's row ids
+        for conv, arrival in zip(convs, first_arrivals, strict=True):
+            self._queue(conv, 0, arrival)
+
+    def arrivals(self, now_s: float) -> list[Request]:
+        arrived = []
+        while self._heap and self._heap[0][0] <= now_s:
+            arrived.append(self._requests.pop(heapq.heappop(self._heap)[1]))
+        return arrived
+
+    def next_arrival_s(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def finished(
+        self, request: Request, result: Generation | None, error: str | None, now_s: float
+    ) -> None:
+        conv, turn = self._turn_of.pop(request.id)
+        if result is None:
+            failed = error or "the engine returned no result"
+            for t in _turns(conv.sample)[turn:]:
+                self.outcomes[(conv.sample.id, t)] = _Outcome(error=failed)
+            return
+        self.outcomes[(conv.sample.id, turn)] = _Outcome(result=result)
+        if turn + 1 < len(conv.sample.turns):
+            # only a turn with a successor is decoded here, inside the stream's time
+            conv.answers.append(self._decode(result.tokens))
+            self._queue(conv, turn + 1, now_s)
+
+    def _queue(self, conv: _Conversation, turn: int, arrival_s: float) -> None:
+        request = Request(
+            id=self._next_id,
+            messages=conversation(conv.sample, conv.answers, conv.image is not None),
+            image=conv.image,
+            arrival_s=arrival_s,
+            seed=self._seed(conv.sample, turn),
+        )
+        self._next_id += 1
+        self._requests[request.id] = request
+        self._turn_of[request.id] = (conv, turn)
+        heapq.heappush(self._heap, (arrival_s, request.id))
+
+
 class ShardRunner:
     """Loads the target and drafter once; `run` may be called for many shards of that pair.
 
     Every (sample, turn) of the shard yields exactly one row; a sample that fails (bad image,
-    generation error) yields error rows and never raises.
+    generation error) yields error rows and never raises. A static cell's shard runs in batches
+    of its batch size (`Engine.generate`); a serving cell's is one request stream through
+    `Engine.serve` (`_run_stream`).
 
     A telemetry sampler (NVML on a GPU, the host otherwise) runs from construction to `close()`;
     after each `run`, `last_telemetry` holds the shard's time series (SHARD_TELEMETRY_SCHEMA)
@@ -175,9 +259,15 @@ class ShardRunner:
             self.close()
 
     def run(self, shard: Shard) -> list[ResultRow]:
-        cell = shard.cell
-        self.verify_cost(cell.batch_size)  # before the shard's windows open
+        """The shard's rows: static batches, or (a serving cell) one request stream."""
+        self.verify_cost(shard.cell.batch_size)  # before the shard's windows open
         shard_t0 = self._sampler.mark()
+        rows = self._run_stream(shard) if shard.cell.serving else self._run_batches(shard)
+        self._record_telemetry(shard, shard_t0, self._sampler.mark())
+        return rows
+
+    def _run_batches(self, shard: Shard) -> list[ResultRow]:
+        cell = shard.cell
         rows: list[ResultRow] = []
         batch_index = 0
         for start in range(0, len(shard.samples), cell.batch_size):
@@ -193,8 +283,65 @@ class ShardRunner:
                 batch_index += 1
                 turn += 1
                 convs = [c for c in convs if len(c.sample.turns) > turn and c.answers]
-        self._record_telemetry(shard, shard_t0, self._sampler.mark())
         return rows
+
+    def _run_stream(self, shard: Shard) -> list[ResultRow]:
+        """A serving cell: the shard's samples as one request stream through `Engine.serve`,
+        at most `batch_size` rows decoding together. Continuous: every first turn arrives at
+        0; poisson: at its arrival time (orchestrator/arrivals.py, one per sample of the shard
+        in order, so a sample whose image fails leaves the others' times as they were). A row
+        per (sample, turn) as static cells give, in the shard's order; if serve raises, the
+        turns that finished keep their rows and the rest become error rows naming why."""
+        cell = shard.cell
+        rows: dict[Key, ResultRow] = {}
+        convs: list[_Conversation] = []
+        arrivals: list[float] = []
+        for sample, arrival in zip(shard.samples, _first_arrivals(cell, len(shard.samples))):
+            try:
+                convs.append(_Conversation(sample, sample.load_image()))
+                arrivals.append(arrival)
+            except SampleError as exc:
+                for t in _turns(sample):
+                    rows[(sample.id, t)] = self._error_row(shard, sample, t, str(exc))
+        source = StreamSource(
+            convs,
+            arrivals,
+            lambda sample, turn: row_seed(cell.seed, cell.repeat, sample.id, turn),
+            self.target.decode,
+        )
+        if self.target.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.target.device)
+        failure = None
+        t0 = time.perf_counter()
+        try:
+            stream_s = self.engine.serve(
+                source, cell.batch_size, cell.max_new_tokens, cell.temperature
+            )
+        except Exception as exc:  # an OOM mid-stream must not lose the rows already measured
+            log.exception("the request stream of %s failed", shard.shard_id)
+            failure = f"{type(exc).__name__}: {exc}"
+            stream_s = time.perf_counter() - t0
+        peak = self._peak_memory(t0)
+        done = [(k, o.result) for k, o in source.outcomes.items() if o.result is not None]
+        energy = split_stream_energy(self._sampler, t0, [r for _, r in done])
+        by_id = {s.id: s for s in shard.samples}
+        for ((sample_id, turn), res), e in zip(done, energy, strict=True):
+            sample = by_id[sample_id]
+            text = self.target.decode(res.tokens)
+            rows[(sample_id, turn)] = self._ok_row(
+                shard, sample, turn, res, text, 0, stream_s, peak, e
+            )
+        for (sample_id, turn), outcome in source.outcomes.items():
+            if outcome.error is not None:
+                rows[(sample_id, turn)] = self._error_row(
+                    shard, by_id[sample_id], turn, outcome.error
+                )
+        unfinished = failure or "the request stream ended before this turn ran"
+        return [
+            rows.get((s.id, t)) or self._error_row(shard, s, t, unfinished)
+            for s in shard.samples
+            for t in _turns(s)
+        ]
 
     def _record_telemetry(self, shard: Shard, t0: float, t1: float) -> None:
         self.last_stats = self._sampler.stats(t0, t1)
@@ -302,6 +449,8 @@ class ShardRunner:
         row.accept_lengths = res.accept_lengths
         row.prefill_s, row.draft_s, row.verify_s = res.prefill_s, res.draft_s, res.verify_s
         row.commit_s, row.total_s = res.commit_s, res.total_s
+        row.arrival_s, row.queue_s = res.arrival_s, res.queue_s
+        row.ttft_s, row.token_times_s = res.ttft_s, list(res.token_times_s)
         row.batch_index, row.batch_s = batch_index, batch_s
         row.output_tokens = res.tokens
         row.output_sha256 = tokens_sha256(res.tokens)
@@ -336,3 +485,38 @@ class ShardRunner:
 
 def _turns(sample: Sample) -> list[int]:
     return list(range(max(1, len(sample.turns))))
+
+
+def _first_arrivals(cell: Cell, requests: int) -> list[float]:
+    """When each conversation's first turn arrives, seconds after the stream starts."""
+    if cell.scenario == POISSON:
+        if cell.rate is None:
+            raise ValueError(f"cell {cell.cell_id}: a poisson cell without a rate")
+        return arrival_times(cell.arrival_seed or 0, requests, cell.rate)
+    return [0.0] * requests  # continuous: all queued at once
+
+
+def split_stream_energy(
+    sampler: Sampler, t0: float, results: Sequence[Generation]
+) -> list[float | None]:
+    """Each finished request's share of a stream's energy; `t0` is when the stream started
+    (perf_counter seconds), a request's arrival/queue/total seconds count from it.
+
+    A request is charged from its prefill's start (arrival + queue) to its end (arrival +
+    total): each stretch between two such events is split equally among the requests decoding
+    in it, as `Sampler.split_energy` does for a static batch. Stretches with none decoding (an
+    idle wait for the next arrival) are charged to no row. All None without a counter.
+    """
+    spans = [(r.arrival_s + r.queue_s, r.arrival_s + r.total_s) for r in results]
+    events = sorted({t for span in spans for t in span})
+    shares = [0.0] * len(spans)
+    prev_t, prev_e = 0.0, 0.0
+    for t in events:
+        cumulative = sampler.energy_j(t0, t0 + t) if t > 0 else 0.0
+        if cumulative is None:
+            return [None] * len(spans)
+        live = [i for i, (a, b) in enumerate(spans) if a <= prev_t and b >= t]
+        for i in live:
+            shares[i] += max(0.0, cumulative - prev_e) / len(live)
+        prev_t, prev_e = t, cumulative
+    return list(shares)

@@ -36,6 +36,8 @@ def base_row(shard: Shard, sample: Sample, turn: int, **fields: Any) -> ResultRo
         base_method=cell.registered_method,
         method_args=cell.resolved_json,
         batch_size=cell.batch_size,
+        scenario=cell.scenario,
+        rate=cell.rate,
         temperature=cell.temperature,
         seed=cell.seed,
         repeat=cell.repeat,

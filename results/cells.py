@@ -1,4 +1,5 @@
-"""Cells: the points of a grid, as every result row and run folder names them."""
+"""Cells: the points of a grid, as every result row and run folder names them; and the grid's
+serving scenarios (how requests reach the engine) and SLOs, which cells and reports read."""
 
 from __future__ import annotations
 
@@ -20,6 +21,51 @@ class ModelConfig:
     prompt_style: str | None = None
 
 
+STATIC, CONTINUOUS, POISSON = "static", "continuous", "poisson"
+SCENARIOS = (STATIC, CONTINUOUS, POISSON)
+DEFAULT_MAX_CONCURRENCY = 8  # a poisson stream's cap on rows decoding together
+
+
+@dataclass(frozen=True)
+class StaticScenario:
+    """Today's batches: `batch_sizes` rows start together; none join until all have left."""
+
+    name: str = STATIC
+
+
+@dataclass(frozen=True)
+class ContinuousScenario:
+    """Every sample queued at the start; a row joins whenever fewer than the concurrency
+    decode: one cell per concurrency."""
+
+    concurrency: tuple[int, ...]
+    name: str = CONTINUOUS
+
+
+@dataclass(frozen=True)
+class PoissonScenario:
+    """The first `requests` samples arrive as a Poisson process (orchestrator/arrivals.py):
+    one cell per rate, at most `max_concurrency` rows decoding together."""
+
+    rates: tuple[float, ...]
+    requests: int | None = None  # None: every sample of the workload
+    seed: int = 0  # of the arrival pattern, shared by every method and rate
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    name: str = POISSON
+
+
+Scenario = StaticScenario | ContinuousScenario | PoissonScenario
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Service-level objectives for goodput: a request meets them when its time to first
+    token and its time per output token are within these (None: no limit on that one)."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+
 @dataclass(frozen=True)
 class Cell:
     """One point of the grid: model x method x batch size x temperature x repeat (x workload)."""
@@ -39,6 +85,18 @@ class Cell:
     base_method: str | None = None  # the registered method of a variant; None: `method` itself
     # method_args with the drafter's defaults filled in (what results record); None: unknown
     resolved_args: dict[str, Any] | None = None
+    # how requests reach the engine: "static" batches of `batch_size`, or a serving stream
+    # ("continuous": every sample queued at once; "poisson": arrivals at `rate`) with at most
+    # `batch_size` rows decoding together
+    scenario: str = STATIC
+    rate: float | None = None  # poisson: mean arrivals per second; None otherwise
+    arrival_seed: int | None = None  # poisson: the seed of the arrival pattern (arrivals.py)
+    requests: int | None = None  # poisson: the stream's length, its workload's first samples
+
+    @property
+    def serving(self) -> bool:
+        """A request stream (one shard, `Engine.serve`) rather than static batches."""
+        return self.scenario != STATIC
 
     @property
     def registered_method(self) -> str:

@@ -43,19 +43,43 @@ def format_temperature(temperature: float) -> str:
 
 
 def cell_id(
-    model_id: str, method: str, batch_size: int, temperature: float, repeat: int, workload: str
+    model_id: str,
+    method: str,
+    batch_size: int,
+    temperature: float,
+    repeat: int,
+    workload: str,
+    scenario: str = "static",
+    rate: float | None = None,
 ) -> str:
-    """e.g. 'tiny-qwen2.5-vl__pld__bs4__t0__r0__synthetic' (`method` as `method_id` spells it)."""
+    """e.g. 'tiny-qwen2.5-vl__pld__bs4__t0__r0__synthetic' (`method` as `method_id` spells it).
+
+    A serving cell's load part replaces `bs<b>`: `cc4` (continuous, concurrency 4) or
+    `poisson0.5x8` (arrivals at 0.5/s, at most 8 rows together); static ids are as they always
+    were, so older run folders resume.
+    """
     return "__".join(
         (
             safe_name(model_id),
             method_id(method),
-            f"bs{batch_size}",
+            load_id(scenario, batch_size, rate),
             f"t{format_temperature(temperature)}",
             f"r{repeat}",
             workload,
         )
     )
+
+
+def load_id(scenario: str, batch_size: int, rate: float | None = None) -> str:
+    """A cell id's load part: `bs4` (static), `cc4` (continuous), `poisson2x8` (poisson)."""
+    if scenario == "static":
+        return f"bs{batch_size}"
+    if scenario == "continuous":
+        return f"cc{batch_size}"
+    if scenario == "poisson" and rate is not None:
+        # format_temperature: the shortest exact text of a float, never `__`
+        return f"poisson{format_temperature(rate)}x{batch_size}"
+    raise ValueError(f"no id for scenario {scenario!r} with rate {rate!r}")
 
 
 def shard_id(cell: str, index: int) -> str:

@@ -91,9 +91,10 @@ def test_dry_run(no_ray: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert result.exit_code == 0, result.output
     for text in ("tiny-qwen2.5-vl", "tiny-llava", "pld", "synthetic"):
         assert text in result.stdout
-    # 24 samples in shards of 8 -> 3 per cell
-    cells = len(expand(load_grid(EXAMPLE)))
-    summary = f"{cells} cells, {3 * cells} shards ({3 * cells} to run), samples per shard: 8"
+    # 24 samples in shards of 8 -> 3 per static cell; a serving cell is one stream
+    cells = expand(load_grid(EXAMPLE))
+    shards = sum(1 if c.serving else 3 for c in cells)
+    summary = f"{len(cells)} cells, {shards} shards ({shards} to run), samples per shard: 8"
     assert summary in result.stdout
     assert not (tmp_path / "runs").exists()
 

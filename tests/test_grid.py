@@ -69,7 +69,8 @@ def test_example_grid_is_valid() -> None:
     assert grid.methods[0] == "ar"
     assert [m.id for m in grid.models] == ["tiny-qwen2.5-vl", "tiny-llava"]
     assert grid.workloads[0].builtin == "synthetic" and grid.workloads[0].limit == 24
-    assert len(expand(grid)) == 2 * len(grid.methods) * 2  # models x methods x batch sizes
+    # models x methods x (two batch sizes + one continuous concurrency)
+    assert len(expand(grid)) == 2 * len(grid.methods) * 3
 
 
 # (grid data, key path the message must name, allowed values it must list)
