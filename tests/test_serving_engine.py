@@ -8,6 +8,7 @@ requests join mid-batch at fixed decoding steps (tests/serving.py); greedy outpu
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -32,10 +33,8 @@ MAX_BATCH = 3
 def _samples() -> list[Sample]:
     """Synthetic first turns and MMSpec testmini ones (their images differ in size)."""
     picked = synthetic_suite(per_topic=1, seed=0)[:4]
-    try:
+    with contextlib.suppress(pytest.skip.Exception):
         picked += load_mmspec(mmspec_split("testmini"))[::12][:4]
-    except pytest.skip.Exception:
-        pass
     return picked
 
 
