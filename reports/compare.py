@@ -46,7 +46,7 @@ import polars as pl
 from mmspec.reports.answer_import import source_format
 from mmspec.reports.formatting import DASH, num, signed_pct, transition
 from mmspec.reports.markdown import markdown_table
-from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, SETTING_COLUMNS, load_rows
+from mmspec.reports.metrics import ALL_TOPIC, GROUP_KEYS, SETTING_COLUMNS, load_rows, static_rows
 from mmspec.reports.paired import BASELINE, SAME_WORK
 from mmspec.results.environment import Environment, software
 from mmspec.results.layout import manifest_or_empty
@@ -429,7 +429,7 @@ def _partitions(frame: pl.DataFrame, keys: _Keys) -> list[tuple[CellKey, pl.Data
 
 
 def _read_rows(run_dir: Path) -> pl.DataFrame:
-    return load_rows(run_dir).select(_COLUMNS).collect()
+    return static_rows(load_rows(run_dir)).select(_COLUMNS).collect()
 
 
 def _load_run(run_dir: Path, frame: pl.DataFrame, keys: _Keys) -> _RunData:

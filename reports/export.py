@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from mmspec.reports.metrics import load_rows
+from mmspec.reports.metrics import load_rows, static_rows
 from mmspec.results.ids import method_id, safe_name
 from mmspec.results.layout import manifest_or_empty
 
@@ -167,7 +167,10 @@ def iter_groups(
         "tstamp": _epoch(manifest.get("started_at")),
     }
     frame = (
-        load_rows(run_dir).select(_COLUMNS).sort([*GROUP_COLUMNS, "sample_id", "turn"]).collect()
+        static_rows(load_rows(run_dir))
+        .select(_COLUMNS)
+        .sort([*GROUP_COLUMNS, "sample_id", "turn"])
+        .collect()
     )
     with_workload = frame["workload"].n_unique() > 1
     for values, part in frame.partition_by(GROUP_COLUMNS, as_dict=True).items():

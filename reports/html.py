@@ -23,17 +23,21 @@ from mmspec.reports.markdown import (
     DEFINITIONS,
     ERROR_LIMIT,
     FAMILY_NOTE,
+    SERVING_DEFINITIONS,
+    SERVING_NOTE,
     TAXONOMY_NOTE,
     THROUGHPUT_NOTE,
+    all_methods,
     block_rows,
     blocks,
     disagreement_note,
     families,
     headline,
     merged_cells,
-    method_order,
     model_blocks,
     run_summary,
+    serving_blocks,
+    slo_sentence,
 )
 from mmspec.reports.metrics import ALL_TOPIC, RunDetails
 from mmspec.reports.paired import BASELINE
@@ -45,7 +49,10 @@ from mmspec.reports.plots import (
     method_colors,
     stacked_bars,
 )
+from mmspec.reports.serving import ServingReport, serving_summary
 from mmspec.reports.tables import (
+    SERVING_LATENCY_COLUMNS,
+    SERVING_THROUGHPUT_COLUMNS,
     Cell,
     CellKind,
     Column,
@@ -63,6 +70,8 @@ from mmspec.reports.tables import (
     packages_table,
     position_table,
     run_fields,
+    serving_errors_table,
+    serving_table,
     speedup_by_batch_table,
     taxonomy_table,
     throughput_table,
@@ -253,14 +262,18 @@ def _speedup_shade(speedup: float | None) -> str:
     return f"background:rgba(207,34,46,{alpha:.3f})"
 
 
-def _verdict_class(metrics: pl.DataFrame) -> str:
-    """fail: a lossless check failed; pass: checks ran, all passed, no error rows; else warn."""
+def _verdict_class(metrics: pl.DataFrame, serving: pl.DataFrame | None = None) -> str:
+    """fail: a lossless check failed; pass: checks ran, all passed, no error rows; else warn.
+    Serving cells count as static ones do."""
     pooled = metrics.filter(pl.col("topic") == ALL_TOPIC)
-    greedy = pooled.filter((pl.col("method") != BASELINE) & (pl.col("temperature") == 0))
+    cells = [pooled, *([serving] if serving is not None else [])]
+    columns = ["method", "temperature", "lossless", "errors"]
+    every = pl.concat([c.select(columns) for c in cells], how="vertical_relaxed")
+    greedy = every.filter((pl.col("method") != BASELINE) & (pl.col("temperature") == 0))
     checked = greedy.filter(pl.col("lossless").is_not_null())
     if checked.filter(pl.col("lossless") < 1.0).height:
         return "fail"
-    if checked.height and int(pooled["errors"].sum()) == 0:
+    if checked.height and int(every["errors"].sum()) == 0:
         return "pass"
     return "warn"
 
@@ -698,6 +711,122 @@ def _taxonomy(methods: list[str], found: dict[str, Family | None], colors: dict[
     return f'<section id="methods"><h2>Methods</h2>{table}</section>'
 
 
+def _baseline_line(method: str, xs: list[float], ys: list[float], colors: dict[str, str]) -> Line:
+    # `ar` is the reference every method is read against: dark grey, dashed, named so.
+    if method == BASELINE:
+        return Line(f"{BASELINE} (baseline)", xs, ys, colors[method], dashed=True)
+    return Line(method, xs, ys, colors[method])
+
+
+def _serving_lines(
+    cells: pl.DataFrame, methods: list[str], colors: dict[str, str], x: str, y: str
+) -> list[Line]:
+    """A line per method of `cells` through its (x, y) points, x ascending."""
+    lines = []
+    for method in methods:
+        part = cells.filter((pl.col("method") == method) & pl.col(y).is_not_null()).sort(x)
+        if part.height:
+            xs = [float(v) for v in part[x].to_list()]
+            lines.append(_baseline_line(method, xs, part[y].to_list(), colors))
+    return lines
+
+
+def _serving_throughput_plot(
+    cells: pl.DataFrame, methods: list[str], colors: dict[str, str], where: str
+) -> str:
+    """System throughput (y) against concurrency (x, log2) of the continuous cells."""
+    continuous = cells.filter(pl.col("scenario") == "continuous")
+    lines = _serving_lines(continuous, methods, colors, "batch_size", "system_tokens_per_s")
+    if not lines:
+        return ""
+    svg = line_chart(
+        lines,
+        title=f"System throughput vs concurrency · {where}",
+        x_label="Concurrency",
+        y_label="System tokens/s",
+        x_log2=True,
+        x_ticks=sorted({float(b) for b in continuous["batch_size"].to_list()}),
+        x_fmt=lambda v: f"{v:g}",
+    )
+    return (
+        f"<figure>{svg}<figcaption>Continuous batching: the ok requests' tokens per second of "
+        "stream wall time at each concurrency cap; <code>ar</code> dashed.</figcaption></figure>"
+    )
+
+
+# The latencies drawn against the arrival rate: (column, what it is)
+_RATE_LATENCIES = (("ttft_p50_s", "TTFT p50"), ("e2e_p50_s", "E2E p50"), ("e2e_p99_s", "E2E p99"))
+
+
+def _serving_latency_plots(
+    cells: pl.DataFrame, methods: list[str], colors: dict[str, str], where: str
+) -> str:
+    """TTFT p50, E2E p50 and E2E p99 (y) against the arrival rate (x) of the poisson cells."""
+    poisson = cells.filter((pl.col("scenario") == "poisson") & pl.col("rate").is_not_null())
+    rates = sorted(set(poisson["rate"].to_list()))
+    figures = []
+    for column, name in _RATE_LATENCIES:
+        lines = _serving_lines(poisson, methods, colors, "rate", column)
+        if not lines:
+            continue
+        svg = line_chart(
+            lines,
+            title=f"{name} vs arrival rate · {where}",
+            x_label="Arrival rate (requests/s)",
+            y_label=f"{name} (s)",
+            x_ticks=rates if len(rates) <= 12 else None,
+            x_fmt=lambda v: f"{v:g}",
+        )
+        figures.append(
+            f"<figure>{svg}<figcaption>Poisson arrivals: {name} of the ok requests at each "
+            "arrival rate (the same arrival times for every method); <code>ar</code> dashed."
+            "</figcaption></figure>"
+        )
+    return "".join(figures)
+
+
+def _serving(
+    serving: ServingReport | None,
+    methods: list[str],
+    colors: dict[str, str],
+    limit: int = ERROR_LIMIT,
+) -> tuple[str, list[tuple[str, str]]]:
+    """The Serving section and its contents entries (empty for a run without serving cells)."""
+    if serving is None:
+        return "", []
+    parts = [
+        '<section id="serving"><h2>Serving</h2>',
+        f'<p class="note">{_inline(SERVING_NOTE)}</p>',
+        f'<p class="note">{_inline(slo_sentence(serving.slo))}</p>',
+        f'<p class="sub">{escape(serving_summary(serving.cells))}</p>',
+    ]
+    if serving.errors.height:
+        more = serving.errors.height - limit
+        caption = "Error rows by serving cell and message, most frequent first."
+        if more > 0:
+            caption += f" … and {more} more (cell, message) pairs."
+        parts.append(_table(serving_errors_table(serving.errors.head(limit)), caption))
+    toc = [("serving", "Serving")]
+    for index, (model, temperature, cells) in enumerate(serving_blocks(serving.cells)):
+        where = f"{model} · T={temperature:g}"
+        anchor = f"serving{index}"
+        toc.append((anchor, where))
+        parts.append(f'<h3 id="{anchor}">{escape(where)}</h3>')
+        charts = _serving_throughput_plot(cells, methods, colors, where)
+        charts += _serving_latency_plots(cells, methods, colors, where)
+        if charts:
+            parts.append(f'<div class="charts">{charts}</div>')
+        table = serving_table(cells, methods, SERVING_THROUGHPUT_COLUMNS)
+        parts.append(_table(table, "Throughput and goodput per serving cell.", colors))
+        table = serving_table(cells, methods, SERVING_LATENCY_COLUMNS)
+        parts.append(_table(table, "Latency percentiles, seconds, over ok requests.", colors))
+    items = "".join(
+        f"<dt>{escape(term)}</dt><dd>{_inline(text)}</dd>" for term, text in SERVING_DEFINITIONS
+    )
+    parts.append(f'<dl class="legend">{items}</dl></section>')
+    return "\n".join(parts), toc
+
+
 def _legend() -> str:
     items = "".join(
         f"<dt>{escape(term)}</dt><dd>{_inline(text)}</dd>" for term, text in DEFINITIONS
@@ -740,15 +869,21 @@ def _comment(text: str) -> str:
     return "<!-- " + text.replace("--", "- -") + " -->"
 
 
-def render_html(metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDetails) -> str:
+def render_html(
+    metrics: pl.DataFrame,
+    manifest: dict[str, Any],
+    details: RunDetails,
+    serving: ServingReport | None = None,
+) -> str:
     """The whole page; inputs as for markdown.render_markdown (details required here)."""
-    verdict = headline(metrics)
+    cells = None if serving is None else serving.cells
+    verdict = headline(metrics, cells)
     plain = verdict.replace("**", "")
     run_id = str(manifest.get("run_id", "unknown run"))
-    methods = method_order(metrics, manifest)
+    methods = all_methods(metrics, manifest, cells)
     colors = method_colors(methods, BASELINE)
     body = [
-        f'<header class="verdict {_verdict_class(metrics)}" id="verdict">'
+        f'<header class="verdict {_verdict_class(metrics, cells)}" id="verdict">'
         f"{_inline(verdict)}</header>",
         "<main>",
         f"<h1>MMSpec report: {escape(run_id)}</h1>",
@@ -799,8 +934,12 @@ def render_html(metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDet
             )
             sections.append(html)
             toc += [(a, t, 0 if i == 0 else 1) for i, (a, t) in enumerate(entries)]
-    else:
+    elif serving is None:
         body.append('<p class="note">This run has no result rows yet.</p>')
+    html, entries = _serving(serving, methods, colors)
+    if html:
+        sections.append(html)
+        toc += [(a, t, 0 if i == 0 else 1) for i, (a, t) in enumerate(entries)]
     sections += [_legend(), _metadata(manifest)]
     toc += [("legend", "Legend", 0), ("metadata", "Run metadata", 0)]
     links = "".join(

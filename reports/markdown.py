@@ -16,8 +16,11 @@ from mmspec.reports.answer_import import import_note
 from mmspec.reports.formatting import pct
 from mmspec.reports.metrics import ALL_TOPIC, CELL_KEYS, RunDetails
 from mmspec.reports.paired import BASELINE
+from mmspec.reports.serving import ServingReport, Slo, serving_summary
 from mmspec.reports.tables import (
     ACCEPT_SHOWN,
+    SERVING_LATENCY_COLUMNS,
+    SERVING_THROUGHPUT_COLUMNS,
     Table,
     best_setting_table,
     breakdown_table,
@@ -31,6 +34,8 @@ from mmspec.reports.tables import (
     packages_table,
     position_table,
     run_fields,
+    serving_errors_table,
+    serving_table,
     speedup_by_batch_table,
     taxonomy_table,
     throughput_table,
@@ -213,6 +218,50 @@ DEFINITIONS = [
 
 LEGEND = "## Legend\n" + "".join(f"- **{term}**: {text}\n" for term, text in DEFINITIONS)
 
+# The Serving section's own terms (serving.py has the same in its module doc): listed there, so
+# the Legend of a run without serving cells stays as it was.
+SERVING_DEFINITIONS = [
+    (
+        "Serving cell",
+        "a request stream per (model, method, scenario, concurrency, rate, temperature): "
+        "`continuous` keeps up to `concurrency` requests decoding, refilling as they finish; "
+        "`poisson` lets requests arrive at `rate` per second (up to the concurrency cap). "
+        "Only ok requests count, except in Errors.",
+    ),
+    (
+        "System tokens/s (serving)",
+        "the ok requests' new tokens / the wall time of their streams (each stream's "
+        "`batch_s` once); Requests/s: ok requests / that wall time. Throughput vs ar: System "
+        "tokens/s over `ar`'s in the same model, scenario, concurrency, rate and temperature.",
+    ),
+    (
+        "Goodput",
+        "ok requests per second of wall time that met both SLOs: TTFT ≤ the grid's "
+        "`slo.ttft_s` and TPOT ≤ `slo.tpot_s` (a one-token request has no TPOT and meets "
+        "that part; an objective the grid leaves out is met by all); SLO attainment: the share "
+        "of ok requests that met both. Not computed without `slo:` in the grid.",
+    ),
+    ("TTFT (serving)", "`ttft_s`: from a request's arrival to its first token."),
+    (
+        "TPOT (serving)",
+        "per request with n ≥ 2 tokens: (time of the last token − time of the first) / (n − 1).",
+    ),
+    (
+        "ITL",
+        "inter-token latency: the gaps between consecutive distinct emission times of a "
+        "request's tokens, pooled over the cell's requests. Tokens a speculative step commits "
+        "together share one time, so such a step is one gap: ITL is the wait a streaming "
+        "client sees between updates.",
+    ),
+    ("E2E", "end-to-end latency, `total_s`: from a request's arrival to its last token."),
+    ("Queue", "queueing delay, `queue_s`: from a request's arrival to the start of its prefill."),
+    (
+        "Lossless (serving)",
+        "share of the requests both the method and `ar` finished ok in the same serving cell "
+        "whose output tokens (SHA-256) equal `ar`'s; greedy only.",
+    ),
+]
+
 
 def md_text(value: Any) -> str:
     """Text from a run (model names, sample ids, error messages) as report.md holds it: HTML
@@ -271,17 +320,38 @@ def base_methods(metrics: pl.DataFrame) -> dict[str, str]:
 
 def _cell_label(row: dict[str, Any]) -> str:
     where = f"batch size {row['batch_size']}, T={row['temperature']:g}"
+    if row.get("scenario") is not None:  # a serving cell
+        rate = "" if row["rate"] is None else f", {row['rate']:g}/s"
+        where = (
+            f"{row['scenario']}, concurrency {row['batch_size']}{rate}, T={row['temperature']:g}"
+        )
     return f"{md_text(row['method'])} on {md_text(row['model'])} ({where})"
 
 
-def headline(metrics: pl.DataFrame) -> str:
-    """One line: did every lossless check pass, and how many rows errored."""
+_CHECK_COLUMNS = ["model", "method", "batch_size", "temperature", "lossless", "paired_keys"]
+
+
+def _lossless_cells(metrics: pl.DataFrame, serving: pl.DataFrame | None) -> pl.DataFrame:
+    """The pooled static cells and the serving cells, with what the lossless check reads."""
+    totals = metrics.filter(pl.col("topic") == ALL_TOPIC).select(_CHECK_COLUMNS)
+    if serving is None or serving.height == 0:
+        return totals
+    serving_cells = serving.select(*_CHECK_COLUMNS, "scenario", "rate")
+    return pl.concat([totals, serving_cells], how="diagonal_relaxed")
+
+
+def headline(metrics: pl.DataFrame, serving: pl.DataFrame | None = None) -> str:
+    """One line: did every lossless check pass (serving cells' too), and how many rows
+    errored."""
     totals = metrics.filter(pl.col("topic") == ALL_TOPIC)
     errors = int(totals["errors"].sum()) if totals.height else 0
+    if serving is not None and serving.height:
+        errors += int(serving["errors"].sum())
     error_part = f"Error rows: {errors}."
-    if totals.height == 0:
+    cells = _lossless_cells(metrics, serving)
+    if cells.height == 0:
         return f"**No result rows.** {error_part}"
-    candidates = totals.filter((pl.col("method") != BASELINE) & (pl.col("temperature") == 0))
+    candidates = cells.filter((pl.col("method") != BASELINE) & (pl.col("temperature") == 0))
     checked = candidates.filter(pl.col("lossless").is_not_null())
     unchecked = candidates.height - checked.height
     failed = checked.filter(pl.col("lossless") < 1.0)
@@ -510,6 +580,60 @@ def import_lines(manifest: dict[str, Any]) -> list[str]:
     return ["## Imported run", "", note, "", *table_lines(table), ""]
 
 
+SERVING_NOTE = (
+    "Requests served by continuous batching at a concurrency cap (`continuous`) or arriving "
+    "as a Poisson process (`poisson`), every method beside `ar` (definitions below). These "
+    "cells are not in the static tables above: a serving cell's concurrency is not a batch "
+    "size."
+)
+
+
+def slo_sentence(slo: Slo | None) -> str:
+    """What the goodput columns are measured against."""
+    if slo is None:
+        return "No SLO in the grid (`slo:`): goodput and SLO attainment are not computed."
+    limits = [
+        f"{name} ≤ {limit:g} s"
+        for name, limit in (("TTFT", slo.ttft_s), ("TPOT", slo.tpot_s))
+        if limit is not None
+    ]
+    return f"SLO (the grid's `slo:`): {' and '.join(limits)} per request."
+
+
+def serving_blocks(serving: pl.DataFrame) -> list[tuple[str, float, pl.DataFrame]]:
+    """(model, temperature, its serving cells) of a report, in order."""
+    return [
+        (model, temperature, part)
+        for (model, temperature), part in sorted(
+            serving.partition_by("model", "temperature", as_dict=True).items()
+        )
+    ]
+
+
+def serving_lines(
+    serving: ServingReport | None, methods: list[str], limit: int = ERROR_LIMIT
+) -> list[str]:
+    """The Serving section (only for a run with serving cells)."""
+    if serving is None:
+        return []
+    lines = ["## Serving", "", SERVING_NOTE, "", slo_sentence(serving.slo), ""]
+    lines += [md_text(serving_summary(serving.cells)), ""]
+    if serving.errors.height:
+        lines += ["Error rows by serving cell and message, most frequent first:", ""]
+        lines += [*table_lines(serving_errors_table(serving.errors.head(limit))), ""]
+        if serving.errors.height > limit:
+            lines += [f"… and {serving.errors.height - limit} more (cell, message) pairs.", ""]
+    for model, temperature, part in serving_blocks(serving.cells):
+        where = f"{md_text(model)} · T={temperature:g}"
+        lines += [f"{where}: throughput and goodput:", ""]
+        lines += [*table_lines(serving_table(part, methods, SERVING_THROUGHPUT_COLUMNS)), ""]
+        lines += [f"{where}: latency percentiles (seconds, ok requests):", ""]
+        lines += [*table_lines(serving_table(part, methods, SERVING_LATENCY_COLUMNS)), ""]
+    lines += ["Serving terms:", ""]
+    lines += [f"- **{term}**: {text}" for term, text in SERVING_DEFINITIONS]
+    return [*lines, ""]
+
+
 def _metadata(manifest: dict[str, Any]) -> list[str]:
     lines = ["## Run metadata", ""]
     lines += [
@@ -525,14 +649,29 @@ def _metadata(manifest: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def all_methods(
+    metrics: pl.DataFrame, manifest: dict[str, Any], serving: pl.DataFrame | None
+) -> list[str]:
+    """method_order() over the static and the serving cells together."""
+    if serving is None or serving.height == 0:
+        return method_order(metrics, manifest)
+    names = ["method", "base_method"]
+    return method_order(pl.concat([metrics.select(names), serving.select(names)]), manifest)
+
+
 def render_markdown(
-    metrics: pl.DataFrame, manifest: dict[str, Any], details: RunDetails | None = None
+    metrics: pl.DataFrame,
+    manifest: dict[str, Any],
+    details: RunDetails | None = None,
+    serving: ServingReport | None = None,
 ) -> str:
     """The whole report; `metrics` is cell_metrics()'s frame, `manifest` the run's manifest.json,
-    `details` run_details()'s (without it the breakdown, energy and error sections are left out).
+    `details` run_details()'s (without it the breakdown, energy and error sections are left out),
+    `serving` serving.serving_report()'s (the Serving section; none without it).
     """
     run_id = manifest.get("run_id", "unknown run")
-    lines = [headline(metrics), "", f"# MMSpec report: {md_text(run_id)}", ""]
+    cells = None if serving is None else serving.cells
+    lines = [headline(metrics, cells), "", f"# MMSpec report: {md_text(run_id)}", ""]
     if metrics.height:
         lines += [run_summary(metrics, details), ""]
     lines += import_lines(manifest)
@@ -548,6 +687,7 @@ def render_markdown(
     if metrics.height and merged is not None:
         lines += viskip_lines(merged)
     lines += _sections(metrics, manifest, merged)
+    lines += serving_lines(serving, all_methods(metrics, manifest, cells))
     lines += [LEGEND]
     lines += _metadata(manifest)
     return "\n".join(lines).rstrip() + "\n"

@@ -10,6 +10,9 @@ verification cost alone allows, and the share of it reached (roofline.py).
 run_details() adds what the report shows beside them (latency breakdown and CDF, energy, memory,
 error messages). Both read the rows once into memory and group on integer ids (keys.py): a
 million-row run reports in seconds.
+
+Both take the static scenario's rows alone: a serving cell's batch size is a concurrency cap,
+not a batch, and its latencies count from arrival (serving.py has its metrics).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from mmspec.results.layout import result_files
 from mmspec.results.schema import ADDED_IN, READABLE_VERSIONS, RESULT_SCHEMA, SCHEMA_VERSION
 
 ALL_TOPIC = "all"
+STATIC = "static"  # the scenario of batches (results/schema.py); serving.py reads the others
 GROUP_KEYS = ["model", "method", "batch_size", "temperature", "topic"]
 CELL_KEYS = GROUP_KEYS[:-1]  # a cell of the grid, topics pooled
 _VERSION_KEY = b"mmspec.schema_version"
@@ -239,10 +243,26 @@ CELL_INPUTS = [
     "batch_s",
     "accept_lengths",
     *COST_INPUTS,
+    # only static rows are read (static_rows)
+    "scenario",
 ]
 # Low-cardinality labels (and sample ids) become Categorical while the rows are in memory: groups
 # and joins then hash small integers instead of strings. Metrics carry plain strings again.
-_LABELS = ["model", "method", "topic", "workload", "status", "sample_id", "shard_id"]
+_LABELS = [
+    "model",
+    "method",
+    "topic",
+    "workload",
+    "status",
+    "sample_id",
+    "shard_id",
+    "scenario",
+]
+
+
+def static_rows(rows: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    """The rows of the static scenario (batches), lazily."""
+    return rows.lazy().filter(pl.col("scenario") == STATIC)
 
 
 def collect_rows(rows: pl.LazyFrame | pl.DataFrame, columns: list[str]) -> pl.DataFrame:
@@ -368,14 +388,14 @@ def _versus_ar(metrics: pl.DataFrame) -> pl.DataFrame:
 
 
 def cell_metrics(rows: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
-    """Metrics per (model, method, batch_size, temperature, topic); see METRIC_COLUMNS, then
-    acceptance.acceptance_columns() for the run's longest accepted draft.
+    """Metrics per (model, method, batch_size, temperature, topic) of the static rows; see
+    METRIC_COLUMNS, then acceptance.acceptance_columns() for the run's longest accepted draft.
 
     Rows whose status is not "ok" count only in `errors`. Speedup and lossless compare each row
     with the `ar` row of the same sample, turn and repeat (see paired.py). The "all" topic pools
     every topic of a cell (sums over all its rows, not a mean of topics).
     """
-    frame = collect_rows(rows, CELL_INPUTS)
+    frame = collect_rows(static_rows(rows), CELL_INPUTS)
     frame = frame.with_columns(
         row_ids(frame, GROUP_KEYS).alias(_TOPIC_ID), row_ids(frame, CELL_KEYS).alias(_CELL_ID)
     )
@@ -453,7 +473,7 @@ class RunDetails:
     latency: CELL_KEYS, quantile, latency_s: total_s at each of CDF_QUANTILES (linear)
     errors:  CELL_KEYS, error, rows: the error rows of each cell by message (error_message's
              form), most frequent first
-    rows:    every row of the run, errors included
+    rows:    every static row of the run, errors included
     """
 
     cells: pl.DataFrame
@@ -508,7 +528,7 @@ def _latency_points(ok: pl.DataFrame) -> pl.DataFrame:
 
 def run_details(rows: pl.LazyFrame | pl.DataFrame) -> RunDetails:
     """Latency breakdown, tail, CDF points, energy, memory and error messages (see RunDetails)."""
-    frame = collect_rows(rows, REPORT_INPUTS)
+    frame = collect_rows(static_rows(rows), REPORT_INPUTS)
     frame = frame.with_columns(row_ids(frame, CELL_KEYS).alias(_CELL_ID))
     is_ok = pl.col("status") == "ok"
     needed = [_CELL_ID, *CELL_KEYS, *PHASES, "total_s", "new_tokens", "energy_j", "peak_mem_bytes"]

@@ -32,6 +32,7 @@ from mmspec.reports.formatting import (
 )
 from mmspec.reports.metrics import ALL_TOPIC
 from mmspec.reports.paired import BASELINE
+from mmspec.reports.serving import LATENCY_COLUMNS
 from mmspec.reports.variants import VariantGroup, best_per_batch
 from mmspec.reports.viskip import ViSkipRow
 from mmspec.results.environment import Environment
@@ -410,6 +411,101 @@ def disagreement_table(found: pl.DataFrame) -> Table:
         for r in found.iter_rows(named=True)
     ]
     return Table(columns, rows)
+
+
+# ---------------------------------------------------------------- serving
+
+
+NO_SLO = "no SLO"
+
+
+def _with_slo(column: str, text: Callable[[float | None], str]) -> Callable[[Row], Cell]:
+    # Goodput and attainment exist only against an SLO; without one the grid set none.
+    def cell(r: Row) -> Cell:
+        if r["slo_ttft_s"] is None and r["slo_tpot_s"] is None:
+            return Cell(NO_SLO, "missing")
+        return Cell(text(r[column]))
+
+    return cell
+
+
+def _latency_label(column: str) -> str:
+    name, percentile, _ = column.split("_")
+    return f"{name.upper() if name != 'queue' else 'Queue'} {percentile} s"
+
+
+SERVING_CELLS: dict[str, tuple[Column, Callable[[Row], Cell]]] = {
+    "scenario": (Column("Scenario", text=True), lambda r: Cell(r["scenario"])),
+    "batch_size": (Column("Concurrency"), lambda r: Cell(str(r["batch_size"]))),
+    "rate": (Column("Rate /s"), lambda r: Cell(num(r["rate"], "g"))),
+    "method": POOLED_COLUMNS["method"],
+    "requests": (Column("Requests"), lambda r: _count(r["requests"])),
+    "errors": POOLED_COLUMNS["errors"],
+    "output_tokens": (Column("Output tokens"), lambda r: _count(r["output_tokens"])),
+    "system_tokens_per_s": POOLED_COLUMNS["system_tokens_per_s"],
+    "throughput_speedup": (Column("Throughput vs ar"), _speedup("throughput_speedup")),
+    "requests_per_s": (Column("Requests/s"), _number("requests_per_s", ".3f")),
+    "goodput_requests_per_s": (
+        Column("Goodput req/s"),
+        _with_slo("goodput_requests_per_s", lambda v: num(v, ".3f")),
+    ),
+    "slo_attainment": (Column("SLO attainment"), _with_slo("slo_attainment", pct)),
+    "lossless": POOLED_COLUMNS["lossless"],
+    **{c: (Column(_latency_label(c)), _number(c, ".4f")) for c in LATENCY_COLUMNS},
+}
+_SERVING_CELL = ("scenario", "batch_size", "rate", "method")
+SERVING_THROUGHPUT_COLUMNS = (
+    *_SERVING_CELL,
+    "requests",
+    "errors",
+    "output_tokens",
+    "system_tokens_per_s",
+    "throughput_speedup",
+    "requests_per_s",
+    "goodput_requests_per_s",
+    "slo_attainment",
+    "lossless",
+)
+SERVING_LATENCY_COLUMNS = (*_SERVING_CELL, *LATENCY_COLUMNS)
+
+
+def serving_errors_table(errors: pl.DataFrame) -> Table:
+    """Error rows per (serving cell, message), in the order of `errors`
+    (serving.serving_errors())."""
+    keys = ("scenario", "batch_size", "rate")
+    columns = [
+        Column("Model", text=True),
+        Column("Method", text=True),
+        *[SERVING_CELLS[k][0] for k in keys],
+        Column("T"),
+        Column("Error", text=True),
+        Column("Rows"),
+    ]
+    rows = [
+        [
+            Cell(r["model"]),
+            Cell(r["method"]),
+            *[SERVING_CELLS[k][1](r) for k in keys],
+            Cell(f"{r['temperature']:g}"),
+            Cell(str(r["error"]), "message", r["error"]),
+            _count(r["rows"]),
+        ]
+        for r in errors.iter_rows(named=True)
+    ]
+    return Table(columns, rows)
+
+
+def serving_table(cells: pl.DataFrame, methods: Sequence[str], keys: Sequence[str]) -> Table:
+    """One row per serving cell of `cells` (one model and temperature of serving_metrics()),
+    the columns `keys` of SERVING_CELLS: continuous cells by concurrency, then poisson cells by
+    rate, each setting's methods in `methods`' order."""
+    chosen = [SERVING_CELLS[k] for k in keys]
+    order = {m: i for i, m in enumerate(methods)}
+    found = sorted(
+        (r for r in cells.iter_rows(named=True) if r["method"] in order),
+        key=lambda r: (r["scenario"], r["batch_size"], r["rate"] or 0.0, order[r["method"]]),
+    )
+    return Table([c for c, _ in chosen], [[cell(r) for _, cell in chosen] for r in found])
 
 
 # ---------------------------------------------------------------- acceptance per position

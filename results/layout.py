@@ -35,6 +35,9 @@ RESULTS = "results"
 TELEMETRY = "telemetry"
 METRICS_ARROW = "metrics.arrow"
 METRICS_CSV = "metrics.csv"
+# serving cells' metrics (reports/serving.py), written only when a run has serving rows
+SERVING_ARROW = "serving_metrics.arrow"
+SERVING_CSV = "serving_metrics.csv"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 TIMESTAMP = "%Y%m%dT%H%M%SZ"  # the UTC timestamp in a run folder's name
