@@ -126,7 +126,6 @@ class _Live:
     rows: list[int]  # (active,) batch row of each live row
     tokens: list[list[int]]  # (active,) prompt + generated ids, ending with the pending token
     prompt_lens: list[int]
-    origin: list[float]  # (active,) perf_counter time each row arrived: its latencies count from it
     # (active,) attention mass on image tokens of the position that predicted the pending
     # token; only when the drafter asked for it
     score: torch.Tensor | None = None
@@ -134,6 +133,8 @@ class _Live:
     features: dict[Feature, torch.Tensor] | None = None
     # (active,) real slots per row: decides compaction without a device read
     real: list[int] = field(default_factory=list)
+    # (active,) perf_counter time each row arrived: its latencies count from it (default now)
+    origin: list[float] = field(default_factory=list)
     # (active, cache_len) the additive mask row all of a row's queries start from: 0 where the
     # slot holds a real token of this row, the dtype's lowest where it holds padding or a
     # rejected draft. Kept additive, in the keys' dtype: a bool mask would cost a conversion
@@ -148,6 +149,8 @@ class _Live:
             self.pending = self.pending.tolist()
         if not self.real:
             self.real = valid.sum(dim=1).tolist()
+        if not self.origin:
+            self.origin = [time.perf_counter()] * len(self.rows)
 
 
 class Engine:

@@ -54,12 +54,56 @@ class DraftKV:
         self.valid = self.valid.index_select(0, keep)
         self.next_pos = self.next_pos.index_select(0, keep)
 
+    def extend(self, other: DraftKV) -> None:
+        """Append `other`'s rows after these (rows joining a batch). The shorter side is left
+        padded with masked slots: positions are explicit per row, so a slot's index means
+        nothing to it. Either side may hold no layers yet (nothing fed): its rows get masked
+        zero slots in the other's layers."""
+        width = max(self.length, other.length)
+        mine = _filled(self.cache)
+        # whose layer objects carry on: the side that has any
+        layers = self.cache.layers if mine or not _filled(other.cache) else other.cache.layers
+        for i, layer in enumerate(layers):
+            for name in ("keys", "values"):
+                like = getattr(layer, name)
+                parts = [_slots(kv, i, name, like, width) for kv in (self, other)]
+                setattr(layer, name, torch.cat(parts))
+        if not mine and layers:
+            self.cache = other.cache
+        self.valid = torch.cat([_pad_left(self.valid, width), _pad_left(other.valid, width)])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+
     def maybe_compact(self) -> None:
         """Squeeze masked slots out once they cost more than `compact_slack` per row."""
         order = squeeze_order(self.valid, self.compact_slack)
         if order is not None:
             gather_slots(self.cache, order)
             self.valid = torch.gather(self.valid, 1, order)
+
+
+def _filled(cache: DynamicCache) -> bool:
+    """Whether any layer of `cache` holds keys (a head's cache has none until its first feed)."""
+    return any(getattr(layer, "keys", None) is not None for layer in cache.layers)
+
+
+def _slots(kv: DraftKV, i: int, name: str, like: torch.Tensor, width: int) -> torch.Tensor:
+    """`kv`'s keys or values (`name`) of layer i left padded to `width` slots; zeros shaped
+    like `like` where `kv` has no such layer."""
+    layers = kv.cache.layers
+    if i < len(layers) and getattr(layers[i], name, None) is not None:
+        return _pad_left(getattr(layers[i], name), width, dim=2)
+    shape = (kv.valid.shape[0], like.shape[1], width, like.shape[3])
+    return like.new_zeros(shape)
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """`x` with `dim` grown to `width` by zeros (False: masked) in front."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 def ragged(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:

@@ -1,6 +1,7 @@
 """Drive a trained draft head (EAGLE-1/2/3, ViSpec, MSD) through the engine's drafter calls.
 
     begin   the prompt's target features -> the head's inputs for every prompt position
+    join    the same for rows joining the running batch, appended after its rows
     propose feed what is new into the head's cache (one forward), grow the tree from there
     update  the accepted tokens' target features -> the inputs to feed next time
 
@@ -94,6 +95,27 @@ class HeadDrafter(Drafter):
     # ---- the drafter calls ---------------------------------------------------------------
     @torch.inference_mode()
     def begin(self, ctx: DraftContext) -> None:
+        self.rows, self.todo, self.state = [], [], None
+        self.kv = DraftKV(0, self.target.device)
+        self.join(ctx)
+
+    @torch.inference_mode()
+    def join(self, ctx: DraftContext) -> None:
+        # the saved rows may still hold rows the engine dropped since: `_follow` maps them
+        if not ctx.rows:
+            return
+        todo, state = self._prompt_inputs(ctx)
+        self.kv.extend(DraftKV(len(todo), self.kv.valid.device))
+        self.rows += ctx.rows
+        self.todo += todo
+        if state is not None:
+            self.state = state if self.state is None else torch.cat([self.state, state])
+
+    def _prompt_inputs(
+        self, ctx: DraftContext
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """The head's inputs (block inputs, positions) for every prompt position of the rows of
+        `ctx`, none fed yet, and their per-row state (b, h) if the head keeps one."""
         feats = ctx.extras["features"]
         width = feats[EMBEDS].shape[1]
         image_id = self.target.image_token_id
@@ -109,10 +131,7 @@ class HeadDrafter(Drafter):
             x, positions, state = self.head.prompt_inputs(embeds, fused[i, width - n :], image)
             todo.append((x, positions))
             states.append(state)
-        self.kv = DraftKV(len(ctx.tokens), fused.device)
-        self.rows = list(ctx.rows)
-        self.todo = todo
-        self.state = None if states[0] is None else torch.stack(states)
+        return todo, None if states[0] is None else torch.stack(states)
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> list[DraftTree]:

@@ -456,6 +456,13 @@ class Lookahead(Drafter):
         for i in range(len(ctx.rows)):
             self._row(ctx, i)
 
+    def join(self, ctx: DraftContext) -> None:
+        """Each joining row gets the counts of its own text, as `begin` builds them (a row's
+        trie is per request); the running rows' and `global_trie`'s shared one stay as they
+        are (finished rows' outputs reach the shared trie at the next `update`)."""
+        for i in range(len(ctx.rows)):
+            self._rows[ctx.rows[i]] = self._fresh(ctx, i)
+
     def propose(self, ctx: DraftContext) -> list[DraftTree]:
         return [self._draft(self._row(ctx, i), tokens) for i, tokens in enumerate(ctx.tokens)]
 
@@ -497,15 +504,17 @@ class Lookahead(Drafter):
         """What active row i has seen, built from its tokens the first time the row is seen."""
         row = ctx.rows[i]
         if row not in self._rows:
-            tokens, prompt_len = ctx.tokens[i], ctx.prompt_lens[i]
-            if self.rule == "best_first":
-                self._rows[row] = RowText(tokens, prompt_len, self._gram)
-            else:
-                self._rows[row] = seen = MMSpecCache(
-                    tokens[:prompt_len], self.branch_length, self.cut_token
-                )
-                seen.put(tokens[prompt_len:])  # the first token, from the prefill
+            self._rows[row] = self._fresh(ctx, i)
         return self._rows[row]
+
+    def _fresh(self, ctx: DraftContext, i: int) -> MMSpecCache | RowText:
+        """Active row i's counts built from its tokens alone."""
+        tokens, prompt_len = ctx.tokens[i], ctx.prompt_lens[i]
+        if self.rule == "best_first":
+            return RowText(tokens, prompt_len, self._gram)
+        seen = MMSpecCache(tokens[:prompt_len], self.branch_length, self.cut_token)
+        seen.put(tokens[prompt_len:])  # the first token, from the prefill
+        return seen
 
     def _retire(self, row: int) -> None:
         """Forget a finished row; its output joins the shared trie when there is one."""

@@ -337,6 +337,12 @@ def beam_trees(logp: torch.Tensor, top_k: int, total_token: int) -> list[DraftTr
     return trees
 
 
+def _pending_hidden(ctx: DraftContext) -> torch.Tensor:
+    """(b, h) the final hidden state the LM head read to predict each row's pending token: the
+    prompt's last position, the last column for every row as prompts are left padded."""
+    return ctx.extras["features"][FINAL][:, -1].clone()
+
+
 def _int_arg(name: str, value: Any, least: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"medusa {name} must be an integer >= {least}, got {value!r}")
@@ -408,10 +414,14 @@ class Medusa(Drafter):
 
     @torch.inference_mode()
     def begin(self, ctx: DraftContext) -> None:
-        # left padded: the last prompt position is the last column for every row, and its
-        # feature is what the LM head read to predict the pending token
-        self.hidden = ctx.extras["features"][FINAL][:, -1].clone()
+        self.hidden = _pending_hidden(ctx)
         self.rows = list(ctx.rows)
+
+    @torch.inference_mode()
+    def join(self, ctx: DraftContext) -> None:
+        # the saved rows may still hold rows the engine dropped since: `_follow` maps them
+        self.hidden = torch.cat([self.hidden, _pending_hidden(ctx)])
+        self.rows += ctx.rows
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> list[DraftTree]:

@@ -93,8 +93,12 @@ class MSD(DynamicTreeDrafter):
         self.gap = torch.zeros(0, dtype=torch.long)  # (b,) per row: see `_tree_gap`
 
     def begin(self, ctx: DraftContext) -> None:
-        super().begin(ctx)
-        self.gap = self._tree_gap(ctx)
+        self.gap = torch.zeros(0, dtype=torch.long, device=self.target.device)
+        super().begin(ctx)  # -> `join`
+
+    def join(self, ctx: DraftContext) -> None:
+        super().join(ctx)
+        self.gap = torch.cat([self.gap, self._tree_gap(ctx)])
 
     def _tree_gap(self, ctx: DraftContext) -> torch.Tensor:
         """(b,) how far past the sequence each row's draft tree sits. MMSpec's LLaVA path

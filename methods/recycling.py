@@ -11,7 +11,8 @@ By default it drafts as MMSpec ran it (`method/recycling/spec_model_recycling.py
 `SpecModel.specgenerate`, with `evaluation/eval_recycling_mmspec.py`'s defaults, which its
 `scripts/*/eval_recycling_mmspec.sh` pass unchanged: matrix_top_k 8, draft_len 10):
 - `matrix="per_sample"`: a fresh matrix for every sample and turn (MMSpec builds one per
-  `specgenerate` call; the engine calls `begin` once per turn, so the same).
+  `specgenerate` call; a row gets its own at `begin`, or at `join` when it joins a running
+  batch, once per turn, so the same).
 - `prompt_seed=True`: before decoding, every prompt token's row gets the top-k of the
   prefill's logits at that token, the last occurrence winning. The engine keeps only the
   last position's logits, so the drafter taps the final hidden states of the prompt (the
@@ -43,9 +44,9 @@ Choices beside the references (drafting only; acceptance is the engine's, so los
   subtrees (Token Recycling verifies the duplicates). Below the same token a dropped subtree
   would only repeat part of the kept one (the template keeps every path with a choice
   lowered), so nothing that could be accepted is lost.
-- Writes go prompt positions first (`begin`), then per step root first, then nodes in tree
-  order, rows in batch order; where a token occurs twice, the last write wins (the
-  references index_put on the GPU, which leaves the order unspecified).
+- Writes go prompt positions first (`begin`; a joining row's at `join`), then per step root
+  first, then nodes in tree order, rows in batch order; where a token occurs twice, the last
+  write wins (the references index_put on the GPU, which leaves the order unspecified).
 """
 
 from __future__ import annotations
@@ -265,6 +266,15 @@ class TokenRecycling(Drafter):
         if self.prompt_seed:
             self._seed(ctx)
 
+    def join(self, ctx: DraftContext) -> None:
+        """Joining rows start as `begin` starts them: per sample, a fresh table each, seeded
+        from the row's own prompt, the running rows' untouched; with the shared matrix, their
+        prompts are seeded into it, as `begin` seeds every row's."""
+        if self.matrix == "per_sample":
+            self.tables.update({r: self._blank() for r in ctx.rows})
+        if self.prompt_seed:
+            self._seed(ctx)
+
     @torch.inference_mode()
     def _seed(self, ctx: DraftContext) -> None:
         """Each prompt token's row = top-k of the prefill's logits after it (last one wins)."""
@@ -272,7 +282,7 @@ class TokenRecycling(Drafter):
         if final is None or self.head is None:
             raise RuntimeError(
                 "recycling prompt_seed needs the prompt's final hidden states in begin's "
-                "ctx.extras['features'] (the engine taps Drafter.features after load)"
+                "or join's ctx.extras['features'] (the engine taps Drafter.features after load)"
             )
         chunk = max(1, SEED_CHUNK_LOGITS // self.vocab)
         for table, tokens, n, hidden in zip(self._tables(ctx), ctx.tokens, ctx.prompt_lens, final):
@@ -286,6 +296,10 @@ class TokenRecycling(Drafter):
             write_last(table, torch.tensor(tokens[:n], dtype=torch.long), best)
 
     def propose(self, ctx: DraftContext) -> list[DraftTree]:
+        if self.matrix == "per_sample":
+            # rows that finished are gone from ctx: free their tables, or a request stream
+            # (`Engine.serve`) would keep one per request it ever served
+            self.tables = {r: self.tables[r] for r in ctx.rows}
         trees = []
         for table, tokens, n in zip(self._tables(ctx), ctx.tokens, ctx.prompt_lens):
             stops = None

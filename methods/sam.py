@@ -217,6 +217,11 @@ class SuffixAutomatonDrafter(Drafter):
     def begin(self, ctx: DraftContext) -> None:
         self._automata = {row: SuffixAutomaton(t) for row, t in zip(ctx.rows, ctx.tokens)}
 
+    def join(self, ctx: DraftContext) -> None:
+        """Each joining row gets an automaton of its own prompt, as `begin` builds: MMSpec's
+        automaton is per sample, so the running rows' are left as they are."""
+        self._automata.update({row: SuffixAutomaton(t) for row, t in zip(ctx.rows, ctx.tokens)})
+
     def propose(self, ctx: DraftContext) -> list[DraftTree]:
         draft = self._mmspec_draft if self.rule == "mmspec" else self._specbench_draft
         trees = [

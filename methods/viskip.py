@@ -81,6 +81,13 @@ class ViSkip(Drafter):
         self.ungated = set(ctx.rows) if self.after_draft else set()
         self.inner.begin(ctx)
 
+    def join(self, ctx: DraftContext) -> None:
+        """Joining rows start as `begin` starts them (under `after_draft` their first step
+        drafts, after their own prefill), then the wrapped drafter sets them up."""
+        if self.after_draft:
+            self.ungated |= set(ctx.rows)
+        self.inner.join(ctx)
+
     def propose(self, ctx: DraftContext) -> list[DraftTree]:
         scores = ctx.extras["vision_score"]
         skip = [r not in self.ungated and s >= self.threshold for r, s in zip(ctx.rows, scores)]
