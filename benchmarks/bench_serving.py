@@ -6,11 +6,15 @@ row joining a running batch costs.
    concurrency 1 and at 4; system throughput = output tokens / stream wall time. Rounds
    alternate the two concurrencies, so drift in the machine's load hits both alike; the
    ratio of the medians is reported. Every output is checked against concurrency 1 (greedy:
-   joins must not change a token).
-2. Join cost. In the concurrency-4 streams, each admission of one request (its encode and
-   prefill, the drafter's `join`, the merge into the running cache) is timed, and set beside
-   a prefill of the same request alone (encode + prefill on a fresh cache) timed right after
-   it: the ratio of the medians over all joins.
+   joins must not change a token). For context, each round also runs the same requests in
+   static batches of 1 and 4 (`generate`). The share of each stream's wall spent admitting
+   requests (encode, prefill, join) is printed, and the ceiling it leaves: the speedup at
+   concurrency 4 if its decoding cost nothing (admission does not batch: once the stream runs,
+   rows join one at a time as others finish).
+2. Join cost. In the concurrency-4 streams, each admission of one request into a running
+   batch (its encode and prefill, the drafter's `join`, the merge into the running cache) is
+   timed; after the streams, the same request's encode + prefill on a fresh cache alone: the
+   ratio of the medians over all joins.
 
 One warm-up stream per model outside every timed window; one torch thread.
 
@@ -102,6 +106,17 @@ def serve(engine: TimedEngine, requests: list[Request], concurrency: int, max_ne
     return tokens / wall, engine.admit_s / wall, {k: r.tokens for k, r in stream.results.items()}
 
 
+def static(engine: Engine, requests: list[Request], batch_size: int, max_new: int) -> float:
+    """tokens/s of the same requests in static batches (`generate`): none join until all of a
+    batch have left."""
+    t0, tokens = time.perf_counter(), 0
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i : i + batch_size]
+        out = engine.generate([r.messages for r in batch], [r.image for r in batch], max_new)
+        tokens += sum(len(g.tokens) for g in out)
+    return tokens / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -127,12 +142,14 @@ def main() -> None:
         engine.joins.clear()
         rates: dict[int, list[float]] = {1: [], args.concurrency: []}
         admitting: dict[int, list[float]] = {1: [], args.concurrency: []}
+        batches: dict[int, list[float]] = {1: [], args.concurrency: []}
         outputs: dict[int, dict[int, list[int]]] = {}
         for _ in range(args.rounds):
             for c in rates:
                 rate, share, outputs[c] = serve(engine, requests, c, args.max_new_tokens)
                 rates[c].append(rate)
                 admitting[c].append(share)
+                batches[c].append(static(engine, requests, c, args.max_new_tokens))
         assert outputs[1] == outputs[args.concurrency], f"{model}: joins changed an output"
         joins = [(s, prefill_alone(target, r)) for s, r in engine.joins if len(engine.joins)]
         join_med = statistics.median(s for s, _ in joins)
@@ -145,7 +162,7 @@ def main() -> None:
             print(
                 f"concurrency {c}: tokens/s per round {', '.join(f'{x:.0f}' for x in v)}; "
                 f"admitting (encode, prefill, join) {statistics.median(admitting[c]):.0%} "
-                "of the wall"
+                f"of the wall; static batches of {c}: {statistics.median(batches[c]):.0f} tokens/s"
             )
         print(
             f"throughput concurrency {args.concurrency} / 1: "
