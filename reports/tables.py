@@ -472,27 +472,7 @@ SERVING_LATENCY_COLUMNS = (*_SERVING_CELL, *LATENCY_COLUMNS)
 def serving_errors_table(errors: pl.DataFrame) -> Table:
     """Error rows per (serving cell, message), in the order of `errors`
     (serving.serving_errors())."""
-    keys = ("scenario", "batch_size", "rate")
-    columns = [
-        Column("Model", text=True),
-        Column("Method", text=True),
-        *[SERVING_CELLS[k][0] for k in keys],
-        Column("T"),
-        Column("Error", text=True),
-        Column("Rows"),
-    ]
-    rows = [
-        [
-            Cell(r["model"]),
-            Cell(r["method"]),
-            *[SERVING_CELLS[k][1](r) for k in keys],
-            Cell(f"{r['temperature']:g}"),
-            Cell(str(r["error"]), "message", r["error"]),
-            _count(r["rows"]),
-        ]
-        for r in errors.iter_rows(named=True)
-    ]
-    return Table(columns, rows)
+    return errors_table(errors, [SERVING_CELLS[k] for k in ("scenario", "batch_size", "rate")])
 
 
 def serving_table(cells: pl.DataFrame, methods: Sequence[str], keys: Sequence[str]) -> Table:
@@ -658,12 +638,16 @@ def best_setting_table(group: VariantGroup) -> Table:
 # ---------------------------------------------------------------- errors and run metadata
 
 
-def errors_table(errors: pl.DataFrame) -> Table:
-    """Error rows per (cell, message), in the order of `errors` (run_details().errors)."""
+def errors_table(
+    errors: pl.DataFrame, cell: Sequence[tuple[Column, Callable[[Row], Cell]]] | None = None
+) -> Table:
+    """Error rows per (cell, message), in the order of `errors` (run_details().errors); `cell`:
+    the columns naming a cell between method and temperature (default: the batch size)."""
+    cell = cell or [(Column("Batch size"), lambda r: Cell(str(r["batch_size"])))]
     columns = [
         Column("Model", text=True),
         Column("Method", text=True),
-        Column("Batch size"),
+        *[column for column, _ in cell],
         Column("T"),
         Column("Error", text=True),
         Column("Rows"),
@@ -672,7 +656,7 @@ def errors_table(errors: pl.DataFrame) -> Table:
         [
             Cell(r["model"]),
             Cell(r["method"]),
-            Cell(str(r["batch_size"])),
+            *[value(r) for _, value in cell],
             Cell(f"{r['temperature']:g}"),
             Cell(str(r["error"]), "message", r["error"]),
             _count(r["rows"]),

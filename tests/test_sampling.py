@@ -37,7 +37,8 @@ def target() -> Target:
     return load_target("tiny-llava")
 
 
-def _sample(target: Target, drafter: str | Drafter, seed0: int) -> list[list[int]]:
+def red_circle_prompt() -> tuple[list[dict], Image.Image]:
+    """The one prompt of the sampling tests: a red image and a repetitive phrase."""
     conv = [
         {
             "role": "user",
@@ -47,7 +48,11 @@ def _sample(target: Target, drafter: str | Drafter, seed0: int) -> list[list[int
             ],
         }
     ]
-    image = Image.new("RGB", (112, 112), (200, 30, 30))
+    return conv, Image.new("RGB", (112, 112), (200, 30, 30))
+
+
+def _sample(target: Target, drafter: str | Drafter, seed0: int) -> list[list[int]]:
+    conv, image = red_circle_prompt()
     if isinstance(drafter, str):
         drafter = get_drafter(drafter)()
     engine = Engine(target, drafter)

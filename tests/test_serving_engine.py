@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from PIL import Image
 
 from mmspec.methods.engine import Engine, Request
 from mmspec.methods.registry import get_drafter, method_names
@@ -23,7 +22,7 @@ from mmspec.orchestrator.runner import conversation
 from mmspec.workloads import Sample, load_mmspec, synthetic_suite
 from tests.conftest import mmspec_split
 from tests.serving import StepSource
-from tests.test_sampling import chi2_two_sample_p
+from tests.test_sampling import chi2_two_sample_p, red_circle_prompt
 
 MODELS = ["tiny-qwen2.5-vl", "tiny-llava"]
 MAX_NEW_TOKENS = 40
@@ -111,16 +110,7 @@ ALPHA = 1e-3
 
 
 def _sampled(target: Target, method: str, seed0: int, joining: bool) -> list[list[int]]:
-    conv = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image"},
-                {"type": "text", "text": "the red circle is next to the red circle is next to"},
-            ],
-        }
-    ]
-    image = Image.new("RGB", (112, 112), (200, 30, 30))
+    conv, image = red_circle_prompt()
     engine = Engine(target, get_drafter(method)())
     if not joining:
         seeds = list(range(seed0, seed0 + N))
