@@ -53,7 +53,14 @@ def cache_keyword(module: torch.nn.Module) -> str:
     transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns until
     5.40); older releases silently ignore an unknown `cache` kwarg, so ask forward.
     """
-    params = inspect.signature(module.forward).parameters
+    return _cache_keyword_of(type(module))
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_keyword_of(cls: type) -> str:
+    # per class, not per call: draft heads ask at every forward, and reading a signature
+    # costs ~0.1 ms (3% of a tiny target's EAGLE-2 generation)
+    params = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
