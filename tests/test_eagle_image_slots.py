@@ -23,16 +23,6 @@ MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
 ZOO = Path(__file__).resolve().parents[1] / "models/zoo/drafters"
 
 
-@pytest.fixture(scope="module")
-def targets(tiny_targets) -> dict:
-    return tiny_targets
-
-
-@pytest.fixture(scope="module")
-def samples(head_samples) -> tuple[list, list]:
-    return head_samples
-
-
 def _head(target, rule: str, seed: int = 0) -> EagleHead:
     """An untrained EAGLE head: "mmspec" as the trainer builds new ones, "features" with a
     config of before the rule (no image_slot_token)."""
@@ -66,8 +56,8 @@ def _first_fc_input(head) -> tuple[dict, object]:
     return seen, head.fc.register_forward_pre_hook(hook)
 
 
-def test_new_heads_take_mmspecs_rule_per_target_family(targets) -> None:
-    llava, qwen = targets["tiny-llava"], targets["tiny-qwen2.5-vl"]
+def test_new_heads_take_mmspecs_rule_per_target_family(tiny_targets) -> None:
+    llava, qwen = tiny_targets["tiny-llava"], tiny_targets["tiny-qwen2.5-vl"]
     image_id = llava.image_token_id
     assert image_id not in (0, llava.tokenizer.pad_token_id)  # no default could pass below
     head = EagleHead(EagleHead.draft_config("eagle", llava))
@@ -86,8 +76,8 @@ def test_new_heads_take_mmspecs_rule_per_target_family(targets) -> None:
         assert "image_slot_token" not in head_cls.draft_config(method, llava).extra
 
 
-def test_a_head_saved_before_the_rule_reads_the_features(targets, tmp_path) -> None:
-    target = targets["tiny-llava"]
+def test_a_head_saved_before_the_rule_reads_the_features(tiny_targets, tmp_path) -> None:
+    target = tiny_targets["tiny-llava"]
     old = _head(target, "features")
     save_head(old, old.config, tmp_path / "old")
     assert "image_slot_token" not in json.loads((tmp_path / "old/config.json").read_text())["extra"]
@@ -96,11 +86,11 @@ def test_a_head_saved_before_the_rule_reads_the_features(targets, tmp_path) -> N
     assert drafter.head.slot_token is None
 
 
-def test_the_zoo_heads_follow_mmspecs_rule(targets) -> None:
+def test_the_zoo_heads_follow_mmspecs_rule(tiny_targets) -> None:
     """The tiny LLaVA head was retrained with the `<image>` embedding at image slots; the
     Qwen head was trained on the image features, which is MMSpec's rule there."""
     for model, want in (
-        ("tiny-llava", targets["tiny-llava"].image_token_id),
+        ("tiny-llava", tiny_targets["tiny-llava"].image_token_id),
         ("tiny-qwen2.5-vl", None),
     ):
         extra = json.loads((ZOO / model / "eagle/config.json").read_text())["extra"]
@@ -108,8 +98,8 @@ def test_the_zoo_heads_follow_mmspecs_rule(targets) -> None:
         assert not extra.get("zero_image_positions", False)
 
 
-def test_the_slot_embedding_is_the_targets_row_and_never_saved(targets) -> None:
-    target = targets["tiny-llava"]
+def test_the_slot_embedding_is_the_targets_row_and_never_saved(tiny_targets) -> None:
+    target = tiny_targets["tiny-llava"]
     head = _head(target, "mmspec")
     embed = target.model.get_input_embeddings()
     head.bind_embeddings(embed)
@@ -126,14 +116,14 @@ def test_the_slot_embedding_is_the_targets_row_and_never_saved(targets) -> None:
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("rule", ["mmspec", "features"])
 def test_the_head_reads_mmspecs_embeddings_drafting_and_training(
-    targets, samples, tmp_path, model, rule
+    tiny_targets, head_samples, tmp_path, model, rule
 ) -> None:
     """Under MMSpec's rule the head's fc reads, beside the target's final features, the
     embeddings MMSpec's head computes for the prompt (LLaVA: the `<image>` text embedding at
     image slots; Qwen: the image features); a head of before reads the image features on
     both. Drafting and training alike."""
-    target = targets[model]
-    convs, images = samples
+    target = tiny_targets[model]
+    convs, images = head_samples
     prompt, hs, logits, slots = target_view(target, convs[0], images[0])
     feats = {EMBEDS: hs[0], FINAL: hs[-1]}
     n = prompt.input_ids.shape[1]
@@ -175,11 +165,11 @@ def test_the_head_reads_mmspecs_embeddings_drafting_and_training(
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_reference_checkpoints_read_mmspecs_rule(targets, tmp_path, model) -> None:
+def test_reference_checkpoints_read_mmspecs_rule(tiny_targets, tmp_path, model) -> None:
     """A published EAGLE head runs as MMSpec runs it on that target."""
     from safetensors.torch import save_file
 
-    target = targets[model]
+    target = tiny_targets[model]
     head = _head(target, "features")
     ref = tmp_path / "ref"
     ref.mkdir()

@@ -2,7 +2,7 @@
 
 The lossless contract of every registered method (the zoo's trained heads included) is in
 test_lossless.py / test_sampling.py; here the building blocks are checked on their own, and
-untrained heads of every EAGLE-family method run lossless on both targets.
+untrained heads of every EAGLE-family method run lossless on both tiny_targets.
 """
 
 from __future__ import annotations
@@ -30,16 +30,6 @@ MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
 HEADS = {"eagle": "eagle", "eagle2": "eagle", "vispec": "vispec", "msd": "msd"}
 
 
-@pytest.fixture(scope="module")
-def targets(tiny_targets) -> dict:
-    return tiny_targets
-
-
-@pytest.fixture(scope="module")
-def samples(head_samples) -> tuple[list, list]:
-    return head_samples
-
-
 def _random_head(method: str, target, out: Path, seed: int = 0) -> Path:
     """An untrained head as the trainer builds new ones (so with MMSpec's image-slot rule)."""
     torch.manual_seed(seed)
@@ -53,9 +43,9 @@ def _random_head(method: str, target, out: Path, seed: int = 0) -> Path:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_feature_tap_reads_what_the_model_computes(targets, samples, model) -> None:
-    target = targets[model]
-    convs, images = samples
+def test_feature_tap_reads_what_the_model_computes(tiny_targets, head_samples, model) -> None:
+    target = tiny_targets[model]
+    convs, images = head_samples
     prompt = target.encode(convs[:2], images[:2])
     tap = FeatureTap(target, (EMBEDS, FINAL, 0, -2))
     positions, _ = target.prefill_positions(prompt)
@@ -80,9 +70,9 @@ def test_feature_tap_reads_what_the_model_computes(targets, samples, model) -> N
 # ---- the head's ragged cache ------------------------------------------------------------------
 
 
-def test_ragged_feed_equals_rows_alone(targets) -> None:
+def test_ragged_feed_equals_rows_alone(tiny_targets) -> None:
     """Rows fed side by side (padded, with different lengths) see exactly their own slots."""
-    target = targets["tiny-llava"]
+    target = tiny_targets["tiny-llava"]
     torch.manual_seed(0)
     head = get_drafter("eagle").head_cls(DraftConfig.for_target("eagle", target)).eval()
     h = head.config.hidden_size
@@ -223,9 +213,9 @@ def test_static_tree_follows_the_choices() -> None:
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("method", sorted(HEADS))
-def test_untrained_heads_are_lossless(targets, samples, tmp_path, model, method) -> None:
-    target = targets[model]
-    convs, images = samples
+def test_untrained_heads_are_lossless(tiny_targets, head_samples, tmp_path, model, method) -> None:
+    target = tiny_targets[model]
+    convs, images = head_samples
     path = _random_head(method, target, tmp_path / method)
     ref = Engine(target, get_drafter("ar")()).generate(convs, images, 24)
     engine = Engine(target, get_drafter(method)(checkpoint=str(path)))
@@ -264,9 +254,11 @@ class _SkipSome(Drafter):
         self.inner.update(ctx, outcome)
 
 
-def test_steps_without_drafting_leave_no_gap_in_the_head(targets, samples, tmp_path) -> None:
-    target = targets["tiny-qwen2.5-vl"]
-    convs, images = samples
+def test_steps_without_drafting_leave_no_gap_in_the_head(
+    tiny_targets, head_samples, tmp_path
+) -> None:
+    target = tiny_targets["tiny-qwen2.5-vl"]
+    convs, images = head_samples
     path = _random_head("eagle2", target, tmp_path / "h")
     drafter = _SkipSome(get_drafter("eagle2")(checkpoint=str(path)))
     ref = Engine(target, get_drafter("ar")()).generate(convs, images, 24)
@@ -301,8 +293,8 @@ def test_eagle_drafts_mmspecs_dynamic_tree_by_default() -> None:
         get_drafter("eagle")(tree="wide")
 
 
-def test_a_missing_zoo_head_says_how_to_train_one(targets) -> None:
-    target = targets["tiny-llava"]
+def test_a_missing_zoo_head_says_how_to_train_one(tiny_targets) -> None:
+    target = tiny_targets["tiny-llava"]
     saved = target.name
     target.name = "no-such-target"
     try:
@@ -312,13 +304,13 @@ def test_a_missing_zoo_head_says_how_to_train_one(targets) -> None:
         target.name = saved
 
 
-def test_a_head_for_another_target_is_refused(targets, tmp_path) -> None:
-    path = _random_head("eagle", targets["tiny-llava"], tmp_path / "h")
+def test_a_head_for_another_target_is_refused(tiny_targets, tmp_path) -> None:
+    path = _random_head("eagle", tiny_targets["tiny-llava"], tmp_path / "h")
     config = json.loads((path / "config.json").read_text())
     config["hidden_size"] = 64
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="hidden 64"):
-        Engine(targets["tiny-llava"], get_drafter("eagle")(checkpoint=str(path)))
+        Engine(tiny_targets["tiny-llava"], get_drafter("eagle")(checkpoint=str(path)))
 
 
 def _reference_layout(head: torch.nn.Module, target) -> dict[str, torch.Tensor]:
@@ -329,10 +321,10 @@ def _reference_layout(head: torch.nn.Module, target) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["eagle", "vispec", "msd"])
-def test_reference_checkpoints_load_and_bad_keys_are_named(targets, tmp_path, method) -> None:
+def test_reference_checkpoints_load_and_bad_keys_are_named(tiny_targets, tmp_path, method) -> None:
     from safetensors.torch import save_file
 
-    target = targets["tiny-llava"]
+    target = tiny_targets["tiny-llava"]
     torch.manual_seed(5)
     head = get_drafter(method).head_cls(DraftConfig.for_target(method, target))
     state = _reference_layout(head, target)
@@ -360,7 +352,7 @@ def test_reference_checkpoints_load_and_bad_keys_are_named(targets, tmp_path, me
 
 
 @pytest.mark.parametrize("method", ["eagle", "vispec", "msd"])
-def test_a_few_training_steps_reduce_the_loss(targets, tmp_path, method) -> None:
+def test_a_few_training_steps_reduce_the_loss(tiny_targets, tmp_path, method) -> None:
     from mmspec.training.distill import DistillConfig
     from mmspec.training.train_drafter import recipe, train_head
 
@@ -374,7 +366,7 @@ def test_a_few_training_steps_reduce_the_loss(targets, tmp_path, method) -> None
         ramp_steps=4 if method == "msd" else 0,
         distill=DistillConfig(per_topic=2, max_new_tokens=24),
     )
-    _, result = train_head(config, tmp_path, targets["tiny-llava"])
+    _, result = train_head(config, tmp_path, tiny_targets["tiny-llava"])
     assert len(result.losses) == 16
     assert sum(result.losses[-4:]) / 4 < sum(result.losses[:4]) / 4, result.losses
     assert any(m["image"] for m in result.metrics) and not all(m["image"] for m in result.metrics)

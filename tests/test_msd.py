@@ -23,16 +23,6 @@ from tests.conftest import reference_head_config, target_view
 MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
 
 
-@pytest.fixture(scope="module")
-def targets(tiny_targets) -> dict:
-    return tiny_targets
-
-
-@pytest.fixture(scope="module")
-def samples(head_samples) -> tuple[list, list]:
-    return head_samples
-
-
 def _random_head(target, seed: int = 0, **extra) -> MSDHead:
     torch.manual_seed(seed)
     return MSDHead(DraftConfig.for_target("msd", target, **extra)).eval()
@@ -47,11 +37,11 @@ def _drafter(target, tmp_path, seed: int = 0, **args) -> MSD:
 # ---- the layer --------------------------------------------------------------------------------
 
 
-def test_the_layer_is_mmspecs_for_the_target_family(targets) -> None:
+def test_the_layer_is_mmspecs_for_the_target_family(tiny_targets) -> None:
     """MMSpec builds a Qwen2-VL layer on Qwen (input norm, q/k/v biases) and EAGLE's first
     LLaMA layer on LLaVA (no input norm); config.json records the choice."""
     for model, norm in (("tiny-qwen2.5-vl", True), ("tiny-llava", False)):
-        head = _random_head(targets[model])
+        head = _random_head(tiny_targets[model])
         keys = set(head.state_dict())
         assert json.loads(head.config.to_json())["extra"]["input_norm"] is norm, model
         assert ("layers.0.input_layernorm.weight" in keys) is norm, model
@@ -60,10 +50,10 @@ def test_the_layer_is_mmspecs_for_the_target_family(targets) -> None:
     assert torch.equal(head.layers[0].input_layernorm(x), x)  # LLaVA: the fc output as it is
 
 
-def test_a_head_saved_with_an_input_norm_keeps_it(targets, tmp_path) -> None:
+def test_a_head_saved_with_an_input_norm_keeps_it(tiny_targets, tmp_path) -> None:
     """The MSD repository's LLaVA form (and the zoo's LLaVA head before MMSpec's rule) has
     an input norm: a config that says so loads with it, and the norm is applied."""
-    target = targets["tiny-llava"]
+    target = tiny_targets["tiny-llava"]
     head = _random_head(target, input_norm=True)
     with torch.no_grad():
         head.layers[0].input_layernorm.weight.mul_(3.0)
@@ -77,13 +67,13 @@ def test_a_head_saved_with_an_input_norm_keeps_it(targets, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_reference_checkpoints_load_in_mmspecs_form(targets, tmp_path, model) -> None:
+def test_reference_checkpoints_load_in_mmspecs_form(tiny_targets, tmp_path, model) -> None:
     """MMSpec's MSD checkpoints (its Model's keys plus the embedding copy, a config of its
     model_type: Qwen2-VL's or llava) load with the layer they hold; a missing tensor is
     named."""
     from safetensors.torch import save_file
 
-    target = targets[model]
+    target = tiny_targets[model]
     head = _random_head(target, seed=4)
     state = {k: v.clone() for k, v in head.state_dict().items()}
     state["embed_tokens.weight"] = target.model.get_input_embeddings().weight.detach().clone()
@@ -116,12 +106,14 @@ def _first_layer_input(head) -> tuple[dict, object]:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_image_positions_read_the_visual_token_itself(targets, samples, tmp_path, model) -> None:
+def test_image_positions_read_the_visual_token_itself(
+    tiny_targets, head_samples, tmp_path, model
+) -> None:
     """Position t reads fc(cat(embedding of token t+1, final feature t)), except where token
     t+1 is an image slot: there the projected image feature itself, no fc (MMSpec overwrites
     the fc output with it); drafting and training alike."""
-    target = targets[model]
-    convs, images = samples
+    target = tiny_targets[model]
+    convs, images = head_samples
     prompt, hs, logits, image = target_view(target, convs[0], images[0])
     embeds, final = hs[0], hs[-1]
     head = _random_head(target)
@@ -166,11 +158,11 @@ def test_the_defaults_are_mmspecs_script() -> None:
         MSD(tree_positions="paper")
 
 
-def test_a_tree_holds_total_token_minus_the_root(targets, samples, tmp_path) -> None:
+def test_a_tree_holds_total_token_minus_the_root(tiny_targets, head_samples, tmp_path) -> None:
     """EAGLE-2's dynamic tree without a threshold: 58 drafted nodes (59 with the root), depth
     5 expansions after the root's children, so paths of at most 6 drafts (the zoo's trained
     head: its confident drafts reach that deep)."""
-    target = targets["tiny-qwen2.5-vl"]
+    target = tiny_targets["tiny-qwen2.5-vl"]
     drafter = get_drafter("msd")()
     trees: list = []
     engine = Engine(target, drafter)
@@ -182,7 +174,7 @@ def test_a_tree_holds_total_token_minus_the_root(targets, samples, tmp_path) -> 
         return out
 
     drafter.propose = record
-    engine.generate(*[x[:1] for x in samples], 4)
+    engine.generate(*[x[:1] for x in head_samples], 4)
     assert trees and all(len(t) == 58 for t in trees)
     deepest = [max(_depths(t)) for t in trees]
     assert max(deepest) == 6, deepest
@@ -213,14 +205,16 @@ def _level_positions(target, tmp_path, convs, images, **args) -> list[list[int]]
     return (calls[1] - (lens[:, None] - 1)).tolist()
 
 
-def test_llava_trees_sit_one_position_past_the_sequence(targets, samples, tmp_path) -> None:
+def test_llava_trees_sit_one_position_past_the_sequence(
+    tiny_targets, head_samples, tmp_path
+) -> None:
     """MMSpec's LLaVA path counts the image block one position too many when it places its
     tree: a prompt with image slots drafts level 1 two positions past the pending token, one
     without an image (and every Qwen prompt) right after it; `tree_positions: sequence`
     places every tree right after the sequence."""
-    convs, images = samples
+    convs, images = head_samples
     plain = conversation(synthetic_suite(per_topic=1, seed=5)[0], [], has_image=False)
-    llava, qwen = targets["tiny-llava"], targets["tiny-qwen2.5-vl"]
+    llava, qwen = tiny_targets["tiny-llava"], tiny_targets["tiny-qwen2.5-vl"]
     with_image = _level_positions(llava, tmp_path, [convs[0], plain], [images[0], None])
     assert [set(row) for row in with_image] == [{2}, {1}]
     assert _level_positions(qwen, tmp_path, convs[:2], images[:2]) == [[1] * 10] * 2
@@ -229,10 +223,10 @@ def test_llava_trees_sit_one_position_past_the_sequence(targets, samples, tmp_pa
 
 
 @pytest.mark.parametrize("tree_positions", ["mmspec", "sequence"])
-def test_ragged_llava_batches_stay_lossless(targets, samples, tree_positions) -> None:
+def test_ragged_llava_batches_stay_lossless(tiny_targets, head_samples, tree_positions) -> None:
     """Rows with and without an image (gaps 1 and 0) in one batch, rows finishing apart."""
-    target = targets["tiny-llava"]
-    convs, images = samples
+    target = tiny_targets["tiny-llava"]
+    convs, images = head_samples
     plain = conversation(synthetic_suite(per_topic=1, seed=5)[0], [], has_image=False)
     batch_convs, batch_images = [convs[1], plain, convs[2]], [images[1], None, images[2]]
     greedy = Engine(target, get_drafter("ar")()).generate(batch_convs, batch_images, 24)
