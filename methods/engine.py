@@ -41,9 +41,11 @@ from mmspec.methods.base import DraftContext, Drafter, StepOutcome
 from mmspec.methods.kv_slots import (
     additive,
     additive_mask,
+    cat_rows,
     gather_new_slots,
     gather_slots,
     mask_values,
+    pad_left,
     select_rows,
     squeeze_order,
 )
@@ -595,28 +597,15 @@ def _merge(a: _Live, b: _Live) -> _Live:
     masked slots: each row's positions are its own, so a slot's index means nothing to it."""
     width = max(a.bias.shape[1], b.bias.shape[1])
     lowest = torch.finfo(a.bias.dtype).min
-    for la, lb in zip(a.cache.layers, b.cache.layers):
-        for name in ("keys", "values"):
-            x, y = getattr(la, name), getattr(lb, name)
-            setattr(la, name, torch.cat([_pad_left(x, width, 2, 0), _pad_left(y, width, 2, 0)]))
-    a.bias = torch.cat([_pad_left(a.bias, width, 1, lowest), _pad_left(b.bias, width, 1, lowest)])
+    a.cache = cat_rows(a.cache, b.cache, (len(a.rows), len(b.rows)), width)
+    a.bias = torch.cat([pad_left(a.bias, width, 1, lowest), pad_left(b.bias, width, 1, lowest)])
     if a.vision is not None and b.vision is not None:
-        a.vision = torch.cat([_pad_left(a.vision, width, 1, 0), _pad_left(b.vision, width, 1, 0)])
+        a.vision = torch.cat([pad_left(a.vision, width, 1), pad_left(b.vision, width, 1)])
     if a.score is not None and b.score is not None:
         a.score = torch.cat([a.score, b.score])
     for name in ("next_pos", "pending", "rows", "tokens", "prompt_lens", "origin", "real"):
         getattr(a, name).extend(getattr(b, name))
     return a
-
-
-def _pad_left(x: torch.Tensor, width: int, dim: int, value: float) -> torch.Tensor:
-    """`x` with `dim` grown to `width` by slots of `value` in front."""
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
 
 
 @lru_cache(maxsize=1024)

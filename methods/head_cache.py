@@ -14,7 +14,14 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from mmspec.methods.kv_slots import additive_mask, gather_slots, select_rows, squeeze_order
+from mmspec.methods.kv_slots import (
+    additive_mask,
+    cat_rows,
+    gather_slots,
+    pad_left,
+    select_rows,
+    squeeze_order,
+)
 
 
 class DraftKV:
@@ -60,17 +67,9 @@ class DraftKV:
         nothing to it. Either side may hold no layers yet (nothing fed): its rows get masked
         zero slots in the other's layers."""
         width = max(self.length, other.length)
-        mine = _filled(self.cache)
-        # whose layer objects carry on: the side that has any
-        layers = self.cache.layers if mine or not _filled(other.cache) else other.cache.layers
-        for i, layer in enumerate(layers):
-            for name in ("keys", "values"):
-                like = getattr(layer, name)
-                parts = [_slots(kv, i, name, like, width) for kv in (self, other)]
-                setattr(layer, name, torch.cat(parts))
-        if not mine and layers:
-            self.cache = other.cache
-        self.valid = torch.cat([_pad_left(self.valid, width), _pad_left(other.valid, width)])
+        rows = (self.valid.shape[0], other.valid.shape[0])
+        self.cache = cat_rows(self.cache, other.cache, rows, width)
+        self.valid = torch.cat([pad_left(self.valid, width, 1), pad_left(other.valid, width, 1)])
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
 
     def maybe_compact(self) -> None:
@@ -79,31 +78,6 @@ class DraftKV:
         if order is not None:
             gather_slots(self.cache, order)
             self.valid = torch.gather(self.valid, 1, order)
-
-
-def _filled(cache: DynamicCache) -> bool:
-    """Whether any layer of `cache` holds keys (a head's cache has none until its first feed)."""
-    return any(getattr(layer, "keys", None) is not None for layer in cache.layers)
-
-
-def _slots(kv: DraftKV, i: int, name: str, like: torch.Tensor, width: int) -> torch.Tensor:
-    """`kv`'s keys or values (`name`) of layer i left padded to `width` slots; zeros shaped
-    like `like` where `kv` has no such layer."""
-    layers = kv.cache.layers
-    if i < len(layers) and getattr(layers[i], name, None) is not None:
-        return _pad_left(getattr(layers[i], name), width, dim=2)
-    shape = (kv.valid.shape[0], like.shape[1], width, like.shape[3])
-    return like.new_zeros(shape)
-
-
-def _pad_left(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    """`x` with `dim` grown to `width` by zeros (False: masked) in front."""
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 def ragged(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:

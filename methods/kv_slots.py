@@ -70,3 +70,46 @@ def gather_new_slots(cache: DynamicCache, index: torch.Tensor, cache_len: int) -
             gather = index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
             new = torch.gather(full[:, :, cache_len:], 2, gather)
             setattr(layer, name, torch.cat([full[:, :, :cache_len], new], dim=2))
+
+
+def pad_left(x: torch.Tensor, width: int, dim: int, value: float = 0) -> torch.Tensor:
+    """`x` with `dim` grown to `width` by slots of `value` in front (rows joining a batch:
+    each row's positions are its own, so where its slots sit means nothing to it)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
+
+
+def cat_rows(a: DynamicCache, b: DynamicCache, rows: tuple[int, int], width: int) -> DynamicCache:
+    """A cache of `a`'s rows then `b`'s (`rows`: how many each holds), every layer's keys and
+    values left padded to `width` slots of zeros, which the caller masks. Either side may hold
+    no keys yet (a draft head's cache before its first feed): its rows get zero slots. The
+    returned cache reuses the layer objects of a side that has keys."""
+    filled = a if _filled(a) or not _filled(b) else b
+    for i, layer in enumerate(filled.layers):
+        for name in ("keys", "values"):
+            like = getattr(layer, name)
+            if like is None:
+                continue
+            parts = [_slots(c, n, i, name, like, width) for c, n in zip((a, b), rows)]
+            setattr(layer, name, torch.cat(parts))
+    return filled
+
+
+def _filled(cache: DynamicCache) -> bool:
+    """Whether any layer of `cache` holds keys."""
+    return any(getattr(layer, "keys", None) is not None for layer in cache.layers)
+
+
+def _slots(
+    cache: DynamicCache, rows: int, i: int, name: str, like: torch.Tensor, width: int
+) -> torch.Tensor:
+    """Layer i's keys or values (`name`) of `cache` left padded to `width` slots; zeros shaped
+    like `like` for `rows` rows where `cache` has no such tensor."""
+    layers = cache.layers
+    if i < len(layers) and getattr(layers[i], name, None) is not None:
+        return pad_left(getattr(layers[i], name), width, dim=2)
+    return like.new_zeros((rows, like.shape[1], width, like.shape[3]))
