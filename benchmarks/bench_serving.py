@@ -16,9 +16,12 @@ row joining a running batch costs.
    timed; after the streams, the same request's encode + prefill on a fresh cache alone: the
    ratio of the medians over all joins.
 
-One warm-up stream per model outside every timed window; one torch thread.
+One warm-up stream per model outside every timed window; one torch thread. On a GPU
+(`--device cuda`) the device is synchronised before every clock read (the engine's own steps
+already do), so queued work is charged where it ran.
 
     .venv/bin/python benchmarks/bench_serving.py [--rounds 3] [--limit 60] [--max-new-tokens 64]
+        [--device cuda] [--models tiny-llava] [--split ../shared/data/mmspec/testmini]
 """
 
 from __future__ import annotations
@@ -74,14 +77,17 @@ class TimedEngine(Engine):
         self._t0 = 0.0
 
     def _admit(self, group, *args, **kwargs):
+        self._sync()
         self._group, self._t0 = group, time.perf_counter()
         live = super()._admit(group, *args, **kwargs)
         if live is None or not live.rows:
+            self._sync()
             self.admit_s += time.perf_counter() - self._t0
         return live
 
     def _join(self, live, new, temperature):
         merged = super()._join(live, new, temperature)
+        self._sync()
         took = time.perf_counter() - self._t0
         self.admit_s += took
         if live is not None and len(self._group) == 1:  # a real join, of one row
@@ -89,11 +95,14 @@ class TimedEngine(Engine):
         return merged
 
 
-def prefill_alone(target: Target, request: Request) -> float:
+def prefill_alone(engine: Engine, request: Request) -> float:
     """Seconds of encode + prefill of one request on a fresh cache."""
+    target = engine.target
+    engine._sync()
     t0 = time.perf_counter()
     prompt = target.encode([request.messages], [request.image])
     target.prefill(prompt, DynamicCache(config=target.model.config))
+    engine._sync()
     return time.perf_counter() - t0
 
 
@@ -109,11 +118,13 @@ def serve(engine: TimedEngine, requests: list[Request], concurrency: int, max_ne
 def static(engine: Engine, requests: list[Request], batch_size: int, max_new: int) -> float:
     """tokens/s of the same requests in static batches (`generate`): none join until all of a
     batch have left."""
+    engine._sync()
     t0, tokens = time.perf_counter(), 0
     for i in range(0, len(requests), batch_size):
         batch = requests[i : i + batch_size]
         out = engine.generate([r.messages for r in batch], [r.image for r in batch], max_new)
         tokens += sum(len(g.tokens) for g in out)
+    engine._sync()
     return tokens / (time.perf_counter() - t0)
 
 
@@ -123,16 +134,21 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=60)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated")
+    ap.add_argument("--split", default=TESTMINI, help="an MMSpec split folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{platform.machine()}, 1 thread; testmini first turns: {args.limit}, "
+        f"{where}, 1 thread; testmini first turns: {args.limit}, "
         f"max_new_tokens {args.max_new_tokens}, rounds {args.rounds}\n"
     )
-    samples = load_mmspec(TESTMINI)[: args.limit]
-    for model in MODELS:
-        target = load_target(model, device="cpu")
+    samples = load_mmspec(args.split)[: args.limit]
+    for model in args.models.split(","):
+        target = load_target(model, device=args.device)
         requests = [
             Request(k, conversation(s, [], True), s.load_image(), 0.0)
             for k, s in enumerate(samples)
@@ -151,7 +167,7 @@ def main() -> None:
                 admitting[c].append(share)
                 batches[c].append(static(engine, requests, c, args.max_new_tokens))
         assert outputs[1] == outputs[args.concurrency], f"{model}: joins changed an output"
-        joins = [(s, prefill_alone(target, r)) for s, r in engine.joins if len(engine.joins)]
+        joins = [(s, prefill_alone(engine, r)) for s, r in engine.joins if len(engine.joins)]
         join_med = statistics.median(s for s, _ in joins)
         alone_med = statistics.median(p for _, p in joins)
         med = {c: statistics.median(v) for c, v in rates.items()}

@@ -37,14 +37,14 @@ import torch
 from torch import nn
 
 from mmspec.methods.dynamic_tree import DynamicTreeDrafter
-from mmspec.methods.head_config import DraftConfig, decoder_layer, rotary
+from mmspec.methods.head_config import DraftConfig, decoder_layer, rotary, run_layer
 from mmspec.methods.head_image_slots import ImageSlotHead
 from mmspec.methods.head_training import TeacherBatch, eagle_loss
 from mmspec.methods.registry import register
 from mmspec.methods.tree import DraftTree
 from mmspec.methods.tree_search import TreeSearch
 from mmspec.models.feature_taps import FINAL, Feature
-from mmspec.models.target import Target, cache_keyword
+from mmspec.models.target import Target
 
 # the target families on which MMSpec's EAGLE/EAGLE-2 hand the head no input embeddings, so
 # it embeds the image token's id at image slots (LLaVA-1.5's; see the module docstring)
@@ -103,14 +103,7 @@ class EagleHead(ImageSlotHead):
     def block(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: Any
     ) -> torch.Tensor:
-        return self.layers[0](
-            x,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=cache is not None,
-            position_embeddings=self.rotary(x, positions),
-            **{cache_keyword(self.layers[0]): cache},
-        )
+        return run_layer(self.layers[0], x, self.rotary(x, positions), mask, cache)
 
     def logp(self, out: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         return torch.log_softmax(lm_head(out).float(), dim=-1)

@@ -69,13 +69,13 @@ from torch import nn
 from transformers import DynamicCache
 
 from mmspec.methods.dynamic_tree import DynamicTreeDrafter
-from mmspec.methods.head_config import DraftConfig, decoder_layer, rotary
+from mmspec.methods.head_config import DraftConfig, attend, decoder_layer, rotary
 from mmspec.methods.head_image_slots import ImageSlotHead
 from mmspec.methods.head_training import TeacherBatch
 from mmspec.methods.kv_slots import additive_mask
 from mmspec.methods.registry import register
 from mmspec.models.feature_taps import EMBEDS, FINAL, Feature
-from mmspec.models.target import Target, cache_keyword
+from mmspec.models.target import Target
 
 TTT_STEPS = 7
 TTT_DECAY = 0.8  # weight of unrolled step j: 0.8 ** j
@@ -164,13 +164,7 @@ class Eagle3Layer(nn.Module):
     ) -> torch.Tensor:
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
         # HF attention reshapes q/k/v by head_dim, so the 2H input needs nothing else
-        attn, _ = self.self_attn(
-            hidden_states=x,
-            position_embeddings=position_embeddings,
-            attention_mask=mask,
-            **{cache_keyword(self.self_attn): cache},
-        )
-        hidden = hidden + attn
+        hidden = hidden + attend(self.self_attn, x, position_embeddings, mask, cache)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 

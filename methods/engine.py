@@ -422,9 +422,9 @@ class Engine:
                 for i, t in enumerate(trees)
             ]
         if self.probe:  # the node that predicted the bonus token: the last accepted one
-            mass = self.probe.take()
-            last = torch.tensor([a.path[-1] + 1 if a.path else 0 for a in accs], device=mass.device)
-            live.score = mass.gather(1, last[:, None])[:, 0]
+            live.score = self.probe.take(
+                torch.tensor([a.path[-1] + 1 if a.path else 0 for a in accs])
+            )
         outcome = StepOutcome(
             trees, [a.path for a in accs], [a.tokens for a in accs], logits, features
         )

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 PROBE_ATTENTION = "mmspec_vision_probe"
 
@@ -61,7 +61,9 @@ class VisionProbe:
         self.armed = False
         self._vision_keys: torch.Tensor | None = None  # (batch, kv_len) bool
         self._last_only = False
-        self._mass: list[torch.Tensor] = []  # per probed layer: (batch, queries)
+        # per probed layer, what SDPA received: the softmax waits for `take`, which may ask
+        # for one query per row (a verification needs only the last accepted node's)
+        self._seen: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor, Any, float]] = []
 
     def arm(self, vision_keys: torch.Tensor, last_only: bool) -> None:
         """Record the next forward: `vision_keys` marks image slots among all its keys."""
@@ -69,22 +71,24 @@ class VisionProbe:
         # one armed last is the one its layers report to
         for attn in self._attentions:
             attn._mmspec_probe = self
-        self.armed, self._vision_keys, self._last_only, self._mass = (
+        self.armed, self._vision_keys, self._last_only, self._seen = (
             True,
             vision_keys,
             last_only,
             [],
         )
 
-    def take(self) -> torch.Tensor:
-        """(batch, queries) mass of the recorded forward, then disarm."""
-        if not self._mass:
+    def take(self, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Mass of the recorded forward, then disarm: (batch, queries) for every recorded
+        query (the last one under `last_only`), or (batch,) for `query[i]`, a (batch,) long
+        q-index per row."""
+        if not self._seen:
             raise RuntimeError("the vision probe recorded nothing: was it armed?")
-        mass = torch.stack(self._mass).mean(dim=0)
-        self.armed, self._mass = False, []
+        masses = [self._mass(*seen, query) for seen in self._seen]
+        mass = masses[0] if len(masses) == 1 else torch.stack(masses).mean(dim=0)
+        self.armed, self._seen = False, []
         return mass
 
-    @torch.no_grad()
     def record(
         self,
         module: torch.nn.Module,
@@ -94,21 +98,48 @@ class VisionProbe:
         scaling: float | None,
     ) -> None:
         """query (b, heads, q, d), key (b, kv_heads, kv, d), mask (b, 1, q, kv) or None."""
-        q_len, kv_len = query.shape[2], key.shape[2]
-        rows = slice(q_len - 1, q_len) if self._last_only else slice(0, q_len)
-        q = query[:, :, rows].float()
-        k = repeat_kv(key, getattr(module, "num_key_value_groups", 1)).float()
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        scores = q @ k.transpose(-1, -2) * scale  # (b, heads, rows, kv)
-        if attention_mask is not None and attention_mask.dtype == torch.bool:
-            # the mask builders hand SDPA a boolean mask (True = attend) when they can
-            scores = scores.masked_fill(~attention_mask[:, :, rows, -kv_len:], float("-inf"))
-        elif attention_mask is not None:
-            scores = scores + attention_mask[:, :, rows, -kv_len:].float()
+        self._seen.append((module, query, key, attention_mask, scale))
+
+    @torch.no_grad()
+    def _mass(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scale: float,
+        pick: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, heads, q_len, d = query.shape
+        kv_heads, kv_len = key.shape[1], key.shape[2]
+        if pick is not None:
+            rows = pick.to(query.device)[:, None]  # (b, 1) q-index per row
+        elif self._last_only:
+            rows = torch.full((b, 1), q_len - 1, device=query.device)
+        else:
+            rows = None  # every query
+        if rows is not None:
+            query = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, d))
+        n = query.shape[2]
+        # grouped heads: query head h reads kv head h // groups, so fold the groups into the
+        # query axis instead of copying the keys groups times (what repeat_kv would do)
+        grouped = query.reshape(b, kv_heads, heads // kv_heads * n, d)
+        scores = (grouped.float() @ key.float().transpose(-1, -2)).view(b, heads, n, kv_len)
+        scores = scores * scale
+        if attention_mask is not None:
+            m = attention_mask[:, :, :, -kv_len:]
+            if rows is not None:
+                m = m.gather(2, rows[:, None, :, None].expand(-1, m.shape[1], -1, kv_len))
+            if m.dtype == torch.bool:  # the mask builders hand SDPA True = attend when they can
+                scores = scores.masked_fill(~m, float("-inf"))
+            else:
+                scores = scores + m.float()
         else:  # SDPA's own causal path: query i sits at kv position kv_len - q_len + i
-            pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[rows]
-            future = torch.arange(kv_len, device=q.device)[None, :] > pos[:, None]
-            scores = scores.masked_fill(future, float("-inf"))
+            at = rows if rows is not None else torch.arange(q_len, device=query.device)[None]
+            future = torch.arange(kv_len, device=query.device) > (at + kv_len - q_len)[..., None]
+            scores = scores.masked_fill(future[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        vision = self._vision_keys[:, None, None, :kv_len].to(probs.dtype)
-        self._mass.append((probs * vision).sum(-1).mean(dim=1))  # (b, rows)
+        vision = self._vision_keys[:, None, :kv_len, None].to(probs.dtype)  # (b, 1, kv, 1)
+        mass = (probs @ vision)[..., 0].mean(dim=1)  # (b, rows)
+        return mass[:, 0] if pick is not None else mass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -88,6 +89,31 @@ def test_tree_verification_equals_sequential_decoding(target) -> None:
             )
             got = tree_logits[row, node + 1]
             assert torch.allclose(got, ref[0, -1], atol=1e-4), (row, node)
+
+
+def test_verify_logits_equal_the_full_models(target) -> None:
+    """verify skips the multimodal wrappers for its text-only steps: same logits, same cache."""
+    prompt = target.encode([_conv("What is in the picture?")], [_image((200, 30, 30))])
+    cache = DynamicCache(config=target.model.config)
+    logits0, next_pos = target.prefill(prompt, cache)
+    twin = copy.deepcopy(cache)
+    ids = torch.stack([logits0.argmax(-1), torch.tensor([7]), torch.tensor([9])], dim=1)
+    positions = next_pos[:, None] + torch.tensor([[0, 1, 1]])  # root -> {7, 9}
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    visible = torch.cat([torch.ones(3, cache.get_seq_length(), dtype=torch.bool), tree], dim=1)
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    got = target.verify(ids, positions, mask[None, None], cache)
+    with torch.inference_mode():
+        want = target.model(
+            input_ids=ids,
+            position_ids=target.text_positions(positions),
+            attention_mask=mask[None, None],
+            use_cache=True,
+            **{target._cache_kw: twin},
+        ).logits
+    assert torch.equal(got, want)
+    for mine, theirs in zip(cache.layers, twin.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
 
 
 def test_engine_ar_equals_hf_generate(target) -> None:

@@ -19,11 +19,12 @@ from mmspec.methods.base import Drafter
 from mmspec.methods.draft_checkpoint import CheckpointError
 from mmspec.methods.engine import Engine
 from mmspec.methods.head_cache import DraftKV, feed
-from mmspec.methods.head_config import DraftConfig, save_head
+from mmspec.methods.head_config import DraftConfig, decoder_layer, rotary, run_layer, save_head
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.tree import DraftTree
 from mmspec.methods.tree_search import TreeSearch
 from mmspec.models.feature_taps import EMBEDS, FINAL, FeatureTap
+from mmspec.models.target import cache_keyword
 from tests.conftest import reference_head_config
 
 MODELS = ["tiny-llava", "tiny-qwen2.5-vl"]
@@ -37,6 +38,47 @@ def _random_head(method: str, target, out: Path, seed: int = 0) -> Path:
     head = head_cls(head_cls.draft_config(HEADS[method], target))
     save_head(head, head.config, out)
     return out
+
+
+# ---- the head's layer -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_run_layer_equals_the_transformers_layer(tiny_targets, model) -> None:
+    """Heads run their decoder layer through `run_layer` (no per-call dispatch): the same
+    numbers as the layer's own forward, on a prompt (causal, no mask), a tree with a mask and
+    one token, each extending the cache."""
+    from transformers import DynamicCache
+
+    config = DraftConfig.for_target("eagle", tiny_targets[model])
+    torch.manual_seed(0)
+    layer, rope = decoder_layer(config).eval(), rotary(config)
+    mine, theirs = DynamicCache(), DynamicCache()
+    width, seen = config.hidden_size, 0
+    for q, masked in ((9, False), (4, True), (1, False)):
+        x = torch.randn(2, q, width)
+        positions = torch.arange(seen, seen + q).expand(2, -1)
+        mask = None
+        if masked:  # a branching tree after the cache, row 1 seeing one slot less
+            visible = torch.ones(2, 1, q, seen + q, dtype=torch.bool)
+            visible[:, :, :, seen:] = torch.tensor(
+                [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]]
+            )
+            visible[1, :, :, 0] = False
+            mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+        with torch.no_grad():
+            got = run_layer(layer, x, rope(x, positions), mask, mine)
+            want = layer(
+                x,
+                attention_mask=mask,
+                position_ids=positions,
+                position_embeddings=rope(x, positions),
+                use_cache=True,
+                **{cache_keyword(layer): theirs},
+            )
+        assert torch.equal(got, want), (q, masked)
+        seen += q
+    assert torch.equal(mine.layers[0].keys, theirs.layers[0].keys)
 
 
 # ---- feature tap ------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ def _first_layer_input(head) -> tuple[dict, object]:
     def hook(module, args):
         seen.setdefault("x", args[0].detach().clone())
 
-    return seen, head.layers[0].register_forward_pre_hook(hook)
+    # the layer's first module reads its input (the head calls the layer through run_layer)
+    return seen, head.layers[0].input_layernorm.register_forward_pre_hook(hook)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from PIL import Image
@@ -75,8 +77,14 @@ def test_probe_score_equals_eager_attention(model_id: str, layers: tuple[int, ..
     ids, pos, mask = engine._tree_inputs(live, trees)
     keys = torch.cat([vision, torch.zeros_like(ids, dtype=torch.bool)], dim=1)
     probe.arm(keys, last_only=False)
+    before = copy.deepcopy(cache)
     fast.verify(ids, pos, mask, cache)
     got = probe.take()
+    # one query per row (the engine asks for the last accepted node's): the same numbers
+    pick = torch.tensor([2, 1])
+    probe.arm(keys, last_only=False)
+    fast.verify(ids, pos, mask, before)
+    assert torch.allclose(probe.take(pick), got[torch.arange(2), pick], atol=1e-6)
     verify_inputs = {
         "input_ids": ids,
         "position_ids": eager.text_positions(pos),
