@@ -55,6 +55,11 @@ class FeatureTap:
         self._handles = []
         for name in self.names:
             if name == EMBEDS:
+                # token ids are embedded by `embed_tokens` (the multimodal wrapper's prefill
+                # too, before it writes the image features in); what the language model is then
+                # fed, when fed embeddings, replaces that (`Target.verify` calls the language
+                # model's layers itself, so only the embedding's hook sees its steps)
+                self._handles.append(lm.embed_tokens.register_forward_hook(self._hook(EMBEDS)))
                 self._handles.append(
                     lm.register_forward_pre_hook(self._embeds_hook, with_kwargs=True)
                 )
@@ -76,11 +81,8 @@ class FeatureTap:
         return record
 
     def _embeds_hook(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        if self.armed:
-            embeds = kwargs.get("inputs_embeds")
-            if embeds is None:  # fed token ids: embed them as the model will
-                embeds = module.embed_tokens(kwargs["input_ids"])
-            self._seen[EMBEDS] = embeds
+        if self.armed and kwargs.get("inputs_embeds") is not None:
+            self._seen[EMBEDS] = kwargs["inputs_embeds"]
 
     def arm(self) -> None:
         self.armed, self._seen = True, {}

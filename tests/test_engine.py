@@ -14,6 +14,7 @@ from mmspec.methods.accept import accept_greedy, accept_sampling
 from mmspec.methods.engine import Engine, Generation
 from mmspec.methods.registry import get_drafter
 from mmspec.methods.tree import DraftTree
+from mmspec.models.feature_taps import EMBEDS, FINAL, FeatureTap
 from mmspec.models.loader import load_target
 from mmspec.orchestrator.runner import ShardRunner
 from mmspec.orchestrator.shards import Shard
@@ -92,7 +93,8 @@ def test_tree_verification_equals_sequential_decoding(target) -> None:
 
 
 def test_verify_logits_equal_the_full_models(target) -> None:
-    """verify skips the multimodal wrappers for its text-only steps: same logits, same cache."""
+    """verify runs the language model's parts itself: the same logits, cache and tapped
+    features as the model's own forward."""
     prompt = target.encode([_conv("What is in the picture?")], [_image((200, 30, 30))])
     cache = DynamicCache(config=target.model.config)
     logits0, next_pos = target.prefill(prompt, cache)
@@ -102,16 +104,26 @@ def test_verify_logits_equal_the_full_models(target) -> None:
     tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
     visible = torch.cat([torch.ones(3, cache.get_seq_length(), dtype=torch.bool), tree], dim=1)
     mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    tap = FeatureTap(target, (EMBEDS, FINAL, 1))
+    tap.arm()
     got = target.verify(ids, positions, mask[None, None], cache)
+    feats = tap.take()
+    tap.remove()
     with torch.inference_mode():
-        want = target.model(
+        out = target.model(
             input_ids=ids,
             position_ids=target.text_positions(positions),
             attention_mask=mask[None, None],
             use_cache=True,
+            output_hidden_states=True,
             **{target._cache_kw: twin},
-        ).logits
-    assert torch.equal(got, want)
+        )
+    assert torch.equal(got, out.logits)
+    # the drafters' feature taps read the same tensors as through the model's forward
+    assert torch.equal(feats[EMBEDS], out.hidden_states[0])
+    assert torch.equal(feats[1], out.hidden_states[2])
+    with torch.inference_mode():
+        assert torch.equal(target.model.get_output_embeddings()(feats[FINAL]), out.logits)
     for mine, theirs in zip(cache.layers, twin.layers):
         assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
 
