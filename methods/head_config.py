@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import LlamaConfig, Qwen2Config
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaRotaryEmbedding,
@@ -25,6 +24,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
+from mmspec.models.attention import sdpa_attention
 from mmspec.models.target import Target
 
 # text model type of the target -> the block family a head is built from
@@ -120,8 +120,8 @@ def attend(
 ) -> torch.Tensor:
     """What `decoder_layer`'s attention module computes under SDPA, called directly.
 
-    The same projections, RoPE, cache update and transformers' own SDPA function, without
-    the module's kwarg-deprecation wrapper and attention-interface lookup: a head runs its
+    The same projections, RoPE, cache update and SDPA (models/attention.py), without the
+    module's kwarg-deprecation wrapper and attention-interface lookup: a head runs its
     layer ~3 times a step, and that dispatch was ~13% of a tiny head's layer (outputs
     bit-identical, tests/test_heads.py).
     """
@@ -133,7 +133,7 @@ def attend(
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
     dropout = attn.attention_dropout if attn.training else 0.0
-    out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling)
+    out, _ = sdpa_attention(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling)
     return attn.o_proj(out.reshape(*x.shape[:-1], -1))
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
+from mmspec.models.attention import use_gqa_sdpa
 from mmspec.models.prompting import system_messages
 
 Message = dict[str, Any]  # HF chat format: {"role": ..., "content": [{"type": "text", ...}]}
@@ -114,6 +115,7 @@ class Target:
         self._cache_kw = cache_keyword(model)
         # verification runs the language model's parts itself (see `verify`)
         self._text_model = model.model.language_model
+        use_gqa_sdpa(self._text_model.layers)
         self._layer_cache_kw = cache_keyword(self._text_model.layers[0])
         self._lm_head = model.get_output_embeddings()
         # tokens the model can hold, prompt and answer together; None when its config is silent

@@ -1,7 +1,8 @@
 """Attention mass on image tokens, read from inside chosen layers' own attention call.
 
 MMSpec switches the whole model to eager attention to get attention weights. Instead, only
-the probed layers get an attention function that runs SDPA as usual and, when armed, also
+the probed layers get an attention function that runs SDPA as usual (models/attention.py)
+and, when armed, also
 computes softmax(q k^T) for the queries of interest from the very query/key states SDPA
 received (RoPE applied, cache appended, same mask), so every other layer keeps fast attention.
 """
@@ -13,7 +14,8 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from mmspec.models.attention import sdpa_attention
 
 PROBE_ATTENTION = "mmspec_vision_probe"
 
@@ -26,7 +28,7 @@ def _probe_attention(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = sdpa_attention(module, query, key, value, attention_mask, **kwargs)
     probe: VisionProbe | None = getattr(module, "_mmspec_probe", None)
     if probe is not None and probe.armed:
         probe.record(module, query, key, attention_mask, kwargs.get("scaling"))
