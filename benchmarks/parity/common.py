@@ -11,6 +11,8 @@ import argparse
 import hashlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,9 +308,32 @@ def runner_arguments(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="tiny-qwen2.5-vl")
     ap.add_argument("--methods", default="ar,pld,eagle2")
+    ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="take method names from stdin, one per line, instead of --methods; print "
+        f"'{DONE} <method>' after each (run.py alternates the two sides this way)",
+    )
     ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT)
     ap.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per turn (best kept)")
     ap.add_argument("--threads", type=int, default=1)
     return ap
+
+
+# ---- alternating the two sides ------------------------------------------------------------
+DONE = "PARITY-DONE"
+
+
+def each_method(args: argparse.Namespace) -> Iterator[str]:
+    """The methods a runner runs: --methods, or with --serve the names run.py sends on stdin,
+    each acknowledged once the caller has run it (the loop asks for the next name)."""
+    if not args.serve:
+        yield from args.methods.split(",")
+        return
+    for line in sys.stdin:
+        name = line.strip()
+        if name:
+            yield name
+            print(f"{DONE} {name}", flush=True)

@@ -24,6 +24,7 @@ from common import (
     MODELS,
     Method,
     Prompt,
+    each_method,
     parity_home,
     pixels_sha256,
     result_path,
@@ -134,7 +135,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     prompts = select_prompts(args.split, args.prompts)
-    for name in args.methods.split(","):
+    for name in each_method(args):
         data = run_method(name, METHODS[name], args.model, prompts, args)
         write_result(result_path(args.out, "ours", args.model, name), data)
 

@@ -29,6 +29,7 @@ from common import (
     Method,
     Prompt,
     ckpt_dir,
+    each_method,
     head_dir,
     named_target,
     parity_home,
@@ -671,7 +672,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     prompts = select_prompts(args.split, args.prompts)
     build = Prompts(ckpt_dir(args.ckpt, args.model))
-    for name in args.methods.split(","):
+    for name in each_method(args):
         data = run_method(name, METHODS[name], args, prompts, build)
         write_result(result_path(args.out, "reference", args.model, name), data)
 

@@ -19,12 +19,46 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_PROMPTS, DEFAULT_SPLIT, METHODS, parity_home
+from common import DEFAULT_PROMPTS, DEFAULT_SPLIT, DONE, METHODS, parity_home
 from compare import report
 from convert import convert
 from setup_venv import setup
 
 HERE = Path(__file__).resolve().parent
+
+
+def alternate(sides: dict[str, list[str]], order: list[tuple[str, str]], env: dict) -> None:
+    """Start each side's runner once (`--serve`), then hand them methods in `order`: each
+    method's reference run is followed at once by ours, so the machine's drift over the run
+    (tens of percent over minutes on a shared host) hits both sides of a method alike."""
+    procs = {
+        side: subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        for side, cmd in sides.items()
+    }
+    try:
+        for side, method in order:
+            proc = procs[side]
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(method + "\n")
+            proc.stdin.flush()
+            for line in proc.stdout:  # its progress lines, until it is done with the method
+                if line.strip() == f"{DONE} {method}":
+                    break
+                print(line, end="", flush=True)
+            else:
+                raise RuntimeError(
+                    f"the {side} runner stopped during {method} (exit {proc.wait()})"
+                )
+    finally:
+        for proc in procs.values():
+            if proc.stdin is not None:
+                proc.stdin.close()
+        codes = {side: proc.wait() for side, proc in procs.items()}
+    failed = {side: code for side, code in codes.items() if code}
+    if failed:
+        raise RuntimeError(f"parity runners failed: {failed}")
 
 
 def main() -> None:
@@ -66,25 +100,26 @@ def main() -> None:
     ]  # fmt: skip
     # one thread for every BLAS/OpenMP pool too, not only torch's intra-op one
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    python = None
     if args.only in (None, "ref"):
         python = setup((args.venv or home / "venv").expanduser())
-        # the reference's "ar" is the greedy truth the compare step measures outputs against
-        ref_methods = methods if "ar" in methods else ["ar", *methods]
-        for model in models:
+    for model in models:
+        sides: dict[str, list[str]] = {}
+        if args.only in (None, "ref"):
             convert(model, home, methods)
-            subprocess.run(
-                [str(python), str(HERE / "ref_runner.py"), "--reference", str(args.reference),
-                 "--model", model, "--methods", ",".join(ref_methods), "--ckpt", str(home),
-                 *common, *(["--cut-answers"] if args.cut_answers else [])],
-                check=True, env=env,
-            )  # fmt: skip
-    if args.only in (None, "ours"):
-        for model in models:
-            subprocess.run(
-                [sys.executable, str(HERE / "ours_runner.py"), "--model", model,
-                 "--methods", ",".join(methods), *common],
-                check=True, env=env,
-            )  # fmt: skip
+            sides["reference"] = [
+                str(python), str(HERE / "ref_runner.py"), "--reference", str(args.reference),
+                "--model", model, "--ckpt", str(home), "--serve", *common,
+                *(["--cut-answers"] if args.cut_answers else []),
+            ]  # fmt: skip
+        if args.only in (None, "ours"):
+            sides["ours"] = [
+                sys.executable, str(HERE / "ours_runner.py"), "--model", model, "--serve", *common
+            ]  # fmt: skip
+        # the reference always runs ar: its answers are the greedy truth of the compare step
+        order = [("reference", "ar")] if "ar" not in methods and "reference" in sides else []
+        order += [(side, m) for m in methods for side in ("reference", "ours") if side in sides]
+        alternate(sides, order, env)
     text = report(out, models, methods)
     (out / "report.md").write_text(text)
     print(text, end="")
