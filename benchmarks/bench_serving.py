@@ -13,8 +13,8 @@ row joining a running batch costs.
    rows join one at a time as others finish).
 2. Join cost. In the concurrency-4 streams, each admission of one request into a running
    batch (its encode and prefill, the drafter's `join`, the merge into the running cache) is
-   timed; after the streams, the same request's encode + prefill on a fresh cache alone: the
-   ratio of the medians over all joins.
+   timed; right after each stream, the same request's encode + prefill on a fresh cache
+   alone: the ratio of the medians over all joins.
 
 One warm-up stream per model outside every timed window; one torch thread. On a GPU
 (`--device cuda`) the device is synchronised before every clock read (the engine's own steps
@@ -160,14 +160,18 @@ def main() -> None:
         admitting: dict[int, list[float]] = {1: [], args.concurrency: []}
         batches: dict[int, list[float]] = {1: [], args.concurrency: []}
         outputs: dict[int, dict[int, list[int]]] = {}
+        joins: list[tuple[float, float]] = []  # (join, the same request's prefill alone)
         for _ in range(args.rounds):
             for c in rates:
                 rate, share, outputs[c] = serve(engine, requests, c, args.max_new_tokens)
                 rates[c].append(rate)
                 admitting[c].append(share)
+                # each round's joins against their prefills alone right after the stream, so
+                # the machine's drift over the rounds hits both sides of the ratio alike
+                joins += [(s, prefill_alone(engine, r)) for s, r in engine.joins]
+                engine.joins.clear()
                 batches[c].append(static(engine, requests, c, args.max_new_tokens))
         assert outputs[1] == outputs[args.concurrency], f"{model}: joins changed an output"
-        joins = [(s, prefill_alone(engine, r)) for s, r in engine.joins if len(engine.joins)]
         join_med = statistics.median(s for s, _ in joins)
         alone_med = statistics.median(p for _, p in joins)
         med = {c: statistics.median(v) for c, v in rates.items()}
