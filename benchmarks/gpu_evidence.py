@@ -20,9 +20,11 @@ tokenizer is the tiny zoo's byte-level BPE (the real ones are hub downloads; wit
 only a prompt's length matters). Per model it measures:
 
 1. `ar` vs HF `generate()` at batch size 1: tokens/s, and the engine's overhead over forward
-   time (wall minus the time inside the model's `forward`, the device synchronised at both ends
-   of each forward). EOS is off on both sides, so both run `max_new_tokens` steps. Before any
-   number is printed, `ar`'s tokens are checked against HF greedy: equal, or - random weights
+   time (wall minus the time inside the model's forward - HF: `model.forward`; the engine:
+   `Target.prefill` and `Target.verify`, whose text steps run the model's layers without
+   `model.forward` - the device synchronised at both ends of each forward). EOS is off on
+   both sides, so both run `max_new_tokens` steps. Before any number is printed, `ar`'s
+   tokens are checked against HF greedy: equal, or - random weights
    in bf16 give near-tied logits - diverging only where HF's own logits call it a tie; and
    every `ar` token must be HF's argmax within that tolerance under teacher forcing.
 2. The verification cost t(T): one `Target.verify` forward of T tokens per row (the engine's
@@ -553,26 +555,33 @@ def compare_with_hf(
         raise SystemExit(f"{target.name}: ar differs from HF greedy beyond ties: {bad}")
     cases = {"engine ar": run_ar, "HF generate": run_hf}
     checked = {"engine ar": reference, "HF generate": [c.hf for c in checks]}
-    forward = CallClock(target.model, "forward", sync)
+    # the engine's forwards are Target.prefill (through model.forward) and Target.verify (the
+    # model's embedding, layers, norm and LM head, without model.forward); HF's model.forward
+    clocks = {
+        "engine ar": [CallClock(target, "prefill", sync), CallClock(target, "verify", sync)],
+        "HF generate": [CallClock(target.model, "forward", sync)],
+    }
     encode = CallClock(target, "encode", sync)
     best: dict[str, DecodeRun] = {}
     same: dict[str, bool] = {}
     try:
         for _ in range(settings.repeats):
             for name, fn in cases.items():  # interleaved: drift hits both sides alike
-                forward.total = encode.total = 0.0
+                for clock in (*clocks[name], encode):
+                    clock.total = 0.0
                 sync()
                 t0 = time.perf_counter()
                 outs = fn()
                 sync()
                 wall = time.perf_counter() - t0
-                run = DecodeRun(name, sum(map(len, outs)), wall, forward.total, encode.total)
+                forward_s = sum(clock.total for clock in clocks[name])
+                run = DecodeRun(name, sum(map(len, outs)), wall, forward_s, encode.total)
                 if name not in best or wall < best[name].wall_s:
                     best[name] = run
                 same[name] = same.get(name, True) and outs == checked[name]
     finally:
-        forward.remove()
-        encode.remove()
+        for clock in (*clocks["engine ar"], *clocks["HF generate"], encode):
+            clock.remove()
     for name, run in best.items():
         run.same_tokens = same[name]
     return list(best.values()), checks
