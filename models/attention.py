@@ -4,7 +4,7 @@ transformers' SDPA function expands the key/value heads to the query heads (`rep
 copy of the whole cache, every layer, every forward) whenever a mask is given and more than
 one query runs - every tree verification and every draft-head level. On the CPU, torch's
 SDPA reads grouped heads itself (`enable_gqa`) with a mask at no copy, giving the same
-numbers (tests/test_engine.py); on tiny targets with a ~700-token cache the copy was ~40% of
+numbers (tests/test_attention.py); on tiny targets with a ~700-token cache the copy was ~40% of
 a tree verification's attention. Elsewhere (CUDA's efficient kernels take no grouped heads
 with a mask) and in every other case, transformers' own function runs.
 """

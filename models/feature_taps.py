@@ -51,7 +51,7 @@ class FeatureTap:
         self.names = tuple(dict.fromkeys(names))  # a name given twice is tapped once
         self.armed = False
         self._seen: dict[Feature, torch.Tensor] = {}
-        lm = target.model.model.language_model
+        lm = target.text_model
         self._handles = []
         for name in self.names:
             if name == EMBEDS:

@@ -54,14 +54,7 @@ def cache_keyword(module: torch.nn.Module) -> str:
     transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns until
     5.40); older releases silently ignore an unknown `cache` kwarg, so ask forward.
     """
-    return _cache_keyword_of(type(module))
-
-
-@functools.lru_cache(maxsize=64)
-def _cache_keyword_of(cls: type) -> str:
-    # per class, not per call: draft heads ask at every forward, and reading a signature
-    # costs ~0.1 ms (3% of a tiny target's EAGLE-2 generation)
-    params = inspect.signature(cls.forward).parameters
+    params = inspect.signature(type(module).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -113,10 +106,12 @@ class Target:
         if self.pad_token_id is None:
             self.pad_token_id = min(self.eos_token_ids)
         self._cache_kw = cache_keyword(model)
-        # verification runs the language model's parts itself (see `verify`)
-        self._text_model = model.model.language_model
-        use_gqa_sdpa(self._text_model.layers)
-        self._layer_cache_kw = cache_keyword(self._text_model.layers[0])
+        # the language model inside the multimodal one (both families nest it the same way);
+        # verification runs its parts itself (see `verify`)
+        self.text_model: torch.nn.Module = model.model.language_model
+        use_gqa_sdpa(self.text_model.layers)
+        self._layers = tuple(self.text_model.layers[: self.text_model.config.num_hidden_layers])
+        self._layer_cache_kw = cache_keyword(self._layers[0])
         self._lm_head = model.get_output_embeddings()
         # tokens the model can hold, prompt and answer together; None when its config is silent
         self.context_length: int | None = getattr(
@@ -182,8 +177,8 @@ class Target:
         return self.model.config.image_token_id
 
     def text_layers(self) -> torch.nn.ModuleList:
-        """The language model's decoder layers (both families nest it the same way)."""
-        return self.model.model.language_model.layers
+        """The language model's decoder layers."""
+        return self.text_model.layers
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -232,11 +227,11 @@ class Target:
         # called directly: the wrappers around them (multimodal model, language model: mask
         # building, output records) cost ~0.25 ms a forward in Python, 15% of a tiny
         # target's; the logits and cache are the same bits (tests/test_engine.py)
-        lm = self._text_model
+        lm = self.text_model
         hidden = lm.embed_tokens(input_ids)
         rope = lm.rotary_emb(hidden, self.text_positions(positions))
         layer_kw = {self._layer_cache_kw: cache}
-        for layer in lm.layers[: lm.config.num_hidden_layers]:
+        for layer in self._layers:
             hidden = layer(
                 hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **layer_kw
             )

@@ -31,7 +31,7 @@ def _probe_attention(
     out = sdpa_attention(module, query, key, value, attention_mask, **kwargs)
     probe: VisionProbe | None = getattr(module, "_mmspec_probe", None)
     if probe is not None and probe.armed:
-        probe.record(module, query, key, attention_mask, kwargs.get("scaling"))
+        probe.record(query, key, attention_mask, kwargs.get("scaling"))
     return out
 
 
@@ -65,7 +65,7 @@ class VisionProbe:
         self._last_only = False
         # per probed layer, what SDPA received: the softmax waits for `take`, which may ask
         # for one query per row (a verification needs only the last accepted node's)
-        self._seen: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor, Any, float]] = []
+        self._seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]] = []
 
     def arm(self, vision_keys: torch.Tensor, last_only: bool) -> None:
         """Record the next forward: `vision_keys` marks image slots among all its keys."""
@@ -93,7 +93,6 @@ class VisionProbe:
 
     def record(
         self,
-        module: torch.nn.Module,
         query: torch.Tensor,
         key: torch.Tensor,
         attention_mask: torch.Tensor | None,
@@ -101,12 +100,11 @@ class VisionProbe:
     ) -> None:
         """query (b, heads, q, d), key (b, kv_heads, kv, d), mask (b, 1, q, kv) or None."""
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        self._seen.append((module, query, key, attention_mask, scale))
+        self._seen.append((query, key, attention_mask, scale))
 
     @torch.no_grad()
     def _mass(
         self,
-        module: torch.nn.Module,
         query: torch.Tensor,
         key: torch.Tensor,
         attention_mask: torch.Tensor | None,
