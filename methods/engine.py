@@ -12,7 +12,8 @@ take cache space, and slots masked as padding are squeezed out when they pile up
 Rows may also join a running batch (`serve`, continuous batching): a group of arrived
 requests is prefilled on its own, then merged into the running cache (the shorter side left
 padded with masked slots: positions are explicit per row, so where a slot sits does not matter)
-and handed to the drafter's `join`; the others keep decoding after that one prefill.
+and handed to the drafter's `join`; the others keep decoding after that one prefill. Their
+encoding (processor work on the CPU) runs on a frontend thread while the others decode.
 
 Per-step cost outside the forward matters on small targets (a tiny target's forward is
 ~1.5 ms on CPU, and each small tensor op between forwards costs ~5-15 us), so a step builds
@@ -23,11 +24,14 @@ a short branch of the same loop.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import InitVar, dataclass, field
 from functools import lru_cache
+from itertools import islice
 from typing import Protocol
 
 import numpy as np
@@ -51,7 +55,7 @@ from mmspec.methods.kv_slots import (
 )
 from mmspec.methods.tree import DraftTree
 from mmspec.models.feature_taps import Feature, FeatureTap
-from mmspec.models.target import ContextLengthError, Message, Target
+from mmspec.models.target import ContextLengthError, Message, PromptBatch, Target
 from mmspec.models.vision_probe import VisionProbe
 
 
@@ -155,6 +159,39 @@ class _Live:
             self.origin = [time.perf_counter()] * len(self.rows)
 
 
+class _Frontend:
+    """Encodes requests on a worker thread while the engine decodes others: a serving
+    frontend's job (vLLM runs it in its own process). A request not begun there is encoded
+    in line when taken."""
+
+    def __init__(
+        self,
+        inline: Callable[[Request], tuple[PromptBatch, float]],
+        beside: Callable[[Request], tuple[PromptBatch, float]],
+    ) -> None:
+        # each -> (prompt, perf_counter time its encoding began); `beside` runs on the worker
+        self._inline, self._beside = inline, beside
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmspec-encode")
+        self._jobs: dict[int, Future[tuple[PromptBatch, float]]] = {}
+
+    def ready(self, head: list[Request]) -> int:
+        """Start encoding each request of `head` not begun yet; how many of them, from the
+        first on, are encoded (first come, first served: a later one waits for an earlier)."""
+        for r in head:
+            if r.id not in self._jobs:
+                self._jobs[r.id] = self._pool.submit(self._beside, r)
+        return next((i for i, r in enumerate(head) if not self._jobs[r.id].done()), len(head))
+
+    def take(self, request: Request) -> tuple[PromptBatch, float]:
+        """Its prompt: the worker's (waiting for it if need be), else encoded here. Raises
+        what encoding raised."""
+        job = self._jobs.pop(request.id, None)
+        return job.result() if job is not None else self._inline(request)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Engine:
     """Runs generation for one target and one drafter.
 
@@ -178,6 +215,10 @@ class Engine:
         )
         drafter.load(target)
         self.tap = FeatureTap(target, drafter.features) if drafter.features else None
+        # each prefill starts from a copy: building a cache from the config reads the
+        # config's layer types anew, ~0.07 ms, a twentieth of a join's own cost
+        self._empty_cache = DynamicCache(config=target.model.config)
+        self._twin: Target | None = None  # the serving frontend's encoder (`serve`)
         # grows with every forward pass (prefill, each step): read from another thread as a
         # sign of life by the orchestrator's watchdog; an int bump costs nothing per step
         self.heartbeat = 0
@@ -199,10 +240,11 @@ class Engine:
         gens = {i: torch.Generator().manual_seed(s) for i, s in enumerate(seeds or [0] * n)}
         self._sync()
         start = time.perf_counter()
+        prompt = self.target.encode(conversations, images, max_new_tokens)
         live = self._prefill(
             list(range(n)),
-            conversations,
-            images,
+            prompt,
+            [start] * n,
             [start] * n,
             results,
             max_new_tokens,
@@ -234,6 +276,14 @@ class Engine:
         goes to `source.finished` at once, so a follow-up turn can arrive. Idle, it sleeps
         until the next arrival. Lossless like `generate`: a row's tokens do not depend on who
         else is in the batch (greedy), or on its own seed only (sampling).
+
+        A request's encoding (chat template, tokenizer, image processor: CPU work, several ms
+        a request) runs beside the decoding rows, as a serving frontend does it: while rows
+        decode, each request that a free slot awaits is encoded on a worker thread, and it
+        joins at the first step boundary after its encoding is done; the running rows do not
+        wait for it. With nothing decoding there is nothing to overlap, so it is encoded in
+        line. At most one request per free slot is encoded ahead (pixels of a backlog stay
+        unmade).
         """
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -244,6 +294,13 @@ class Engine:
         results: dict[int, Generation] = {}
         gens: dict[int, torch.Generator] = {}
         live: _Live | None = None
+        if self._twin is None:
+            self._twin = self.target.encoding_twin()
+        twin = self._twin
+        frontend = _Frontend(
+            lambda r: self._encode(self.target, r, max_new_tokens),
+            lambda r: self._encode(twin, r, max_new_tokens),
+        )
 
         def hand_out(ids: list[int]) -> None:
             now = time.perf_counter() - start
@@ -251,42 +308,65 @@ class Engine:
                 gens.pop(rid, None)
                 source.finished(requests.pop(rid), results.pop(rid), None, now)
 
-        while True:
-            waiting.extend(source.arrivals(time.perf_counter() - start))
-            free = max_batch - (len(live.rows) if live else 0)
-            if waiting and free > 0:
-                group = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                for r in group:
-                    requests[r.id] = r
-                    gens[r.id] = torch.Generator().manual_seed(r.seed)
-                joined = self._admit(
-                    group, source, start, results, max_new_tokens, temperature, gens
-                )
-                running = set(joined.rows) if joined else set()
-                hand_out([r.id for r in group if r.id in results and r.id not in running])
-                if joined and joined.rows:
-                    live = self._join(live, joined, temperature)
-                continue  # more may have arrived during the prefill
-            if live is None:
-                nxt = source.next_arrival_s()
-                if nxt is None:
-                    break
-                # waiting is progress: short sleeps keep the watchdog's heartbeat moving
-                time.sleep(min(1.0, max(0.0, nxt - (time.perf_counter() - start))))
+        try:
+            while True:
+                waiting.extend(source.arrivals(time.perf_counter() - start))
+                free = max_batch - (len(live.rows) if live else 0)
+                if waiting and free > 0:
+                    # with rows decoding, requests join once the frontend has encoded them;
+                    # with none, there is nothing to overlap: they are encoded in line
+                    head = list(islice(waiting, free))
+                    ready = frontend.ready(head) if live is not None else len(head)
+                    if ready:
+                        group = [waiting.popleft() for _ in range(ready)]
+                        for r in group:
+                            requests[r.id] = r
+                            gens[r.id] = torch.Generator().manual_seed(r.seed)
+                        joined = self._admit(
+                            group,
+                            frontend,
+                            source,
+                            start,
+                            results,
+                            max_new_tokens,
+                            temperature,
+                            gens,
+                        )
+                        running = set(joined.rows) if joined else set()
+                        hand_out([r.id for r in group if r.id in results and r.id not in running])
+                        if joined and joined.rows:
+                            live = self._join(live, joined, temperature)
+                        continue  # more may have arrived during the prefill
+                if live is None:
+                    nxt = source.next_arrival_s()
+                    if nxt is None:
+                        break
+                    # waiting is progress: short sleeps keep the watchdog's heartbeat moving
+                    time.sleep(min(1.0, max(0.0, nxt - (time.perf_counter() - start))))
+                    self.heartbeat += 1
+                    continue
+                before = list(live.rows)
+                done = self._step(live, results, max_new_tokens, temperature, gens)
                 self.heartbeat += 1
-                continue
-            before = list(live.rows)
-            done = self._step(live, results, max_new_tokens, temperature, gens)
-            self.heartbeat += 1
-            self._drop(live, done, results)
-            hand_out([r for r, d in zip(before, done) if d])
-            if not live.rows:
-                live = None
+                self._drop(live, done, results)
+                hand_out([r for r, d in zip(before, done) if d])
+                if not live.rows:
+                    live = None
+        finally:
+            frontend.close()
         return time.perf_counter() - start
+
+    @staticmethod
+    def _encode(target: Target, request: Request, max_new_tokens: int) -> tuple[PromptBatch, float]:
+        """One request's prompt, and the perf_counter time its encoding began."""
+        began = time.perf_counter()
+        prompt = target.encode([request.messages], [request.image], max_new_tokens)
+        return prompt, began
 
     def _admit(
         self,
         group: list[Request],
+        frontend: _Frontend,
         source: RequestSource,
         start: float,
         results: dict[int, Generation],
@@ -294,51 +374,52 @@ class Engine:
         temperature: float,
         gens: Mapping[int, torch.Generator],
     ) -> _Live | None:
-        """Prefill a group of arrived requests; requests whose prompt does not fit the context
-        fail (handed to `source`) and the rest go on. None when none is left."""
-        admitted = time.perf_counter()
+        """Prefill a group of arrived requests (encoded by the frontend, or here); a request
+        whose prompt does not fit the context fails (handed to `source`) and the rest go on.
+        None when none is left."""
+        prompts, began, admitted = [], [], []
         for r in group:
-            results[r.id] = Generation(
-                arrival_s=r.arrival_s, queue_s=max(0.0, admitted - start - r.arrival_s)
-            )
-        while group:
             try:
-                return self._prefill(
-                    [r.id for r in group],
-                    [r.messages for r in group],
-                    [r.image for r in group],
-                    [start + r.arrival_s for r in group],
-                    results,
-                    max_new_tokens,
-                    temperature,
-                    gens,
+                prompt, t = frontend.take(r)
+            except ContextLengthError as exc:  # it never gets a result: hand_out skips it
+                source.finished(
+                    r, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start
                 )
-            except ContextLengthError as exc:
-                now = time.perf_counter() - start
-                error = f"{type(exc).__name__}: {exc}"
-                for i in exc.rows:
-                    del results[group[i].id]
-                    source.finished(group[i], None, error, now)
-                group = [r for i, r in enumerate(group) if i not in exc.rows]
-        return None
+                continue
+            results[r.id] = Generation(
+                arrival_s=r.arrival_s, queue_s=max(0.0, t - start - r.arrival_s)
+            )
+            prompts.append(prompt)
+            began.append(t)
+            admitted.append(r)
+        if not admitted:
+            return None
+        return self._prefill(
+            [r.id for r in admitted],
+            self.target.collate(prompts),
+            [start + r.arrival_s for r in admitted],
+            began,
+            results,
+            max_new_tokens,
+            temperature,
+            gens,
+        )
 
     def _prefill(
         self,
         rows: list[int],
-        conversations: list[list[Message]],
-        images: list[Image.Image | None],
+        prompt: PromptBatch,
         origins: list[float],
+        began: list[float],
         results: MutableMapping[int, Generation],
         max_new_tokens: int,
         temperature: float,
         gens: Mapping[int, torch.Generator],
     ) -> _Live:
-        """Encode and prefill rows into a new batch state; records their first token. Rows
-        already finished after it (EOS first, or max_new_tokens 1) are dropped."""
-        self._sync()
-        start = time.perf_counter()
-        prompt = self.target.encode(conversations, images, max_new_tokens)
-        cache = DynamicCache(config=self.target.model.config)
+        """Prefill encoded rows into a new batch state; records their first token (prefill_s:
+        from `began`, when each row's encoding began). Rows already finished after it (EOS
+        first, or max_new_tokens 1) are dropped."""
+        cache = copy.deepcopy(self._empty_cache)
         valid = prompt.attention_mask.bool()
         vision = None
         if self.probe:
@@ -369,9 +450,9 @@ class Engine:
             real=list(prompt_lens),
         )
         done = []
-        for row, token, n, origin in zip(rows, first, prompt_lens, origins):
+        for row, token, n, origin, t in zip(rows, first, prompt_lens, origins, began):
             r = results[row]
-            r.prompt_tokens, r.prefill_s, r.tokens = n, now - start, [token]
+            r.prompt_tokens, r.prefill_s, r.tokens = n, now - t, [token]
             r.ttft_s = now - origin
             r.token_times_s = [r.ttft_s]
             done.append(self._finished(r, max_new_tokens, 1))

@@ -7,6 +7,7 @@ format (M-RoPE for Qwen2.5-VL, 1D for LLaVA) and runs forwards with an explicit 
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import BatchFeature
 
@@ -143,6 +145,41 @@ class Target:
         if max_new_tokens is not None:
             self.check_context(prompt, max_new_tokens)
         return prompt
+
+    def encoding_twin(self) -> Target:
+        """This target with a tokenizer and processor of its own (the model shared), to encode
+        on another thread: a fast tokenizer used by two threads at once can fail ("Already
+        borrowed"), and the engine's thread decodes answers and reads special ids meanwhile."""
+        twin = copy.copy(self)
+        twin.processor, twin.tokenizer = copy.deepcopy((self.processor, self.tokenizer))
+        return twin
+
+    def collate(self, prompts: list[PromptBatch]) -> PromptBatch:
+        """One left-padded batch from prompts encoded apart (a serving stream encodes each
+        request as it arrives, then prefills those admitted together); the same tensors as
+        encoding them together (tests/test_target.py).
+
+        Tensors laid out like `input_ids` (batch, prompt_len) are padded on the left - ids
+        with the pad id, masks and token-type ids with 0 -, the rest (pixels, image grids)
+        concatenated along their first axis as the processor stacks them.
+        """
+        if len(prompts) == 1:
+            return prompts[0]
+        width = max(p.input_ids.shape[1] for p in prompts)
+        inputs: dict[str, torch.Tensor] = {}
+        for key in dict.fromkeys(k for p in prompts for k in p.inputs):  # text-only lack pixels
+            with_key = [p for p in prompts if key in p.inputs]
+            if with_key[0].inputs[key].shape == with_key[0].input_ids.shape:
+                # one entry per prompt token: every prompt has one, padded like the ids
+                fill = self.pad_token_id if key == "input_ids" else 0
+                parts = [
+                    F.pad(p.inputs[key], (width - p.input_ids.shape[1], 0), value=fill)
+                    for p in prompts
+                ]
+            else:
+                parts = [p.inputs[key] for p in with_key]
+            inputs[key] = torch.cat(parts)
+        return PromptBatch(inputs, inputs["input_ids"], inputs["attention_mask"])
 
     def check_context(self, prompt: PromptBatch, max_new_tokens: int) -> None:
         """Fail a batch whose prompt plus `max_new_tokens` exceeds the model's context, before

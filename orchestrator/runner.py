@@ -11,6 +11,7 @@ import resource
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,12 @@ class StreamSource:
     arrives at its given time; a finished turn queues the conversation's next one, arriving when
     it finished; a failed turn fails every later turn of its conversation.
 
+    With `clients` (a closed loop, as a serving benchmark at fixed concurrency runs it), at
+    most that many conversations are in flight: a first turn is sent no earlier than its
+    given time and only once a client is free - when another conversation's last turn ended -
+    and it arrives then (its latencies count from being sent, not from the stream's start).
+    Without, the loop is open: every first turn arrives at its time (Poisson arrivals).
+
     `outcomes` holds every (sample, turn) that ended, in the order they ended.
     """
 
@@ -114,6 +121,7 @@ class StreamSource:
         first_arrivals: Sequence[float],
         seed: Callable[[Sample, int], int],
         decode: Callable[[list[int]], str],
+        clients: int | None = None,
     ) -> None:
         self._seed = seed  # the sampling seed of (sample, turn)
         self._decode = decode  # a finished turn's tokens -> the answer later turns quote
@@ -122,17 +130,31 @@ class StreamSource:
         self._turn_of: dict[int, tuple[_Conversation, int]] = {}
         self.outcomes: dict[Key, _Outcome] = {}
         self._next_id = 0  # request ids are unique in the stream: the drafter's row ids
-        for conv, arrival in zip(convs, first_arrivals, strict=True):
-            self._queue(conv, 0, arrival)
+        if clients is not None and clients < 1:
+            raise ValueError(f"clients must be >= 1, got {clients}")
+        self._clients = clients
+        self._in_flight = 0  # conversations sent whose last turn has not ended (closed loop)
+        # first turns not sent yet, by given arrival (closed loop); the open loop queues all
+        self._unsent: deque[tuple[float, _Conversation]] = deque()
+        pairs = sorted(zip(first_arrivals, convs, strict=True), key=lambda p: p[0])
+        for arrival, conv in pairs:
+            if clients is None:
+                self._queue(conv, 0, arrival)
+            else:
+                self._unsent.append((arrival, conv))
 
     def arrivals(self, now_s: float) -> list[Request]:
+        self._send(now_s)
         arrived = []
         while self._heap and self._heap[0][0] <= now_s:
             arrived.append(self._requests.pop(heapq.heappop(self._heap)[1]))
         return arrived
 
     def next_arrival_s(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
+        times = [self._heap[0][0]] if self._heap else []
+        if self._unsent and self._in_flight < (self._clients or 0):
+            times.append(self._unsent[0][0])
+        return min(times, default=None)
 
     def finished(
         self, request: Request, result: Generation | None, error: str | None, now_s: float
@@ -142,12 +164,22 @@ class StreamSource:
             failed = error or "the engine returned no result"
             for t in _turns(conv.sample)[turn:]:
                 self.outcomes[(conv.sample.id, t)] = _Outcome(error=failed)
-            return
-        self.outcomes[(conv.sample.id, turn)] = _Outcome(result=result)
-        if turn + 1 < len(conv.sample.turns):
-            # only a turn with a successor is decoded here, inside the stream's time
-            conv.answers.append(self._decode(result.tokens))
-            self._queue(conv, turn + 1, now_s)
+        else:
+            self.outcomes[(conv.sample.id, turn)] = _Outcome(result=result)
+            if turn + 1 < len(conv.sample.turns):
+                # only a turn with a successor is decoded here, inside the stream's time
+                conv.answers.append(self._decode(result.tokens))
+                self._queue(conv, turn + 1, now_s)
+                return
+        self._in_flight -= 1  # its conversation is over: its client sends the next one now
+        self._send(now_s)
+
+    def _send(self, now_s: float) -> None:
+        """Closed loop: free clients send the next first turns due by `now_s`."""
+        while self._unsent and self._unsent[0][0] <= now_s and self._in_flight < self._clients:
+            arrival, conv = self._unsent.popleft()
+            self._in_flight += 1
+            self._queue(conv, 0, max(arrival, now_s))
 
     def _queue(self, conv: _Conversation, turn: int, arrival_s: float) -> None:
         request = Request(
@@ -287,11 +319,13 @@ class ShardRunner:
 
     def _run_stream(self, shard: Shard) -> list[ResultRow]:
         """A serving cell: the shard's samples as one request stream through `Engine.serve`,
-        at most `batch_size` rows decoding together. Continuous: every first turn arrives at
-        0; poisson: at its arrival time (orchestrator/arrivals.py, one per sample of the shard
-        in order, so a sample whose image fails leaves the others' times as they were). A row
-        per (sample, turn) as static cells give, in the shard's order; if serve raises, the
-        turns that finished keep their rows and the rest become error rows naming why."""
+        at most `batch_size` rows decoding together. Continuous: a closed loop of
+        `batch_size` clients (a conversation's first turn is sent when a client is free, in
+        the shard's order); poisson: at its arrival time (orchestrator/arrivals.py, one per
+        sample of the shard in order, so a sample whose image fails leaves the others' times
+        as they were). A row per (sample, turn) as static cells give, in the shard's order;
+        if serve raises, the turns that finished keep their rows and the rest become error
+        rows naming why."""
         cell = shard.cell
         rows: dict[Key, ResultRow] = {}
         convs: list[_Conversation] = []
@@ -308,6 +342,7 @@ class ShardRunner:
             arrivals,
             lambda sample, turn: row_seed(cell.seed, cell.repeat, sample.id, turn),
             self.target.decode,
+            clients=None if cell.scenario == POISSON else cell.batch_size,
         )
         if self.target.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.target.device)
@@ -493,7 +528,7 @@ def _first_arrivals(cell: Cell, requests: int) -> list[float]:
         if cell.rate is None:
             raise ValueError(f"cell {cell.cell_id}: a poisson cell without a rate")
         return arrival_times(cell.arrival_seed or 0, requests, cell.rate)
-    return [0.0] * requests  # continuous: all queued at once
+    return [0.0] * requests  # continuous: each sent as soon as a client is free
 
 
 def split_stream_energy(

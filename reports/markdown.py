@@ -254,7 +254,11 @@ SERVING_DEFINITIONS = [
         "client sees between updates.",
     ),
     ("E2E", "end-to-end latency, `total_s`: from a request's arrival to its last token."),
-    ("Queue", "queueing delay, `queue_s`: from a request's arrival to the start of its prefill."),
+    (
+        "Queue",
+        "queueing delay, `queue_s`: from a request's arrival to the start of its encoding "
+        "(beside the decoding rows, or in line when none decode).",
+    ),
     (
         "Lossless (serving)",
         "share of the requests both the method and `ar` finished ok in the same serving cell "

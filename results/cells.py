@@ -86,8 +86,8 @@ class Cell:
     # method_args with the drafter's defaults filled in (what results record); None: unknown
     resolved_args: dict[str, Any] | None = None
     # how requests reach the engine: "static" batches of `batch_size`, or a serving stream
-    # ("continuous": every sample queued at once; "poisson": arrivals at `rate`) with at most
-    # `batch_size` rows decoding together
+    # ("continuous": a closed loop of `batch_size` clients; "poisson": arrivals at `rate`)
+    # with at most `batch_size` rows decoding together
     scenario: str = STATIC
     rate: float | None = None  # poisson: mean arrivals per second; None otherwise
     arrival_seed: int | None = None  # poisson: the seed of the arrival pattern (arrivals.py)

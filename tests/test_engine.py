@@ -128,6 +128,37 @@ def test_verify_logits_equal_the_full_models(target) -> None:
         assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
 
 
+def test_collate_equals_encoding_together(target) -> None:
+    """A serving stream encodes requests one by one and prefills them together: the collated
+    batch holds the very tensors one processor call makes (different lengths and image
+    sizes, and a text-only prompt between two with images)."""
+    convs = [
+        _conv("What colour is the square?"),
+        [{"role": "user", "content": [{"type": "text", "text": "No picture: say hi."}]}],
+        _conv("Describe the picture in many words, please."),
+    ]
+    images = [_image((10, 200, 10)), None, _image((200, 200, 10), (100, 140))]
+    together = target.encode(convs, images)
+    apart = target.collate([target.encode([c], [im]) for c, im in zip(convs, images)])
+    assert apart.inputs.keys() == together.inputs.keys()
+    for key, value in together.inputs.items():
+        assert torch.equal(apart.inputs[key], value), key
+    assert torch.equal(apart.input_ids, together.input_ids)
+    assert torch.equal(apart.attention_mask, together.attention_mask)
+
+
+def test_encoding_twin_encodes_alike_with_its_own_tokenizer(target) -> None:
+    """The serving frontend's encoder: the same prompt tensors, no tokenizer or processor
+    shared with the target (fast tokenizers fail when two threads use one), the model shared."""
+    twin = target.encoding_twin()
+    assert twin.model is target.model
+    assert twin.tokenizer is not target.tokenizer and twin.processor is not target.processor
+    conv, image = [_conv("What colour is the square?")], [_image((10, 200, 10))]
+    mine, theirs = target.encode(conv, image), twin.encode(conv, image)
+    assert mine.inputs.keys() == theirs.inputs.keys()
+    assert all(torch.equal(v, theirs.inputs[k]) for k, v in mine.inputs.items())
+
+
 def test_engine_ar_equals_hf_generate(target) -> None:
     convs = [_conv("What colour is the square?"), _conv("Tell me a long story about it.")]
     images = [_image((10, 200, 10)), _image((200, 200, 10), (100, 100))]

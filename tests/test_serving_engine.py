@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -84,6 +86,34 @@ def test_a_full_batch_makes_arrivals_wait(stream: Stream) -> None:
     engine.serve(source, 1, 8)
     waits = [source.results[k].queue_s for k in range(len(stream.convs))]
     assert waits[0] < waits[1] < waits[2]  # one row at a time: each waits for the one before
+
+
+def test_joining_requests_are_encoded_beside_the_decoding_rows(
+    stream: Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While rows decode, a joining request's encoding runs on the frontend thread and the
+    running rows keep stepping meanwhile; with nothing decoding it is encoded in line. Either
+    way the outputs stay `ar`'s."""
+    engine = Engine(stream.target, get_drafter("ar")())
+    encode = stream.target.encode
+    seen: list[tuple[str, int, int]] = []  # (thread, heartbeat before, heartbeat after)
+
+    def slow_encode(*args, **kwargs):
+        before = engine.heartbeat
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.02)  # a slow image: the batch must not wait for it
+        out = encode(*args, **kwargs)
+        seen.append((threading.current_thread().name, before, engine.heartbeat))
+        return out
+
+    monkeypatch.setattr(stream.target, "encode", slow_encode)
+    source = StepSource(engine, stream.requests(), every=2, per_release=1)
+    engine.serve(source, MAX_BATCH, MAX_NEW_TOKENS)
+    assert [source.results[k].tokens for k in range(len(stream.convs))] == stream.expected
+    assert seen[0][0] == threading.main_thread().name  # the first: nothing to overlap with
+    beside = [(b, a) for name, b, a in seen if name.startswith("mmspec-encode")]
+    assert beside, "no request was encoded beside decoding rows"
+    assert any(after > before for before, after in beside), "the batch waited for encoding"
 
 
 def test_a_prompt_too_long_fails_alone(stream: Stream, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,6 +120,31 @@ def test_a_failed_turn_fails_the_rest_of_its_conversation() -> None:
     assert src.outcomes[("s", 0)].result is not None
 
 
+def test_a_closed_loop_sends_a_first_turn_when_a_client_is_free() -> None:
+    """Two clients: a third conversation is sent only when one of the first two ended - its
+    last turn, not its first - and arrives then."""
+    src = StreamSource(
+        [_Conversation(s, None) for s in (_sample("m", turns=2), _sample("a"), _sample("b"))],
+        [0.0, 0.0, 0.0],
+        lambda s, t: 0,
+        lambda tok: "ans",
+        clients=2,
+    )
+    m0, a = src.arrivals(0.0)
+    assert src.arrivals(5.0) == [] and src.next_arrival_s() is None  # both clients busy
+    src.finished(m0, Generation(tokens=[1]), None, now_s=1.0)  # m goes on: its client too
+    [m1] = src.arrivals(1.0)
+    assert src.arrivals(1.0) == []
+    src.finished(a, Generation(tokens=[2]), None, now_s=1.5)
+    assert src.next_arrival_s() == 1.5
+    [b] = src.arrivals(1.5)
+    assert (b.arrival_s, b.messages[0]["content"][-1]["text"]) == (1.5, "q0?")
+    src.finished(m1, None, "boom", now_s=2.0)  # a failure frees the client as well
+    src.finished(b, Generation(tokens=[3]), None, now_s=2.5)
+    assert src.next_arrival_s() is None
+    assert set(src.outcomes) == {("m", 0), ("a", 0), ("m", 1), ("b", 0)}
+
+
 # ----------------------------------------------------------------------------- a fake engine
 
 
@@ -191,8 +216,11 @@ def test_stream_rows_cover_every_turn_once(
     assert all(r.status == "ok" for r in rows)
     rows_to_table(rows)  # the schema takes them
     by_key = {(r.sample_id, r.turn): r for r in rows}
-    # continuous: every first turn arrives at 0; a later turn when its predecessor ended
-    assert [by_key[s.id, 0].arrival_s for s in samples] == [0.0] * 4
+    # continuous: a closed loop of 2 clients. "a" and "m" are sent at 0; "b" when "a" ended
+    # (m's client is busy through its three turns), "c" when "b" ended
+    end = {k: r.arrival_s + r.total_s for k, r in by_key.items()}
+    first = [by_key[s.id, 0].arrival_s for s in samples]
+    assert first == [0.0, 0.0, end["a", 0], end["b", 0]] and first[3] > first[2] > 0
     assert by_key["m", 1].arrival_s == pytest.approx(by_key["m", 0].total_s)
     assert by_key["m", 2].output_tokens[0] == 5  # it saw both earlier turns and answers
     for r in rows:
@@ -201,7 +229,7 @@ def test_stream_rows_cover_every_turn_once(
         assert r.token_times_s == [r.queue_s + 0.5, r.total_s]
         assert r.ttft_s == r.queue_s + 0.5
         assert r.output_text == runner.target.decode(r.output_tokens)
-    assert max(r.queue_s for r in rows) > 0  # two rows at once: the others waited
+    assert max(r.queue_s for r in rows) == 0  # 2 clients, 2 rows: no request waits
     assert len({r.id for r in fake.seen}) == len(rows)
 
 
