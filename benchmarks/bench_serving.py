@@ -11,7 +11,10 @@ row joining a running batch costs.
    requests in static batches of 1 and 4 (`generate`). The share of each stream's wall the
    engine spent admitting requests (prefill and join; the encoding too where it ran in line,
    with nothing decoding beside it) is printed, and the ceiling it leaves: the speedup at
-   concurrency 4 if its decoding cost nothing.
+   concurrency 4 if its decoding cost nothing; and, as a bound on what the frontend could
+   still win, concurrency 4 with every prompt encoded before the clock, against concurrency 1
+   as measured (which pays its encoding: a closed loop of one has nothing to overlap it
+   with).
 2. Join cost. In the concurrency-4 streams, each admission of one request into a running
    batch is timed, the engine's part: its prefill forward, first token, the drafter's `join`,
    the merge into the running cache (its encoding ran on the frontend thread beside the
@@ -140,6 +143,26 @@ def serve(engine: TimedEngine, requests: list[Request], concurrency: int, max_ne
     return tokens / wall, engine.admit_s / wall, {k: r.tokens for k, r in stream.results.items()}
 
 
+def free_encoding(engine: TimedEngine, requests: list[Request], concurrency: int, max_new: int):
+    """tokens/s at `concurrency` with every prompt encoded before the clock (the engine's
+    encoders hand them out): the most a frontend that cost nothing could give."""
+    made = {id(r.messages): engine.target.encode([r.messages], [r.image]) for r in requests}
+
+    def encode(conversations, images, max_new_tokens=None):
+        return made[id(conversations[0])]
+
+    encoders = (engine.target, engine._twin)  # in line, beside the decoding rows
+    for t in encoders:
+        t.encode = encode
+    joins = len(engine.joins)
+    try:
+        return serve(engine, requests, concurrency, max_new)[0]
+    finally:
+        for t in encoders:
+            del t.encode
+        del engine.joins[joins:]  # the join cost is measured on the real streams
+
+
 def static(engine: Engine, requests: list[Request], batch_size: int, max_new: int) -> float:
     """tokens/s of the same requests in static batches (`generate`): none join until all of a
     batch have left."""
@@ -187,7 +210,9 @@ def main() -> None:
         outputs: dict[int, dict[int, list[int]]] = {}
         # (join, its own prefill forward, the same request's prefill forward alone)
         joins: list[tuple[float, float, float]] = []
+        free: list[float] = []  # concurrency c, encoding free
         for _ in range(args.rounds):
+            free.append(free_encoding(engine, requests, args.concurrency, args.max_new_tokens))
             for c in rates:
                 rate, share, outputs[c] = serve(engine, requests, c, args.max_new_tokens)
                 rates[c].append(rate)
@@ -223,6 +248,11 @@ def main() -> None:
         # seconds per output token: the whole wall at concurrency 1, admission alone at c
         admit_per_token = statistics.median(admitting[c]) / med[c]
         print(f"ceiling with free decoding at {c}: {(1 / med[1]) / admit_per_token:.2f}x")
+        print(
+            f"concurrency {c} with encoding free (prompts made before the clock): tokens/s per "
+            f"round {', '.join(f'{x:.0f}' for x in free)}; / concurrency 1: "
+            f"{statistics.median(free) / med[1]:.2f}x"
+        )
         print(
             f"join of one row: median {join_med * 1e3:.2f} ms over {len(joins)} joins; each "
             f"against its own prefill forward (median {forward_med * 1e3:.2f} ms): median "
