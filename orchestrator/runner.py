@@ -136,12 +136,12 @@ class StreamSource:
         self._in_flight = 0  # conversations sent whose last turn has not ended (closed loop)
         # first turns not sent yet, by given arrival (closed loop); the open loop queues all
         self._unsent: deque[tuple[float, _Conversation]] = deque()
-        pairs = sorted(zip(first_arrivals, convs, strict=True), key=lambda p: p[0])
-        for arrival, conv in pairs:
-            if clients is None:
+        pairs = list(zip(first_arrivals, convs, strict=True))
+        if clients is None:
+            for arrival, conv in pairs:
                 self._queue(conv, 0, arrival)
-            else:
-                self._unsent.append((arrival, conv))
+        else:  # sent in order of their times (the shard's order among equal ones)
+            self._unsent.extend(sorted(pairs, key=lambda p: p[0]))
 
     def arrivals(self, now_s: float) -> list[Request]:
         self._send(now_s)
