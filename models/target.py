@@ -157,7 +157,7 @@ class Target:
     def collate(self, prompts: list[PromptBatch]) -> PromptBatch:
         """One left-padded batch from prompts encoded apart (a serving stream encodes each
         request as it arrives, then prefills those admitted together); the same tensors as
-        encoding them together (tests/test_target.py).
+        encoding them together (tests/test_engine.py).
 
         Tensors laid out like `input_ids` (batch, prompt_len) are padded on the left - ids
         with the pad id, masks and token-type ids with 0 -, the rest (pixels, image grids)

@@ -176,7 +176,8 @@ class StreamSource:
 
     def _send(self, now_s: float) -> None:
         """Closed loop: free clients send the next first turns due by `now_s`."""
-        while self._unsent and self._unsent[0][0] <= now_s and self._in_flight < self._clients:
+        clients = self._clients or 0  # an open loop has nothing unsent
+        while self._unsent and self._unsent[0][0] <= now_s and self._in_flight < clients:
             arrival, conv = self._unsent.popleft()
             self._in_flight += 1
             self._queue(conv, 0, max(arrival, now_s))
