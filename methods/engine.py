@@ -164,13 +164,9 @@ class _Frontend:
     frontend's job (vLLM runs it in its own process). A request not begun there is encoded
     in line when taken."""
 
-    def __init__(
-        self,
-        inline: Callable[[Request], tuple[PromptBatch, float]],
-        beside: Callable[[Request], tuple[PromptBatch, float]],
-    ) -> None:
-        # each -> (prompt, perf_counter time its encoding began); `beside` runs on the worker
-        self._inline, self._beside = inline, beside
+    def __init__(self, target: Target, twin: Target, max_new_tokens: int) -> None:
+        self._target, self._twin = target, twin  # in line; on the worker (its own tokenizer)
+        self._max_new_tokens = max_new_tokens
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmspec-encode")
         self._jobs: dict[int, Future[tuple[PromptBatch, float]]] = {}
 
@@ -179,14 +175,20 @@ class _Frontend:
         first on, are encoded (first come, first served: a later one waits for an earlier)."""
         for r in head:
             if r.id not in self._jobs:
-                self._jobs[r.id] = self._pool.submit(self._beside, r)
+                self._jobs[r.id] = self._pool.submit(self._encode, self._twin, r)
         return next((i for i, r in enumerate(head) if not self._jobs[r.id].done()), len(head))
 
     def take(self, request: Request) -> tuple[PromptBatch, float]:
         """Its prompt: the worker's (waiting for it if need be), else encoded here. Raises
         what encoding raised."""
         job = self._jobs.pop(request.id, None)
-        return job.result() if job is not None else self._inline(request)
+        return job.result() if job is not None else self._encode(self._target, request)
+
+    def _encode(self, target: Target, request: Request) -> tuple[PromptBatch, float]:
+        """One request's prompt, and the perf_counter time its encoding began."""
+        began = time.perf_counter()
+        prompt = target.encode([request.messages], [request.image], self._max_new_tokens)
+        return prompt, began
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -289,7 +291,6 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if self._twin is None:  # before the clock: copying a real tokenizer takes a while
             self._twin = self.target.encoding_twin()
-        twin = self._twin
         self._sync()
         start = time.perf_counter()
         waiting: deque[Request] = deque()
@@ -297,10 +298,7 @@ class Engine:
         results: dict[int, Generation] = {}
         gens: dict[int, torch.Generator] = {}
         live: _Live | None = None
-        frontend = _Frontend(
-            lambda r: self._encode(self.target, r, max_new_tokens),
-            lambda r: self._encode(twin, r, max_new_tokens),
-        )
+        frontend = _Frontend(self.target, self._twin, max_new_tokens)
 
         def hand_out(ids: list[int]) -> None:
             now = time.perf_counter() - start
@@ -355,13 +353,6 @@ class Engine:
         finally:
             frontend.close()
         return time.perf_counter() - start
-
-    @staticmethod
-    def _encode(target: Target, request: Request, max_new_tokens: int) -> tuple[PromptBatch, float]:
-        """One request's prompt, and the perf_counter time its encoding began."""
-        began = time.perf_counter()
-        prompt = target.encode([request.messages], [request.image], max_new_tokens)
-        return prompt, began
 
     def _admit(
         self,

@@ -152,7 +152,7 @@ class StreamSource:
 
     def next_arrival_s(self) -> float | None:
         times = [self._heap[0][0]] if self._heap else []
-        if self._unsent and self._in_flight < (self._clients or 0):
+        if self._sendable():
             times.append(self._unsent[0][0])
         return min(times, default=None)
 
@@ -174,10 +174,13 @@ class StreamSource:
         self._in_flight -= 1  # its conversation is over: its client sends the next one now
         self._send(now_s)
 
+    def _sendable(self) -> bool:
+        """A first turn is unsent and a client is free (an open loop has nothing unsent)."""
+        return bool(self._unsent) and self._in_flight < (self._clients or 0)
+
     def _send(self, now_s: float) -> None:
         """Closed loop: free clients send the next first turns due by `now_s`."""
-        clients = self._clients or 0  # an open loop has nothing unsent
-        while self._unsent and self._unsent[0][0] <= now_s and self._in_flight < clients:
+        while self._sendable() and self._unsent[0][0] <= now_s:
             arrival, conv = self._unsent.popleft()
             self._in_flight += 1
             self._queue(conv, 0, max(arrival, now_s))
