@@ -223,10 +223,6 @@ def main() -> None:
                 engine.joins.clear()
                 batches[c].append(static(engine, requests, c, args.max_new_tokens))
         assert outputs[1] == outputs[args.concurrency], f"{model}: joins changed an output"
-        join_med = statistics.median(s for s, _, _ in joins)
-        own_med = statistics.median(s / f for s, f, _ in joins)
-        alone_med = statistics.median(p for _, _, p in joins)
-        forward_med = statistics.median(f for _, f, _ in joins)
         med = {c: statistics.median(v) for c, v in rates.items()}
         print(f"## {model}")
         tokens = sum(map(len, outputs[1].values()))
@@ -253,6 +249,13 @@ def main() -> None:
             f"round {', '.join(f'{x:.0f}' for x in free)}; / concurrency 1: "
             f"{statistics.median(free) / med[1]:.2f}x"
         )
+        if not joins:  # a short stream may end before any row joins a running batch
+            print("join of one row: no request joined a running batch\n")
+            continue
+        join_med = statistics.median(s for s, _, _ in joins)
+        own_med = statistics.median(s / f for s, f, _ in joins)
+        alone_med = statistics.median(p for _, _, p in joins)
+        forward_med = statistics.median(f for _, f, _ in joins)
         print(
             f"join of one row: median {join_med * 1e3:.2f} ms over {len(joins)} joins; each "
             f"against its own prefill forward (median {forward_med * 1e3:.2f} ms): median "
