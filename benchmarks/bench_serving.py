@@ -8,13 +8,15 @@ row joining a running batch costs.
    Rounds alternate the two concurrencies, so drift in the machine's load hits both alike;
    the ratio of the medians is reported. Every output is checked against concurrency 1
    (greedy: joins must not change a token). For context, each round also runs the same
-   requests in static batches of 1 and 4 (`generate`). The share of each stream's wall the
-   engine spent admitting requests (prefill and join; the encoding too where it ran in line,
-   with nothing decoding beside it) is printed, and the ceiling it leaves: the speedup at
-   concurrency 4 if its decoding cost nothing; and, as a bound on what the frontend could
-   still win, concurrency 4 with every prompt encoded before the clock, against concurrency 1
-   as measured (which pays its encoding: a closed loop of one has nothing to overlap it
-   with).
+   requests in static batches of 1 and 4 (`generate`). Where each stream's wall went is
+   printed: the share the engine spent admitting requests (prefill and join; the encoding
+   too where it ran in line, with nothing decoding beside it) and decoding, with a decode
+   step's mean cost by the rows it ran (steps beside the frontend's encoding, mostly those
+   with a slot free, share the interpreter with it); the ceiling admission leaves: the
+   speedup at concurrency 4 if its decoding cost nothing; and, as a bound on what the
+   frontend could still win, concurrency 4 with every prompt encoded before the clock,
+   against concurrency 1 as measured (which pays its encoding: a closed loop of one has
+   nothing to overlap it with).
 2. Join cost. In the concurrency-4 streams, each admission of one request into a running
    batch is timed, the engine's part: its prefill forward, first token, the drafter's `join`,
    the merge into the running cache (its encoding ran on the frontend thread beside the
@@ -82,10 +84,11 @@ class Stream:
 class TimedEngine(Engine):
     """Times each admission of one request into a running batch, the engine's part: `_admit`
     (taking the frontend's prompt, prefill, first token) through `_join`, and the prefill
-    forward inside it."""
+    forward inside it; and each decode step, by the rows it ran."""
 
     def __init__(self, target: Target) -> None:
         super().__init__(target, get_drafter("ar")())
+        self.steps: dict[int, list[float]] = {}  # rows in a step -> seconds of each such step
         # (join, its own prefill forward, the request), seconds
         self.joins: list[tuple[float, float, Request]] = []
         self.admit_s = 0.0  # seconds spent admitting (prefill, join; encoding done in line)
@@ -113,6 +116,12 @@ class TimedEngine(Engine):
             self.admit_s += time.perf_counter() - self._t0
         return live
 
+    def _step(self, live, *args, **kwargs):
+        rows, t0 = len(live.rows), time.perf_counter()  # the previous step ended synced
+        done = super()._step(live, *args, **kwargs)
+        self.steps.setdefault(rows, []).append(time.perf_counter() - t0)
+        return done
+
     def _join(self, live, new, temperature):
         merged = super()._join(live, new, temperature)
         self._sync()
@@ -134,17 +143,49 @@ def prefill_alone(engine: Engine, request: Request) -> float:
     return time.perf_counter() - t0
 
 
-def serve(engine: TimedEngine, requests: list[Request], concurrency: int, max_new: int):
-    """tokens/s, the share of the wall spent admitting requests, and the outputs."""
+@dataclasses.dataclass
+class Served:
+    """One stream: tokens/s, the share of its wall spent admitting requests and decoding,
+    the mean seconds of a decode step by the rows it ran, and the outputs."""
+
+    rate: float
+    admitting: float
+    decoding: float
+    step_s: dict[int, float]
+    outputs: dict[int, list[int]]
+
+
+def serve(engine: TimedEngine, requests: list[Request], concurrency: int, max_new: int) -> Served:
     stream = Stream(requests, concurrency)
-    engine.admit_s = 0.0
+    engine.admit_s, engine.steps = 0.0, {}
     wall = engine.serve(stream, concurrency, max_new)
     tokens = sum(len(r.tokens) for r in stream.results.values())
-    return tokens / wall, engine.admit_s / wall, {k: r.tokens for k, r in stream.results.items()}
+    return Served(
+        tokens / wall,
+        engine.admit_s / wall,
+        sum(map(sum, engine.steps.values())) / wall,
+        {rows: statistics.mean(v) for rows, v in sorted(engine.steps.items())},
+        {k: r.tokens for k, r in stream.results.items()},
+    )
 
 
-def free_encoding(engine: TimedEngine, requests: list[Request], concurrency: int, max_new: int):
-    """tokens/s at `concurrency` with every prompt encoded before the clock (the engine's
+def breakdown(runs: list[Served]) -> str:
+    """Medians over rounds: where a stream's wall went, and a decode step's cost by rows."""
+    steps = sorted({rows for run in runs for rows in run.step_s})
+    by_rows = ", ".join(
+        f"{rows}: {statistics.median(r.step_s[rows] for r in runs if rows in r.step_s) * 1e3:.2f}"
+        for rows in steps
+    )
+    return (
+        f"admitting {statistics.median(r.admitting for r in runs):.0%} of the wall, decoding "
+        f"{statistics.median(r.decoding for r in runs):.0%} (ms a step by rows {by_rows})"
+    )
+
+
+def free_encoding(
+    engine: TimedEngine, requests: list[Request], concurrency: int, max_new: int
+) -> Served:
+    """The stream at `concurrency` with every prompt encoded before the clock (the engine's
     encoders hand them out): the most a frontend that cost nothing could give."""
     made = {id(r.messages): engine.target.encode([r.messages], [r.image]) for r in requests}
 
@@ -156,7 +197,7 @@ def free_encoding(engine: TimedEngine, requests: list[Request], concurrency: int
         t.encode = encode
     joins = len(engine.joins)
     try:
-        return serve(engine, requests, concurrency, max_new)[0]
+        return serve(engine, requests, concurrency, max_new)
     finally:
         for t in encoders:
             del t.encode
@@ -204,50 +245,46 @@ def main() -> None:
         engine = TimedEngine(target)
         serve(engine, requests[:4], args.concurrency, 8)  # warm-up
         engine.joins.clear()
-        rates: dict[int, list[float]] = {1: [], args.concurrency: []}
-        admitting: dict[int, list[float]] = {1: [], args.concurrency: []}
-        batches: dict[int, list[float]] = {1: [], args.concurrency: []}
-        outputs: dict[int, dict[int, list[int]]] = {}
+        c = args.concurrency
+        runs: dict[int, list[Served]] = {1: [], c: []}
+        batches: dict[int, list[float]] = {1: [], c: []}
         # (join, its own prefill forward, the same request's prefill forward alone)
         joins: list[tuple[float, float, float]] = []
-        free: list[float] = []  # concurrency c, encoding free
+        free: list[Served] = []  # concurrency c, encoding free
         for _ in range(args.rounds):
-            free.append(free_encoding(engine, requests, args.concurrency, args.max_new_tokens))
-            for c in rates:
-                rate, share, outputs[c] = serve(engine, requests, c, args.max_new_tokens)
-                rates[c].append(rate)
-                admitting[c].append(share)
+            free.append(free_encoding(engine, requests, c, args.max_new_tokens))
+            for k in runs:
+                runs[k].append(serve(engine, requests, k, args.max_new_tokens))
                 # each round's joins against their prefills alone right after the stream, so
                 # the machine's drift over the rounds hits both sides of the ratio alike
                 joins += [(s, f, prefill_alone(engine, r)) for s, f, r in engine.joins]
                 engine.joins.clear()
-                batches[c].append(static(engine, requests, c, args.max_new_tokens))
-        assert outputs[1] == outputs[args.concurrency], f"{model}: joins changed an output"
-        med = {c: statistics.median(v) for c, v in rates.items()}
+                batches[k].append(static(engine, requests, k, args.max_new_tokens))
+        outputs = {k: v[-1].outputs for k, v in runs.items()}
+        assert outputs[1] == outputs[c], f"{model}: joins changed an output"
+        med = {k: statistics.median(r.rate for r in v) for k, v in runs.items()}
         print(f"## {model}")
         tokens = sum(map(len, outputs[1].values()))
         print(f"{tokens} output tokens, {tokens / len(requests):.1f} per request")
-        for c, v in rates.items():
+        for k, v in runs.items():
             print(
-                f"concurrency {c}: tokens/s per round {', '.join(f'{x:.0f}' for x in v)}; "
-                f"admitting {statistics.median(admitting[c]):.0%} "
-                f"of the wall; static batches of {c}: {statistics.median(batches[c]):.0f} tokens/s"
+                f"concurrency {k}: tokens/s per round {', '.join(f'{r.rate:.0f}' for r in v)}; "
+                f"static batches of {k}: {statistics.median(batches[k]):.0f} tokens/s\n"
+                f"  {breakdown(v)}"
             )
         print(
-            f"throughput concurrency {args.concurrency} / 1: "
-            f"{med[args.concurrency] / med[1]:.2f}x (medians {med[args.concurrency]:.0f} / "
+            f"throughput concurrency {c} / 1: {med[c] / med[1]:.2f}x (medians {med[c]:.0f} / "
             f"{med[1]:.0f} tokens/s); outputs equal at both: yes"
         )
-        c = args.concurrency
         # admission does not batch (each row arrives alone once the stream runs): even free
         # decoding at concurrency c would leave the engine's admissions' time
         # seconds per output token: the whole wall at concurrency 1, admission alone at c
-        admit_per_token = statistics.median(admitting[c]) / med[c]
+        admit_per_token = statistics.median(r.admitting for r in runs[c]) / med[c]
         print(f"ceiling with free decoding at {c}: {(1 / med[1]) / admit_per_token:.2f}x")
         print(
             f"concurrency {c} with encoding free (prompts made before the clock): tokens/s per "
-            f"round {', '.join(f'{x:.0f}' for x in free)}; / concurrency 1: "
-            f"{statistics.median(free) / med[1]:.2f}x"
+            f"round {', '.join(f'{r.rate:.0f}' for r in free)}; / concurrency 1: "
+            f"{statistics.median(r.rate for r in free) / med[1]:.2f}x\n  {breakdown(free)}"
         )
         if not joins:  # a short stream may end before any row joins a running batch
             print("join of one row: no request joined a running batch\n")
