@@ -30,17 +30,34 @@ One warm-up stream per model outside every timed window; one torch thread for th
 a GPU (`--device cuda`) the device is synchronised before every clock read (the engine's own
 steps already do), so queued work is charged where it ran.
 
+At a real model's size. `--random-7b real` serves random-weight Qwen2.5-VL-7B and LLaVA-1.5-7B
+instead of the tiny zoo (gpu_evidence.py's builders: real configs, the same classes, EOS off;
+bf16 on a GPU), and `--lengths reference` caps each request at the length the MMSpec
+authors' LLaVA-1.5-7B answered its sample with (their baseline answer file; median 45 tokens
+on testmini, one of 1024): the throughput a 7B target's step costs and answer lengths give,
+which the tiny models' cannot tell. Random weights have no meaning to keep, so the outputs at
+both concurrencies are counted equal or not rather than asserted (in bf16 a batch of 4 may
+round a near-tie differently from a batch of 1). `reduced` (2 + 2 layers, real widths) and
+`smoke` (toy widths) run the same code on a CPU. On a lent H100, within its budget:
+
+    .venv/bin/python benchmarks/bench_serving.py --device cuda --random-7b real \
+        --lengths reference --rounds 1 --limit 30 --no-static
+
     .venv/bin/python benchmarks/bench_serving.py [--rounds 3] [--limit 60] [--max-new-tokens 64]
         [--device cuda] [--models tiny-llava] [--split ../shared/data/mmspec/testmini]
+        [--random-7b real|reduced|smoke] [--dtype bfloat16] [--lengths model|reference]
+        [--reference FILE] [--no-static]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 import transformers
@@ -55,6 +72,11 @@ from mmspec.workloads import load_mmspec
 
 MODELS = ("tiny-qwen2.5-vl", "tiny-llava")
 TESTMINI = "../shared/data/mmspec/testmini"
+# the MMSpec authors' LLaVA-1.5-7B answers to testmini, plain decoding (never committed)
+REFERENCE = (
+    "../shared/data/mmspec-reference-results/LLaVA-1.5-7B/mmspec_testmini/"
+    "baseline-temperature-0.jsonl"
+)
 
 
 class Stream:
@@ -217,6 +239,42 @@ def static(engine: Engine, requests: list[Request], batch_size: int, max_new: in
     return tokens / (time.perf_counter() - t0)
 
 
+def reference_lengths(path: str, ids: list[str]) -> list[int]:
+    """Each sample's first-turn answer length in the authors' answer file, by question id."""
+    lengths: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                lengths[row["question_id"]] = int(row["choices"][0]["new_tokens"][0])
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise SystemExit(f"{path}:{n}: not an MMSpec answer row ({exc!r})") from None
+    missing = [i for i in ids if i not in lengths]
+    if missing:
+        raise SystemExit(f"{path}: no answer for samples {', '.join(missing[:5])}")
+    return [lengths[i] for i in ids]
+
+
+def targets(args: argparse.Namespace) -> Iterator[tuple[str, Target]]:
+    """(name, target) per model, one at a time: the tiny zoo, or random-weight 7B ones."""
+    if args.random_7b is None:
+        for m in args.models.split(","):
+            yield m, load_target(m, device=args.device)
+        return
+    import gpu_evidence  # this folder's: its model builders
+
+    scale = {
+        "real": gpu_evidence.Scale("real", None, None),
+        "reduced": gpu_evidence.Scale("reduced", 2, 2),
+        "smoke": gpu_evidence.Scale("smoke", 2, 2, toy_width=True),
+    }[args.random_7b]
+    device = torch.device(args.device)
+    default = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = gpu_evidence.DTYPES[args.dtype or default]
+    for label, build in gpu_evidence.BUILDERS.values():
+        yield f"random {label}, {scale.describe()}, {dtype}", build(scale, dtype, device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -226,24 +284,53 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated")
     ap.add_argument("--split", default=TESTMINI, help="an MMSpec split folder")
+    ap.add_argument(
+        "--random-7b",
+        choices=("real", "reduced", "smoke"),
+        help="serve random-weight 7B targets (gpu_evidence.py) instead of --models",
+    )
+    ap.add_argument("--dtype", help="of --random-7b (default: bfloat16 on a GPU, else float32)")
+    ap.add_argument(
+        "--lengths",
+        choices=("model", "reference"),
+        default="model",
+        help="answer caps: --max-new-tokens for all, or each sample's in --reference",
+    )
+    ap.add_argument("--reference", default=REFERENCE, help="an MMSpec answer file (jsonl)")
+    ap.add_argument(
+        "--static",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run static batches (not with --lengths reference: generate has one cap)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    caps_text = (
+        "answers capped at each sample's reference length"
+        if args.lengths == "reference"
+        else f"max_new_tokens {args.max_new_tokens}"
+    )
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{where}, 1 thread; testmini first turns: {args.limit}, "
-        f"max_new_tokens {args.max_new_tokens}, rounds {args.rounds}\n"
+        f"{caps_text}, rounds {args.rounds}\n"
     )
     samples = load_mmspec(args.split)[: args.limit]
-    for model in args.models.split(","):
-        target = load_target(model, device=args.device)
+    caps: list[int | None] = [None] * len(samples)
+    if args.lengths == "reference":
+        caps = list(reference_lengths(args.reference, [s.id for s in samples]))
+        print(f"reference lengths: median {statistics.median(caps)}, max {max(caps)} tokens\n")
+    run_static = args.static and args.lengths == "model"
+    for model, target in targets(args):
         requests = [
-            Request(k, conversation(s, [], True), s.load_image(), 0.0)
-            for k, s in enumerate(samples)
+            Request(k, conversation(s, [], True), s.load_image(), 0.0, max_new_tokens=cap)
+            for k, (s, cap) in enumerate(zip(samples, caps))
         ]
         engine = TimedEngine(target)
-        serve(engine, requests[:4], args.concurrency, 8)  # warm-up
+        warm = [dataclasses.replace(r, max_new_tokens=None) for r in requests[:4]]
+        serve(engine, warm, args.concurrency, 8)  # warm-up
         engine.joins.clear()
         c = args.concurrency
         runs: dict[int, list[Served]] = {1: [], c: []}
@@ -259,22 +346,29 @@ def main() -> None:
                 # the machine's drift over the rounds hits both sides of the ratio alike
                 joins += [(s, f, prefill_alone(engine, r)) for s, f, r in engine.joins]
                 engine.joins.clear()
-                batches[k].append(static(engine, requests, k, args.max_new_tokens))
+                if run_static:
+                    batches[k].append(static(engine, requests, k, args.max_new_tokens))
         outputs = {k: v[-1].outputs for k, v in runs.items()}
-        assert outputs[1] == outputs[c], f"{model}: joins changed an output"
+        same = sum(outputs[1][i] == outputs[c].get(i) for i in outputs[1])
+        if args.random_7b is None:
+            assert same == len(outputs[1]), f"{model}: joins changed an output"
         med = {k: statistics.median(r.rate for r in v) for k, v in runs.items()}
         print(f"## {model}")
         tokens = sum(map(len, outputs[1].values()))
         print(f"{tokens} output tokens, {tokens / len(requests):.1f} per request")
         for k, v in runs.items():
             print(
-                f"concurrency {k}: tokens/s per round {', '.join(f'{r.rate:.0f}' for r in v)}; "
-                f"static batches of {k}: {statistics.median(batches[k]):.0f} tokens/s\n"
-                f"  {breakdown(v)}"
+                f"concurrency {k}: tokens/s per round {', '.join(f'{r.rate:.0f}' for r in v)}"
+                + (
+                    f"; static batches of {k}: {statistics.median(batches[k]):.0f} tokens/s"
+                    if batches[k]
+                    else ""
+                )
+                + f"\n  {breakdown(v)}"
             )
         print(
             f"throughput concurrency {c} / 1: {med[c] / med[1]:.2f}x (medians {med[c]:.0f} / "
-            f"{med[1]:.0f} tokens/s); outputs equal at both: yes"
+            f"{med[1]:.0f} tokens/s); outputs equal at both: {same}/{len(outputs[1])}"
         )
         # admission does not batch (each row arrives alone once the stream runs): even free
         # decoding at concurrency c would leave the engine's admissions' time

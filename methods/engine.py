@@ -94,6 +94,14 @@ class Request:
     image: Image.Image | None
     arrival_s: float  # seconds after the stream started; it joins no earlier
     seed: int = 0  # its sampling seed
+    # its own answer cap (an API request's `max_tokens`); None: the stream's max_new_tokens
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(
+                f"request {self.id}: max_new_tokens must be >= 1, got {self.max_new_tokens}"
+            )
 
 
 class RequestSource(Protocol):
@@ -141,6 +149,8 @@ class _Live:
     real: list[int] = field(default_factory=list)
     # (active,) perf_counter time each row arrived: its latencies count from it (default now)
     origin: list[float] = field(default_factory=list)
+    # (active,) each row's answer cap in tokens
+    limit: list[int] = field(default_factory=list)
     # (active, cache_len) the additive mask row all of a row's queries start from: 0 where the
     # slot holds a real token of this row, the dtype's lowest where it holds padding or a
     # rejected draft. Kept additive, in the keys' dtype: a bool mask would cost a conversion
@@ -187,7 +197,9 @@ class _Frontend:
     def _encode(self, target: Target, request: Request) -> tuple[PromptBatch, float]:
         """One request's prompt, and the perf_counter time its encoding began."""
         began = time.perf_counter()
-        prompt = target.encode([request.messages], [request.image], self._max_new_tokens)
+        prompt = target.encode(
+            [request.messages], [request.image], _cap(request, self._max_new_tokens)
+        )
         return prompt, began
 
     def close(self) -> None:
@@ -248,8 +260,8 @@ class Engine:
             prompt,
             [start] * n,
             [start] * n,
+            [max_new_tokens] * n,
             results,
-            max_new_tokens,
             temperature,
             gens,
         )
@@ -257,7 +269,7 @@ class Engine:
             self.drafter.begin(self._context(live, temperature, features=True))
         live.features = None
         while live.rows:
-            done = self._step(live, results, max_new_tokens, temperature, gens)
+            done = self._step(live, results, temperature, gens)
             self.heartbeat += 1
             self._drop(live, done, results)
         return [results[i] for i in range(n)]
@@ -271,6 +283,7 @@ class Engine:
         temperature: float = 0.0,
     ) -> float:
         """Continuous batching over a request stream; returns the stream's wall seconds.
+        `max_new_tokens` caps each answer, except a request's own cap where it has one.
 
         Whenever fewer than `max_batch` rows decode, requests that have arrived join (first
         come, first served): they are prefilled together and merged into the running batch,
@@ -344,7 +357,7 @@ class Engine:
                     self.heartbeat += 1
                     continue
                 before = list(live.rows)
-                done = self._step(live, results, max_new_tokens, temperature, gens)
+                done = self._step(live, results, temperature, gens)
                 self.heartbeat += 1
                 self._drop(live, done, results)
                 hand_out([r for r, d in zip(before, done) if d])
@@ -390,8 +403,8 @@ class Engine:
             self.target.collate(prompts),
             [start + r.arrival_s for r in admitted],
             began,
+            [_cap(r, max_new_tokens) for r in admitted],
             results,
-            max_new_tokens,
             temperature,
             gens,
         )
@@ -402,14 +415,14 @@ class Engine:
         prompt: PromptBatch,
         origins: list[float],
         began: list[float],
+        limits: list[int],
         results: MutableMapping[int, Generation],
-        max_new_tokens: int,
         temperature: float,
         gens: Mapping[int, torch.Generator],
     ) -> _Live:
         """Prefill encoded rows into a new batch state; records their first token (prefill_s:
-        from `began`, when each row's encoding began). Rows already finished after it (EOS
-        first, or max_new_tokens 1) are dropped."""
+        from `began`, when each row's encoding began). `limits`: each row's answer cap. Rows
+        already finished after it (EOS first, or a cap of 1) are dropped."""
         cache = copy.deepcopy(self._empty_cache)
         valid = prompt.attention_mask.bool()
         vision = None
@@ -436,17 +449,18 @@ class Engine:
             tokens=[[*t, f] for t, f in zip(prompt.tokens(), first)],
             prompt_lens=prompt_lens,
             origin=list(origins),
+            limit=list(limits),
             score=score,
             features=features,
             real=list(prompt_lens),
         )
         done = []
-        for row, token, n, origin, t in zip(rows, first, prompt_lens, origins, began):
+        for row, token, n, origin, t, cap in zip(rows, first, prompt_lens, origins, began, limits):
             r = results[row]
             r.prompt_tokens, r.prefill_s, r.tokens = n, now - t, [token]
             r.ttft_s = now - origin
             r.token_times_s = [r.ttft_s]
-            done.append(self._finished(r, max_new_tokens, 1))
+            done.append(self._finished(r, cap, 1))
         self._drop(live, done, results)
         return live
 
@@ -466,7 +480,6 @@ class Engine:
         self,
         live: _Live,
         results: Mapping[int, Generation],
-        max_new_tokens: int,
         temperature: float,
         gens: Mapping[int, torch.Generator],
     ) -> list[bool]:
@@ -517,7 +530,7 @@ class Engine:
             r.commit_s += t3 - t2
             r.tokens.extend(acc.tokens)
             r.token_times_s.extend([t3 - live.origin[i]] * len(acc.tokens))
-            done.append(self._finished(r, max_new_tokens, len(acc.tokens)))
+            done.append(self._finished(r, live.limit[i], len(acc.tokens)))
         return done
 
     def _tree_inputs(
@@ -608,7 +621,8 @@ class Engine:
         return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, gens)]
 
     def _finished(self, r: Generation, max_new_tokens: int, new: int) -> bool:
-        """Truncate at the first EOS or at max_new_tokens; say whether the row is done.
+        """Truncate at the first EOS or at `max_new_tokens` (the row's cap); say whether the
+        row is done.
 
         Only the `new` last tokens are searched: earlier ones held no EOS, or the row would
         have finished then.
@@ -646,7 +660,7 @@ class Engine:
             live.score = live.score.index_select(0, idx)
         if live.features is not None:
             live.features = {k: v.index_select(0, idx) for k, v in live.features.items()}
-        for name in ("next_pos", "pending", "real", "tokens", "prompt_lens", "origin"):
+        for name in ("next_pos", "pending", "real", "tokens", "prompt_lens", "origin", "limit"):
             values = getattr(live, name)
             setattr(live, name, [values[i] for i in keep])
 
@@ -675,9 +689,14 @@ def _merge(a: _Live, b: _Live) -> _Live:
         a.vision = torch.cat([pad_left(a.vision, width, 1), pad_left(b.vision, width, 1)])
     if a.score is not None and b.score is not None:
         a.score = torch.cat([a.score, b.score])
-    for name in ("next_pos", "pending", "rows", "tokens", "prompt_lens", "origin", "real"):
+    for name in ("next_pos", "pending", "rows", "tokens", "prompt_lens", "origin", "real", "limit"):
         getattr(a, name).extend(getattr(b, name))
     return a
+
+
+def _cap(request: Request, max_new_tokens: int) -> int:
+    """A request's answer cap: its own, else the stream's."""
+    return max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
 
 
 @lru_cache(maxsize=1024)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -78,6 +79,33 @@ def test_joining_rows_keep_greedy_outputs(stream: Stream, method: str) -> None:
         assert 0 <= r.queue_s <= r.ttft_s == r.token_times_s[0] <= r.total_s <= wall
     if method != "ar" and not method.startswith("viskip+"):
         assert sum(r.accepted for r in source.results.values()) > 0, method
+
+
+@pytest.mark.parametrize("method", ["ar", "pld"])
+def test_each_request_keeps_its_own_answer_cap(stream: Stream, method: str) -> None:
+    """A request's own `max_new_tokens` (an API request's `max_tokens`) cuts its answer there,
+    mid-acceptance too; the others keep the stream's cap, and every row stays `ar`'s."""
+    caps = [1, 3, None, 7, 2, None, 5, 12]
+    requests = [
+        dataclasses.replace(r, max_new_tokens=cap) for r, cap in zip(stream.requests(), caps)
+    ]
+    engine = Engine(stream.target, get_drafter(method)())
+    source = StepSource(engine, requests, every=2, per_release=2)
+    engine.serve(source, MAX_BATCH, MAX_NEW_TOKENS)
+    assert source.joins_mid_batch >= 2
+    for k, cap in enumerate(caps[: len(stream.convs)]):
+        want = stream.expected[k][: cap or MAX_NEW_TOKENS]
+        got = source.results[k]
+        assert got.tokens == want, k
+        cut = cap is not None and len(stream.expected[k]) > cap
+        assert got.stop == ("length" if cut else stream_stop(stream, k)), k
+    with pytest.raises(ValueError, match="request 3: max_new_tokens must be >= 1, got 0"):
+        Request(3, [], None, 0.0, max_new_tokens=0)
+
+
+def stream_stop(stream: Stream, k: int) -> str:
+    """How `ar` alone ended request k under the stream's cap."""
+    return "eos" if stream.expected[k][-1] in stream.target.eos_token_ids else "length"
 
 
 def test_a_full_batch_makes_arrivals_wait(stream: Stream) -> None:
