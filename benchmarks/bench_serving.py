@@ -41,7 +41,10 @@ round a near-tie differently from a batch of 1). `reduced` (2 + 2 layers, real w
 `smoke` (toy widths) run the same code on a CPU. On a lent H100, within its budget:
 
     .venv/bin/python benchmarks/bench_serving.py --device cuda --random-7b real \
-        --lengths reference --rounds 1 --limit 30 --no-static
+        --lengths reference --rounds 1 --no-static
+
+(all 60 first turns: the 1024-token answer is among the first 30, and with fewer requests
+its tail would hold most of the concurrency-4 stream).
 
     .venv/bin/python benchmarks/bench_serving.py [--rounds 3] [--limit 60] [--max-new-tokens 64]
         [--device cuda] [--models tiny-llava] [--split ../shared/data/mmspec/testmini]
@@ -271,7 +274,16 @@ def targets(args: argparse.Namespace) -> Iterator[tuple[str, Target]]:
     device = torch.device(args.device)
     default = "bfloat16" if device.type == "cuda" else "float32"
     dtype = gpu_evidence.DTYPES[args.dtype or default]
-    for label, build in gpu_evidence.BUILDERS.values():
+    keys = (
+        list(gpu_evidence.BUILDERS) if args.models == ",".join(MODELS) else args.models.split(",")
+    )
+    unknown = [k for k in keys if k not in gpu_evidence.BUILDERS]
+    if unknown:
+        raise SystemExit(
+            f"--random-7b models are {', '.join(gpu_evidence.BUILDERS)}, not {unknown}"
+        )
+    for key in keys:
+        label, build = gpu_evidence.BUILDERS[key]
         yield f"random {label}, {scale.describe()}, {dtype}", build(scale, dtype, device)
 
 
@@ -282,7 +294,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated")
+    ap.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated (with --random-7b: qwen, llava; default both)",
+    )
     ap.add_argument("--split", default=TESTMINI, help="an MMSpec split folder")
     ap.add_argument(
         "--random-7b",
