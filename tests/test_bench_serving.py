@@ -56,25 +56,23 @@ def test_random_7b_smoke_serves_each_request_to_its_reference_length(tmp_path: P
     assert len(re.findall(r"throughput concurrency 2 / 1: [\d.]+x", out)) == 2
 
 
-def test_a_sample_missing_from_the_answer_file_is_named(tmp_path: Path) -> None:
-    split = mmspec_split("testmini")
-    answers = _answers(tmp_path / "baseline.jsonl", {"not_a_sample": 4})
+def _refused(answers: Path) -> str:
+    """stderr of a run on `answers` that must fail before any model loads."""
     proc = _run(
-        "--lengths", "reference", "--reference", str(answers), "--split", str(split),
-        "--limit", "1", "--rounds", "1",
+        "--lengths", "reference", "--reference", str(answers),
+        "--split", str(mmspec_split("testmini")), "--limit", "1", "--rounds", "1",
     )  # fmt: skip
     assert proc.returncode != 0
-    assert f"{answers}: no answer for samples" in proc.stderr
+    return proc.stderr
+
+
+def test_a_sample_missing_from_the_answer_file_is_named(tmp_path: Path) -> None:
+    answers = _answers(tmp_path / "baseline.jsonl", {"not_a_sample": 4})
+    assert f"{answers}: no answer for samples" in _refused(answers)
 
 
 @pytest.mark.parametrize("line", ["not json", '{"question_id": "x"}'])
 def test_a_broken_answer_row_is_named_with_its_line(tmp_path: Path, line: str) -> None:
-    split = mmspec_split("testmini")
     answers = tmp_path / "baseline.jsonl"
     answers.write_text('{"question_id": "a", "choices": [{"new_tokens": [3]}]}\n' + line + "\n")
-    proc = _run(
-        "--lengths", "reference", "--reference", str(answers), "--split", str(split),
-        "--limit", "1", "--rounds", "1",
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert f"{answers}:2: not an MMSpec answer row" in proc.stderr
+    assert f"{answers}:2: not an MMSpec answer row" in _refused(answers)
