@@ -66,13 +66,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from mmspec.methods.dynamic_tree import DynamicTreeDrafter
 from mmspec.methods.head_config import DraftConfig, attend, decoder_layer, rotary
 from mmspec.methods.head_image_slots import ImageSlotHead
 from mmspec.methods.head_training import TeacherBatch
-from mmspec.methods.kv_slots import additive_mask
+from mmspec.methods.kv_slots import SlotCache, additive_mask
 from mmspec.methods.registry import register
 from mmspec.models.feature_taps import EMBEDS, FINAL, Feature
 from mmspec.models.target import Target
@@ -290,7 +289,7 @@ class Eagle3Head(ImageSlotHead):
         real = t < counts[:, None]
         eye = torch.eye(m, dtype=torch.bool, device=dev)[None].expand(b, -1, -1)
         prefix = torch.tril(torch.ones(m, m, dtype=torch.bool, device=dev))[None] & real[:, None]
-        cache = DynamicCache()  # every step's keys, appended step by step
+        cache = SlotCache()  # every step's keys, appended step by step
         outs = []
         for j in range(steps):
             # a padding query sees itself at step 0 too, so no row of the mask is empty

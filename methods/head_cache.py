@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from mmspec.methods.kv_slots import (
+    SlotCache,
     additive_mask,
     cat_rows,
     gather_slots,
@@ -32,7 +32,7 @@ class DraftKV:
     """
 
     def __init__(self, batch: int, device: torch.device, compact_slack: int = 64) -> None:
-        self.cache = DynamicCache()
+        self.cache = SlotCache()
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.compact_slack = compact_slack

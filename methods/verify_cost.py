@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from mmspec.methods.kv_slots import additive_mask, select_rows
+from mmspec.methods.kv_slots import SlotCache, additive_mask, select_rows
 from mmspec.models.target import Message, Target
 
 # Powers of two up to 64 tokens per row: the largest default tree of our methods (Lookahead's
@@ -73,7 +73,7 @@ def measure_verify_costs(
     sync = device_sync(target.device)
     tokens = tuple(sorted(set(t_values)))
     prompt = target.encode([conversation], [image])
-    base = DynamicCache(config=target.model.config)
+    base = SlotCache(config=target.model.config)
     _, next_pos = target.prefill(prompt, base)
     cache_len = base.get_seq_length()
     caches = {b: _replicated(base, b) for b in dict.fromkeys(batch_sizes)}
