@@ -4,10 +4,11 @@
                       -> accept -> commit (cache keeps only accepted slots) -> drafter.update }
 
 Batches are ragged: each row accepts its own number of tokens and leaves the batch when it
-emits EOS or reaches max_new_tokens. The KV cache is append-only with a per-row validity
-mask of real slots; after each verification only the accepted path's slots are appended
+emits EOS or reaches its answer cap. The KV cache is append-only with a per-row validity
+mask of real slots; after each verification only the accepted path's slots are kept
 (left-aligned per row, masked padding where rows accepted fewer), so rejected drafts never
-take cache space, and slots masked as padding are squeezed out when they pile up.
+take cache space, and slots masked as padding are squeezed out when they pile up. Appends
+are written in place (`kv_slots.SlotCache`), not by re-concatenating the cache.
 
 Rows may also join a running batch (`serve`, continuous batching): a group of arrived
 requests is prefilled on its own, then merged into the running cache (the shorter side left
