@@ -47,13 +47,15 @@ from mmspec.methods.kv_slots import (
     SlotCache,
     additive,
     additive_mask,
-    cat_rows,
     gather_new_slots,
     gather_slots,
+    join_rows,
+    keep_rows,
     mask_values,
     pad_left,
-    select_rows,
+    pad_right,
     squeeze_order,
+    swap_remove,
 )
 from mmspec.methods.tree import DraftTree
 from mmspec.models.feature_taps import Feature, FeatureTap
@@ -649,12 +651,14 @@ class Engine:
         for i, d in enumerate(done):
             if d:
                 results[live.rows[i]].total_s = now - live.origin[i]
-        keep = [i for i, d in enumerate(done) if not d]
+        # the last rows move into the holes: the cache's rows are moved in place, one each
+        # (drafters map their per-row state by row id: `kept_rows`)
+        keep = swap_remove(done)
         live.rows = [live.rows[i] for i in keep]
         if not keep:  # the batch is over: nothing will read the rest
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.target.device)
-        select_rows(live.cache, idx)
+        keep_rows(live.cache, keep)
         live.bias = live.bias.index_select(0, idx)
         if live.vision is not None:
             live.vision = live.vision.index_select(0, idx)
@@ -681,14 +685,16 @@ class Engine:
 
 
 def _merge(a: _Live, b: _Live) -> _Live:
-    """`a`'s rows, then `b`'s, in one batch state. The shorter cache is left padded with
-    masked slots: each row's positions are its own, so a slot's index means nothing to it."""
+    """`a`'s rows, then `b`'s, in one batch state. The narrower side gets masked slots: the
+    joining rows in front of theirs, the running rows after theirs, so the running rows'
+    cache stays where it is (`join_rows`). Each row's positions are its own, so a slot's
+    index means nothing to it."""
     width = max(a.bias.shape[1], b.bias.shape[1])
     lowest = torch.finfo(a.bias.dtype).min
-    a.cache = cat_rows(a.cache, b.cache, (len(a.rows), len(b.rows)), width)
-    a.bias = torch.cat([pad_left(a.bias, width, 1, lowest), pad_left(b.bias, width, 1, lowest)])
+    a.cache = join_rows(a.cache, b.cache)
+    a.bias = torch.cat([pad_right(a.bias, width, 1, lowest), pad_left(b.bias, width, 1, lowest)])
     if a.vision is not None and b.vision is not None:
-        a.vision = torch.cat([pad_left(a.vision, width, 1), pad_left(b.vision, width, 1)])
+        a.vision = torch.cat([pad_right(a.vision, width, 1), pad_left(b.vision, width, 1)])
     if a.score is not None and b.score is not None:
         a.score = torch.cat([a.score, b.score])
     for name in ("next_pos", "pending", "rows", "tokens", "prompt_lens", "origin", "real", "limit"):

@@ -18,12 +18,14 @@ from transformers.cache_utils import DynamicLayer
 class SlotLayer(DynamicLayer):
     """A `DynamicLayer` that appends in place.
 
-    Its keys and values are views of buffers with room for more slots, so a forward writes
-    only its own q slots where `DynamicLayer.update` concatenates: a copy of the layer's whole
-    cache on every forward (a quarter of a 4-row step of tiny LLaVA at a 1024-token cache).
-    Whatever replaces the tensors (a gather, rows selected or merged) leaves the buffer: the
-    next update starts a new one, with room. A shortened view (cropped draft levels, rejected
-    slots) keeps it: the next update writes over the slots it dropped, which nothing reads.
+    Its keys and values are views (`room[:rows, :, :slots]`) of buffers with room for more
+    slots, so a forward writes only its own q slots where `DynamicLayer.update` concatenates:
+    a copy of the layer's whole cache on every forward (a quarter of a 4-row step of tiny
+    LLaVA at a 1024-token cache). The room keeps its rows when rows leave (`keep_rows`), so
+    rows joining later are written into it (`join_rows`) without copying the others.
+    Whatever replaces the tensors otherwise (a gather, a plain row selection) leaves the room:
+    the next write starts a new one. A shortened view (cropped draft levels, rejected slots)
+    keeps it: the next update writes over the slots it dropped, which nothing reads.
     """
 
     def update(
@@ -36,33 +38,106 @@ class SlotLayer(DynamicLayer):
         return self.keys, self.values
 
     def _append(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        old = getattr(self, name)
+        n = old.shape[2] if old.dim() == 4 else 0
+        out = self.room_for(name, new.shape[0], n + new.shape[2], new)
+        out[:, :, n:] = new
+        return out
+
+    def holds(self, name: str, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` is a view of this layer's room for `name` (its first rows and
+        slots): writing to it in place touches nothing else."""
+        room = self.__dict__.get("_rooms", {}).get(name)
+        return room is not None and _in_room(tensor, room)
+
+    def room_for(self, name: str, rows: int, slots: int, like: torch.Tensor) -> torch.Tensor:
+        """A (rows, heads, slots, head_dim) view of the room for `name` whose first rows and
+        slots hold the layer's current tensor (the rest unset): the room itself when it is
+        big enough, else a new one it is copied into. `like`: dtype, heads and head_dim."""
         rooms: dict[str, torch.Tensor] = self.__dict__.setdefault("_rooms", {})
         old, room = getattr(self, name), rooms.get(name)
-        n, q = (old.shape[2] if old.dim() == 4 else 0), new.shape[2]
-        if room is None or not _is_prefix(old, room) or n + q > room.shape[2]:
-            # room for ~1/8 more (at least 64 slots): amortised, a copy of the cache every
-            # few dozen steps instead of every step
-            shape = (*new.shape[:2], n + q + max(64, (n + q) // 8), new.shape[3])
-            room = rooms[name] = new.new_empty(shape)
-            if n:
-                room[:, :, :n] = old
-        room[:, :, n : n + q] = new
-        return room[:, :, : n + q]
+        if room is None or not _in_room(old, room) or rows > room.shape[0] or slots > room.shape[2]:
+            # room for ~1/8 more slots (at least 64): amortised, a copy of the cache every few
+            # dozen steps instead of every step; rows as many as it ever held
+            grown = slots + max(64, slots // 8)
+            most = max(rows, room.shape[0] if room is not None else 0)
+            room = rooms[name] = like.new_empty((most, like.shape[1], grown, like.shape[3]))
+            if old.dim() == 4 and old.numel():
+                room[: old.shape[0], :, : old.shape[2]] = old
+        return room[:rows, :, :slots]
 
     def reset(self) -> None:
         self.__dict__.pop("_rooms", None)
         super().reset()
 
 
-def _is_prefix(view: torch.Tensor, room: torch.Tensor) -> bool:
-    """Whether `view` is `room`'s first slots (room[:, :, :n]): appending may write after it."""
+def _in_room(view: torch.Tensor, room: torch.Tensor) -> bool:
+    """Whether `view` is room[:rows, :, :slots]."""
     return (
         view.dim() == 4
         and view.data_ptr() == room.data_ptr()
         and view.stride() == room.stride()
-        and view.shape[:2] == room.shape[:2]
+        and view.shape[0] <= room.shape[0]
+        and view.shape[1] == room.shape[1]
         and view.shape[3] == room.shape[3]
     )
+
+
+def swap_remove(done: list[bool]) -> list[int]:
+    """The rows to keep, as old indices in their new order: each row stays where it is, and
+    the holes that finished rows leave before the new end take the last kept rows. Row `j`
+    of the result is old row `keep[j]`, which is `j` or comes from past the new end - so the
+    moves can be done in place (`keep_rows`), one row each."""
+    kept = [i for i, d in enumerate(done) if not d]
+    n = len(kept)
+    movers = iter([i for i in kept if i >= n])
+    return [i if not done[i] else next(movers) for i in range(n)]
+
+
+def keep_rows(cache: DynamicCache, keep: list[int]) -> None:
+    """Keep the batch rows `keep` (old indices, in their new order) of every layer's keys and
+    values. In place where a layer's tensors are in its room and `keep` only moves rows from
+    past its new end into holes (`swap_remove`): a copy of the moved rows, not of the cache."""
+    n = len(keep)
+    in_place = all(i == j or i >= n for j, i in enumerate(keep))
+    index = None
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if t is None or not t.numel():
+                continue
+            if in_place and isinstance(layer, SlotLayer) and layer.holds(name, t):
+                for j, i in enumerate(keep):
+                    if i != j:
+                        t[j] = t[i]
+                setattr(layer, name, t[:n])
+            else:
+                if index is None:
+                    index = torch.tensor(keep, dtype=torch.long, device=t.device)
+                setattr(layer, name, t.index_select(0, index))
+
+
+def join_rows(a: DynamicCache, b: DynamicCache) -> DynamicCache:
+    """`a` with `b`'s rows after its own, every layer holding keys on both sides. `a`'s rows
+    keep their slots where they are (masked slots after them where `b` is wider), `b`'s are
+    left padded to the width; padding slots are zeros, which the caller masks. Written into
+    `a`'s rooms where they are big enough: the running rows are not copied."""
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for name in ("keys", "values"):
+            x, y = getattr(la, name), getattr(lb, name)
+            na, wa = x.shape[0], x.shape[2]
+            width = max(wa, y.shape[2])
+            rows = na + y.shape[0]
+            if isinstance(la, SlotLayer):
+                out = la.room_for(name, rows, width, x)
+            else:
+                out = x.new_empty((rows, x.shape[1], width, x.shape[3]))
+                out[:na, :, :wa] = x
+            out[:na, :, wa:] = 0
+            out[na:, :, : width - y.shape[2]] = 0
+            out[na:, :, width - y.shape[2] :] = y
+            setattr(la, name, out)
+    return a
 
 
 class SlotCache(DynamicCache):
@@ -144,12 +219,23 @@ def gather_new_slots(cache: DynamicCache, index: torch.Tensor, cache_len: int) -
 def pad_left(x: torch.Tensor, width: int, dim: int, value: float = 0) -> torch.Tensor:
     """`x` with `dim` grown to `width` by slots of `value` in front (rows joining a batch:
     each row's positions are its own, so where its slots sit means nothing to it)."""
+    return _grown(x, width, dim, value, front=True)
+
+
+def pad_right(x: torch.Tensor, width: int, dim: int, value: float = 0) -> torch.Tensor:
+    """`x` with `dim` grown to `width` by slots of `value` after its own (running rows,
+    when rows with longer prompts join: `join_rows`)."""
+    return _grown(x, width, dim, value, front=False)
+
+
+def _grown(x: torch.Tensor, width: int, dim: int, value: float, front: bool) -> torch.Tensor:
     missing = width - x.shape[dim]
     if missing == 0:
         return x
     shape = list(x.shape)
     shape[dim] = missing
-    return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
+    fill = torch.full(shape, value, dtype=x.dtype, device=x.device)
+    return torch.cat([fill, x] if front else [x, fill], dim=dim)
 
 
 def cat_rows(a: DynamicCache, b: DynamicCache, rows: tuple[int, int], width: int) -> DynamicCache:
