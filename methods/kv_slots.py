@@ -133,9 +133,12 @@ def join_rows(a: DynamicCache, b: DynamicCache) -> DynamicCache:
             else:
                 out = x.new_empty((rows, x.shape[1], width, x.shape[3]))
                 out[:na, :, :wa] = x
-            out[:na, :, wa:] = 0
-            out[na:, :, : width - y.shape[2]] = 0
-            out[na:, :, width - y.shape[2] :] = y
+            pad = width - y.shape[2]
+            if wa < width:  # each op costs ~10 us: skip the empty ones
+                out[:na, :, wa:] = 0
+            if pad:
+                out[na:, :, :pad] = 0
+            out[na:, :, pad:] = y
             setattr(la, name, out)
     return a
 
