@@ -18,8 +18,8 @@ from mmspec.methods.kv_slots import (
     additive_mask,
     cat_rows,
     gather_slots,
+    keep_rows,
     pad_left,
-    select_rows,
     squeeze_order,
 )
 
@@ -55,11 +55,14 @@ class DraftKV:
             layer.values = layer.values[:, :, :length]
         self.valid = self.valid[:, :length]
 
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep only the rows `keep` (indices into the current rows)."""
-        select_rows(self.cache, keep)
-        self.valid = self.valid.index_select(0, keep)
-        self.next_pos = self.next_pos.index_select(0, keep)
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows `keep` (indices into the current rows, in their new order; the
+        engine's leave the rows in place but for the last ones, moved into holes: then in
+        place, `keep_rows`)."""
+        keep_rows(self.cache, keep)
+        idx = torch.tensor(keep, device=self.valid.device)
+        self.valid = self.valid.index_select(0, idx)
+        self.next_pos = self.next_pos.index_select(0, idx)
 
     def extend(self, other: DraftKV) -> None:
         """Append `other`'s rows after these (rows joining a batch). The shorter side is left

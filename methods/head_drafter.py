@@ -195,9 +195,8 @@ class HeadDrafter(Drafter):
         keep = kept_rows(self.rows, rows)
         if keep is None:
             return
-        idx = torch.tensor(keep, device=self.kv.valid.device)
-        self.kv.select(idx)
+        self.kv.select(keep)
         self.todo = [self.todo[k] for k in keep]
         if self.state is not None:
-            self.state = self.state.index_select(0, idx)
+            self.state = self.state.index_select(0, torch.tensor(keep, device=self.state.device))
         self.rows = list(rows)
